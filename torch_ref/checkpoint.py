@@ -15,10 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from rtdetr_common.state_dicts import TensorSpec, check_state_dict
+from rtdetr_common.weights import WeightSet, atomic_write, weightset_from_mapping
 
 
 def _spec(t: torch.Tensor) -> TensorSpec:
@@ -108,3 +110,31 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefer: str = "ema") -> 
     state_dict, entry = read_checkpoint(path, prefer)
     load_state_dict_strict(model, state_dict, f"{path} [{entry}]")
     return entry
+
+
+def read_weightset(path: str | Path) -> WeightSet:
+    """Reads a ``.pth`` into the framework-neutral :class:`WeightSet` (``model`` and/or ``ema``).
+
+    Entries other than ``model`` and ``ema`` (optimizer, scheduler, ...) are listed in
+    ``WeightSet.dropped``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
+        raise ValueError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: {exc}") from exc
+    return weightset_from_mapping(obj, str(path), lambda t: t.detach().cpu().numpy(),
+                                  lambda v: isinstance(v, torch.Tensor))
+
+
+def write_checkpoint(ws: WeightSet, path: str | Path) -> None:
+    """Writes a WeightSet as an official-layout ``.pth`` (``model``, ``ema.module``), atomically."""
+    obj: dict = {}
+    if ws.model is not None:
+        obj["model"] = {k: torch.from_numpy(np.array(v)) for k, v in ws.model.items()}
+    if ws.ema is not None:
+        obj["ema"] = {"module": {k: torch.from_numpy(np.array(v)) for k, v in ws.ema.items()},
+                      "updates": int(ws.ema_updates), "warmups": int(ws.ema_warmups)}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
