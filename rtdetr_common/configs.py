@@ -293,6 +293,15 @@ def get_variant(name: str, num_classes: int = 80) -> VariantConfig:
     return VARIANTS[name](int(num_classes))
 
 
+def variant_at_size(variant: str, num_classes: int = 80, size: int | None = 640) -> VariantConfig:
+    """The variant's config with the eval-time precomputed size set to ``size`` (None: on the fly)."""
+    cfg = get_variant(variant, num_classes)
+    spatial = [size, size] if size else None
+    cfg.encoder = dataclasses.replace(cfg.encoder, eval_spatial_size=spatial)
+    cfg.decoder = dataclasses.replace(cfg.decoder, eval_spatial_size=spatial)
+    return cfg
+
+
 def load_official_configs() -> dict:
     """The official merged YAML configurations, as shipped in ``data/official_configs.json``."""
     return json.loads(OFFICIAL_CONFIGS_JSON.read_text())

@@ -52,3 +52,25 @@ def seeded_state_dict(specs: Mapping[str, TensorSpec], seed: int = 0) -> dict[st
             value = gen.normal(0.0, 1.0 / math.sqrt(_fan_in(shape)), shape)
         out[key] = np.asarray(value, dtype=np.dtype(spec.dtype))
     return out
+
+
+def seeded_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    """Images in [0, 1], [batch, 3, size, size] float32, smooth enough to look like photos."""
+    gen = np.random.Generator(np.random.PCG64(seed))
+    coarse = gen.random((batch, 3, size // 16 + 1, size // 16 + 1), dtype=np.float32)
+    rows = np.minimum(np.arange(size) // 16, coarse.shape[2] - 1)
+    smooth = coarse[:, :, rows][:, :, :, rows]  # [batch, 3, size, size]
+    noise = gen.random((batch, 3, size, size), dtype=np.float32)
+    return (0.8 * smooth + 0.2 * noise).astype(np.float32)
+
+
+def seeded_targets(counts: list[int], num_classes: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Per-image targets: int64 labels and valid normalised cxcywh float32 boxes."""
+    gen = np.random.Generator(np.random.PCG64(seed + 1))
+    targets = []
+    for n in counts:
+        wh = gen.uniform(0.05, 0.5, (n, 2))
+        cxcy = gen.uniform(wh / 2, 1 - wh / 2)
+        targets.append({"labels": gen.integers(0, num_classes, n).astype(np.int64),
+                        "boxes": np.concatenate([cxcy, wh], 1).astype(np.float32)})
+    return targets

@@ -9,7 +9,7 @@
 #   5. Jittor's cold compile (core, oneDNN ops, a conv, a matmul and a backward pass),
 #      so that it happens here and not inside the first test.
 # Idempotent: steps whose result is already there are skipped by cheap checks (step 3 by a
-# stamp keyed on pyproject.toml's hash). Re-run it after changing pyproject.toml.
+# stamp keyed on pyproject.toml's hash and the package folders, which an editable install maps). Re-run it after changing pyproject.toml.
 # Environment: PYTHON picks the interpreter for a new .venv (default: python3.11, else python3).
 set -euo pipefail
 
@@ -71,7 +71,7 @@ fi
 
 # --- 3. Python packages --------------------------------------------------------------------
 STEP="3/5 Python packages"
-KEY="$(sha256sum pyproject.toml | cut -d' ' -f1) $("$VPY" -V 2>&1)"
+KEY="$(sha256sum pyproject.toml | cut -d' ' -f1) $("$VPY" -V 2>&1) $(echo */__init__.py)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" ]]; then
     say "$STEP: up to date with pyproject.toml"
 else

@@ -1,0 +1,92 @@
+"""Public builders: model, matcher, criterion, postprocessor, optimizer and EMA of a variant.
+
+Differences from torch_ref/build.py:
+- Trainable parameters are the Vars that are not ``stop_grad`` (Jittor's ``named_parameters``
+  also lists BatchNorm statistics and frozen weights, which are stop_grad).
+- ``jittor.optim.AdamW`` applies the same update as ``torch.optim.AdamW`` (decoupled decay
+  ``p *= 1 - lr*wd``, bias-corrected moments, ``eps`` added after the square root).
+"""
+
+from __future__ import annotations
+
+import jittor as jt
+from jittor import nn
+
+from rtdetr_common.configs import VariantConfig, get_variant
+from rtdetr_common.random import SharedRandom
+from rtdetr_common.state_dicts import assign_param_groups
+
+from .backbone import PResNet
+from .criterion import SetCriterion
+from .decoder import RTDETRTransformer
+from .ema import ModelEMA
+from .encoder import HybridEncoder
+from .matcher import HungarianMatcher
+from .postprocessor import RTDETRPostProcessor
+from .rtdetr import RTDETR
+
+
+def _config(variant: str | VariantConfig, num_classes: int) -> VariantConfig:
+    return variant if isinstance(variant, VariantConfig) else get_variant(variant, num_classes)
+
+
+def build_model(variant: str | VariantConfig, num_classes: int = 80, *, multi_scale: bool = True,
+                seed: int = 0) -> RTDETR:
+    """Builds an RT-DETR variant.
+
+    Args:
+        variant: Variant name (``r18vd``, ``r34vd``, ``r50vd_m``, ``r50vd``, ``r101vd``) or a config.
+        num_classes: Number of classes (ignored when a config is passed).
+        multi_scale: Resize training batches to the official multi-scale sizes.
+        seed: Seed of the shared random stream (multi-scale size, denoising noise).
+
+    Returns:
+        The model in training mode, randomly initialised as officially (no pretrained weights).
+    """
+    cfg = _config(variant, num_classes)
+    rng = SharedRandom(seed)
+    backbone = PResNet(**cfg.backbone.kwargs())
+    encoder = HybridEncoder(**cfg.encoder.kwargs())
+    decoder = RTDETRTransformer(**cfg.decoder.kwargs(), rng=rng)
+    return RTDETR(backbone, encoder, decoder, cfg.multi_scale if multi_scale else None, rng)
+
+
+def build_matcher(variant: str | VariantConfig, num_classes: int = 80) -> HungarianMatcher:
+    """The variant's Hungarian matcher."""
+    return HungarianMatcher(**_config(variant, num_classes).matcher.kwargs())
+
+
+def build_criterion(variant: str | VariantConfig, num_classes: int = 80) -> SetCriterion:
+    """The variant's SetCriterion with its matcher."""
+    cfg = _config(variant, num_classes)
+    return SetCriterion(build_matcher(cfg), **cfg.criterion.kwargs())
+
+
+def build_postprocessor(variant: str | VariantConfig, num_classes: int = 80, *,
+                        remap_mscoco_category: bool = False) -> RTDETRPostProcessor:
+    """The variant's postprocessor; ``remap_mscoco_category`` maps labels 0..79 to COCO ids."""
+    kwargs = _config(variant, num_classes).postprocessor.kwargs()
+    kwargs["remap_mscoco_category"] = remap_mscoco_category
+    return RTDETRPostProcessor(**kwargs)
+
+
+def build_optimizer(model: nn.Module, variant: str | VariantConfig,
+                    num_classes: int = 80) -> jt.optim.AdamW:
+    """AdamW over the official regex parameter groups (unmatched parameters form the last group)."""
+    opt = _config(variant, num_classes).optimizer
+    named = {n: p for n, p in model.named_parameters() if not p.is_stop_grad()}
+    names = assign_param_groups(named, [g.params for g in opt.params])
+    groups = []
+    for group_cfg, group_names in zip(opt.params + [None], names):
+        group = {"params": [named[n] for n in group_names]}
+        if group_cfg is not None and group_cfg.lr is not None:
+            group["lr"] = group_cfg.lr
+        if group_cfg is not None and group_cfg.weight_decay is not None:
+            group["weight_decay"] = group_cfg.weight_decay
+        groups.append(group)
+    return jt.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+
+
+def build_ema(model: nn.Module, variant: str | VariantConfig, num_classes: int = 80) -> ModelEMA:
+    """The variant's ModelEMA of ``model``."""
+    return ModelEMA(model, **_config(variant, num_classes).ema.kwargs())

@@ -1,0 +1,537 @@
+"""Hybrid encoder of RT-DETR: intra-scale attention (AIFI) plus CNN-based
+cross-scale fusion (CCFM, an FPN/PAN of CSP-RepVGG blocks), Jittor.
+
+Module and attribute names follow the official ``rtdetr_pytorch``
+HybridEncoder so that official checkpoints load key for key.
+
+Differences from torch_ref/encoder.py:
+    - Modules define ``execute`` (Jittor's name for ``forward``).
+    - ``nn.MultiheadAttention``, ``nn.LayerNorm``, ``nn.BatchNorm2d`` and
+      ``nn.Dropout`` are the torch-compatible :class:`MultiheadAttention`,
+      :class:`LayerNorm`, :class:`BatchNorm2d` and :class:`Dropout` of
+      ``jittor_impl.common`` (same state-dict keys and semantics).
+    - :meth:`RepVggBlock.convert_to_deploy` writes the fused kernel with
+      ``Var.update``, which makes the target ``stop_grad`` when the source is
+      (it is computed under ``jt.no_grad``); ``start_grad`` then makes the
+      fused ``conv`` trainable again, as in torch.
+    - ``pos_embed{idx}`` are float32 numpy arrays, not Vars: Jittor puts every
+      Var attribute into ``state_dict``/``parameters`` (torch keeps these plain
+      tensors out), and ``copy.deepcopy`` of a module drops a Var's
+      ``stop_grad`` and ``persistent`` flags, so a Var could not be hidden
+      reliably. The forward pass wraps them with ``jt.array``.
+    - ``.to(device)`` and ``.contiguous()`` calls are dropped (Jittor manages
+      devices and memory layout itself).
+"""
+
+import copy
+from typing import List, Optional, Sequence
+
+import jittor as jt
+from jittor import nn
+
+from .common import (BatchNorm2d, ConvNormLayer, Dropout, LayerNorm, MultiheadAttention,
+                     get_activation)
+
+__all__ = [
+    "RepVggBlock",
+    "CSPRepLayer",
+    "TransformerEncoderLayer",
+    "TransformerEncoder",
+    "HybridEncoder",
+]
+
+
+class RepVggBlock(nn.Module):
+    """RepVGG block: parallel 3x3 and 1x1 conv-BN branches, summed, then act.
+
+    After :meth:`convert_to_deploy`, the two branches are replaced in the
+    forward pass by a single fused 3x3 convolution ``conv`` (with bias).
+
+    Attributes:
+        ch_in: Input channels.
+        ch_out: Output channels.
+        conv1: 3x3 ConvNormLayer without activation.
+        conv2: 1x1 ConvNormLayer without activation.
+        act: Activation applied to the sum.
+        conv: Fused ``nn.Conv2d`` once converted, else ``None``.
+    """
+
+    def __init__(self, ch_in: int, ch_out: int, act: Optional[str] = "relu"):
+        """Initialises the block.
+
+        Args:
+            ch_in: Input channels.
+            ch_out: Output channels.
+            act: Activation name (``None`` for identity).
+        """
+        super().__init__()
+        self.ch_in = ch_in
+        self.ch_out = ch_out
+        self.conv1 = ConvNormLayer(ch_in, ch_out, 3, 1, padding=1, act=None)
+        self.conv2 = ConvNormLayer(ch_in, ch_out, 1, 1, padding=0, act=None)
+        self.act = get_activation(act)
+        self.conv = None
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Runs the block.
+
+        Args:
+            x: Input of shape ``[bs, ch_in, h, w]``.
+
+        Returns:
+            Tensor of shape ``[bs, ch_out, h, w]``.
+        """
+        if self.conv is not None:
+            y = self.conv(x)
+        else:
+            y = self.conv1(x) + self.conv2(x)
+        return self.act(y)
+
+    def convert_to_deploy(self) -> None:
+        """Fuses both branches (with their BatchNorm statistics) into ``conv``.
+
+        The fused result equals the two-branch output in eval mode. The
+        branch modules are kept, as in the official code, so the state dict
+        gains ``conv.weight`` and ``conv.bias``.
+        """
+        kernel, bias = self.get_equivalent_kernel_bias()
+        if self.conv is None:
+            self.conv = nn.Conv2d(self.ch_in, self.ch_out, 3, 1, padding=1)
+        self.conv.weight.update(kernel)
+        self.conv.bias.update(bias)
+        self.conv.weight.start_grad()
+        self.conv.bias.start_grad()
+
+    def get_equivalent_kernel_bias(self):
+        """Computes the single 3x3 kernel and bias equivalent to both branches.
+
+        Returns:
+            Tuple ``(kernel [ch_out, ch_in, 3, 3], bias [ch_out])``.
+        """
+        with jt.no_grad():
+            kernel3x3, bias3x3 = self._fuse_bn_tensor(self.conv1)
+            kernel1x1, bias1x1 = self._fuse_bn_tensor(self.conv2)
+            kernel1x1_padded = nn.pad(kernel1x1, [1, 1, 1, 1])  # [ch_out, ch_in, 3, 3]
+        return kernel3x3 + kernel1x1_padded, bias3x3 + bias1x1
+
+    @staticmethod
+    def _fuse_bn_tensor(branch: ConvNormLayer):
+        """Folds a branch's BatchNorm into its (bias-free) convolution.
+
+        Args:
+            branch: A ConvNormLayer whose conv has no bias.
+
+        Returns:
+            Tuple ``(kernel [ch_out, ch_in, k, k], bias [ch_out])``.
+        """
+        kernel = branch.conv.weight
+        running_mean = branch.norm.running_mean
+        running_var = branch.norm.running_var
+        gamma = branch.norm.weight
+        beta = branch.norm.bias
+        std = (running_var + branch.norm.eps).sqrt()
+        t = (gamma / std).reshape(-1, 1, 1, 1)  # [ch_out, 1, 1, 1]
+        return kernel * t, beta - running_mean * gamma / std
+
+
+class CSPRepLayer(nn.Module):
+    """CSP layer with a stack of RepVGG blocks (the fusion block of CCFM).
+
+    Attributes:
+        conv1: 1x1 ConvNormLayer into the RepVGG path.
+        conv2: 1x1 ConvNormLayer for the bypass path.
+        bottlenecks: ``nn.Sequential`` of :class:`RepVggBlock`.
+        conv3: 1x1 ConvNormLayer to ``out_channels``, or ``nn.Identity`` when
+            the hidden width already equals ``out_channels``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int = 3,
+                 expansion: float = 1.0, bias: bool = False, act: Optional[str] = "silu"):
+        """Initialises the layer.
+
+        Args:
+            in_channels: Input channels.
+            out_channels: Output channels.
+            num_blocks: Number of RepVGG blocks.
+            expansion: Hidden width is ``int(out_channels * expansion)``.
+            bias: Whether the 1x1 convolutions have a bias.
+            act: Activation name.
+        """
+        super().__init__()
+        hidden_channels = int(out_channels * expansion)
+        self.conv1 = ConvNormLayer(in_channels, hidden_channels, 1, 1, bias=bias, act=act)
+        self.conv2 = ConvNormLayer(in_channels, hidden_channels, 1, 1, bias=bias, act=act)
+        self.bottlenecks = nn.Sequential(*[
+            RepVggBlock(hidden_channels, hidden_channels, act=act) for _ in range(num_blocks)
+        ])
+        if hidden_channels != out_channels:
+            self.conv3 = ConvNormLayer(hidden_channels, out_channels, 1, 1, bias=bias, act=act)
+        else:
+            self.conv3 = nn.Identity()
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Runs the layer.
+
+        Args:
+            x: Input of shape ``[bs, in_channels, h, w]``.
+
+        Returns:
+            Tensor of shape ``[bs, out_channels, h, w]``.
+        """
+        x_1 = self.bottlenecks(self.conv1(x))
+        x_2 = self.conv2(x)
+        return self.conv3(x_1 + x_2)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Transformer encoder layer (self-attention + feed-forward).
+
+    Queries and keys get the position embedding added, values do not.
+
+    Attributes:
+        normalize_before: Pre-norm if True, post-norm (official default) if False.
+        self_attn: :class:`MultiheadAttention` with ``batch_first=True``.
+        linear1, dropout, linear2: Feed-forward network.
+        norm1, norm2: LayerNorms after attention and feed-forward.
+        dropout1, dropout2: Residual dropouts.
+        activation: Feed-forward activation.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
+                 dropout: float = 0.1, activation: str = "relu", normalize_before: bool = False):
+        """Initialises the layer.
+
+        Args:
+            d_model: Embedding dimension.
+            nhead: Number of attention heads (must divide ``d_model``).
+            dim_feedforward: Hidden size of the feed-forward network.
+            dropout: Dropout probability.
+            activation: Feed-forward activation name.
+            normalize_before: Use pre-norm instead of post-norm.
+
+        Raises:
+            ValueError: If ``d_model`` is not divisible by ``nhead``.
+        """
+        super().__init__()
+        if d_model % nhead != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        self.normalize_before = normalize_before
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = LayerNorm(d_model)
+        self.norm2 = LayerNorm(d_model)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.activation = get_activation(activation)
+
+    @staticmethod
+    def with_pos_embed(tensor: jt.Var, pos_embed: Optional[jt.Var]) -> jt.Var:
+        """Adds ``pos_embed`` to ``tensor`` when it is given."""
+        if pos_embed is None:
+            return tensor
+        return tensor + pos_embed
+
+    def execute(self, src: jt.Var, src_mask: Optional[jt.Var] = None,
+                pos_embed: Optional[jt.Var] = None) -> jt.Var:
+        """Runs the layer.
+
+        Args:
+            src: Tokens of shape ``[bs, n, d_model]``.
+            src_mask: Optional attention mask passed to ``self_attn``.
+            pos_embed: Optional position embedding broadcastable to ``src``.
+
+        Returns:
+            Tensor of shape ``[bs, n, d_model]``.
+        """
+        residual = src
+        if self.normalize_before:
+            src = self.norm1(src)
+        q = k = self.with_pos_embed(src, pos_embed)
+        src, _ = self.self_attn(q, k, value=src, attn_mask=src_mask)
+        src = residual + self.dropout1(src)
+        if not self.normalize_before:
+            src = self.norm1(src)
+
+        residual = src
+        if self.normalize_before:
+            src = self.norm2(src)
+        src = self.linear2(self.dropout(self.activation(self.linear1(src))))
+        src = residual + self.dropout2(src)
+        if not self.normalize_before:
+            src = self.norm2(src)
+        return src
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of identical-at-init encoder layers.
+
+    Attributes:
+        layers: ``nn.ModuleList`` of deep copies of the given layer.
+        num_layers: Number of layers.
+        norm: Optional final normalisation module.
+    """
+
+    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
+        """Initialises the stack.
+
+        Args:
+            encoder_layer: Layer to copy ``num_layers`` times.
+            num_layers: Number of layers.
+            norm: Optional module applied to the final output.
+        """
+        super().__init__()
+        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def execute(self, src: jt.Var, src_mask: Optional[jt.Var] = None,
+                pos_embed: Optional[jt.Var] = None) -> jt.Var:
+        """Runs the layers in order.
+
+        Args:
+            src: Tokens of shape ``[bs, n, d]``.
+            src_mask: Optional attention mask.
+            pos_embed: Optional position embedding.
+
+        Returns:
+            Tensor of shape ``[bs, n, d]``.
+        """
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=src_mask, pos_embed=pos_embed)
+        if self.norm is not None:
+            output = self.norm(output)
+        return output
+
+
+class HybridEncoder(nn.Module):
+    """RT-DETR hybrid encoder.
+
+    Projects each backbone level to ``hidden_dim``, runs a transformer encoder
+    on the levels in ``use_encoder_idx`` (AIFI), then fuses the levels with a
+    top-down FPN and a bottom-up PAN of :class:`CSPRepLayer` blocks (CCFM).
+
+    Attributes:
+        in_channels: Channels of each input level.
+        feat_strides: Stride of each input level.
+        hidden_dim: Width of every output level.
+        use_encoder_idx: Levels that go through the transformer encoder.
+        num_encoder_layers: Layers per transformer encoder.
+        pe_temperature: Temperature of the sin-cos position embedding.
+        eval_spatial_size: ``[H, W]`` of eval images, or ``None``. When set,
+            ``pos_embed{idx}`` plain attributes (float32 numpy arrays, not
+            Vars) hold precomputed position embeddings used in eval mode.
+        out_channels: Channels of each output level.
+        out_strides: Stride of each output level.
+        input_proj: Per level ``nn.Sequential(Conv2d 1x1, BatchNorm2d)``.
+        encoder: One :class:`TransformerEncoder` per ``use_encoder_idx`` entry.
+        lateral_convs, fpn_blocks: Top-down path modules.
+        downsample_convs, pan_blocks: Bottom-up path modules.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int] = (512, 1024, 2048),
+        feat_strides: Sequence[int] = (8, 16, 32),
+        hidden_dim: int = 256,
+        nhead: int = 8,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.0,
+        enc_act: str = "gelu",
+        use_encoder_idx: Sequence[int] = (2,),
+        num_encoder_layers: int = 1,
+        pe_temperature: float = 10000,
+        expansion: float = 1.0,
+        depth_mult: float = 1.0,
+        act: str = "silu",
+        eval_spatial_size: Optional[Sequence[int]] = None,
+    ):
+        """Builds the encoder.
+
+        Args:
+            in_channels: Channels of each input level.
+            feat_strides: Stride of each input level.
+            hidden_dim: Common width of all levels.
+            nhead: Attention heads of the transformer encoder.
+            dim_feedforward: Feed-forward width of the transformer encoder.
+            dropout: Dropout of the transformer encoder.
+            enc_act: Feed-forward activation of the transformer encoder.
+            use_encoder_idx: Levels processed by the transformer encoder.
+            num_encoder_layers: Layers per transformer encoder (0 disables it).
+            pe_temperature: Temperature of the sin-cos position embedding.
+            expansion: Hidden width ratio of the CSPRepLayers.
+            depth_mult: RepVGG blocks per CSPRepLayer is ``round(3 * depth_mult)``.
+            act: Activation of the convolutional fusion path.
+            eval_spatial_size: ``[H, W]`` of eval images; precomputes the eval
+                position embeddings when given.
+
+        Raises:
+            ValueError: On inconsistent level lists or an invalid
+                ``use_encoder_idx`` / ``eval_spatial_size``.
+        """
+        super().__init__()
+        in_channels = list(in_channels)
+        feat_strides = list(feat_strides)
+        use_encoder_idx = list(use_encoder_idx)
+        if len(in_channels) < 1:
+            raise ValueError("in_channels must list at least one level")
+        if len(feat_strides) != len(in_channels):
+            raise ValueError(f"feat_strides has {len(feat_strides)} entries but in_channels has "
+                             f"{len(in_channels)}")
+        for idx in use_encoder_idx:
+            if not 0 <= idx < len(in_channels):
+                raise ValueError(f"use_encoder_idx entry {idx} is outside [0, {len(in_channels)})")
+        if eval_spatial_size is not None:
+            eval_spatial_size = list(eval_spatial_size)
+            if len(eval_spatial_size) != 2:
+                raise ValueError(f"eval_spatial_size must be [H, W], got {eval_spatial_size}")
+
+        self.in_channels = in_channels
+        self.feat_strides = feat_strides
+        self.hidden_dim = hidden_dim
+        self.use_encoder_idx = use_encoder_idx
+        self.num_encoder_layers = num_encoder_layers
+        self.pe_temperature = pe_temperature
+        self.eval_spatial_size = eval_spatial_size
+        self.out_channels = [hidden_dim for _ in in_channels]
+        self.out_strides = list(feat_strides)
+
+        self.input_proj = nn.ModuleList()
+        for in_channel in in_channels:
+            self.input_proj.append(nn.Sequential(
+                nn.Conv2d(in_channel, hidden_dim, kernel_size=1, bias=False),
+                BatchNorm2d(hidden_dim),
+            ))
+
+        encoder_layer = TransformerEncoderLayer(hidden_dim, nhead=nhead, dim_feedforward=dim_feedforward,
+                                                dropout=dropout, activation=enc_act)
+        self.encoder = nn.ModuleList([
+            TransformerEncoder(copy.deepcopy(encoder_layer), num_encoder_layers) for _ in use_encoder_idx
+        ])
+
+        num_blocks = round(3 * depth_mult)
+        self.lateral_convs = nn.ModuleList()
+        self.fpn_blocks = nn.ModuleList()
+        for _ in range(len(in_channels) - 1):
+            self.lateral_convs.append(ConvNormLayer(hidden_dim, hidden_dim, 1, 1, act=act))
+            self.fpn_blocks.append(CSPRepLayer(hidden_dim * 2, hidden_dim, num_blocks,
+                                               expansion=expansion, act=act))
+
+        self.downsample_convs = nn.ModuleList()
+        self.pan_blocks = nn.ModuleList()
+        for _ in range(len(in_channels) - 1):
+            self.downsample_convs.append(ConvNormLayer(hidden_dim, hidden_dim, 3, 2, act=act))
+            self.pan_blocks.append(CSPRepLayer(hidden_dim * 2, hidden_dim, num_blocks,
+                                               expansion=expansion, act=act))
+
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Precomputes ``pos_embed{idx}`` for ``eval_spatial_size`` (numpy attributes)."""
+        if self.eval_spatial_size is None:
+            return
+        for idx in self.use_encoder_idx:
+            stride = self.feat_strides[idx]
+            pos_embed = self.build_2d_sincos_position_embedding(
+                self.eval_spatial_size[1] // stride, self.eval_spatial_size[0] // stride,
+                self.hidden_dim, self.pe_temperature)
+            setattr(self, f"pos_embed{idx}", pos_embed.numpy())
+
+    @staticmethod
+    def build_2d_sincos_position_embedding(w: int, h: int, embed_dim: int = 256,
+                                           temperature: float = 10000.0) -> jt.Var:
+        """Builds the official 2D sin-cos position embedding.
+
+        Positions are enumerated with ``meshgrid(grid_w, grid_h, indexing='ij')``
+        and flattened, i.e. in w-major order (as in the official code).
+
+        Args:
+            w: Grid width.
+            h: Grid height.
+            embed_dim: Embedding size, divisible by 4.
+            temperature: Frequency temperature.
+
+        Returns:
+            Float32 Var of shape ``[1, w * h, embed_dim]`` laid out as
+            ``[sin(w), cos(w), sin(h), cos(h)]`` along the last axis.
+
+        Raises:
+            ValueError: If ``embed_dim`` is not divisible by 4.
+        """
+        if embed_dim % 4 != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 4 for the 2D sin-cos "
+                             f"position embedding")
+        grid_w = jt.arange(int(w), dtype="float32")
+        grid_h = jt.arange(int(h), dtype="float32")
+        grid_w, grid_h = jt.meshgrid(grid_w, grid_h)  # each [w, h], "ij" indexing
+        pos_dim = embed_dim // 4
+        omega = jt.arange(pos_dim, dtype="float32") / pos_dim
+        omega = 1.0 / (float(temperature) ** omega)  # [pos_dim]
+        out_w = grid_w.flatten()[:, None] @ omega[None, :]  # [w*h, pos_dim]
+        out_h = grid_h.flatten()[:, None] @ omega[None, :]  # [w*h, pos_dim]
+        embed = jt.concat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)  # [w*h, embed_dim]
+        return embed[None, :, :]  # [1, w*h, embed_dim]
+
+    def execute(self, feats: Sequence[jt.Var]) -> List[jt.Var]:
+        """Encodes and fuses the backbone features.
+
+        Args:
+            feats: One tensor per level, ``[bs, in_channels[i], h_i, w_i]``,
+                each level half the resolution of the previous one.
+
+        Returns:
+            List of ``[bs, hidden_dim, h_i, w_i]`` tensors, one per level.
+
+        Raises:
+            ValueError: On a wrong number of levels, on an eval input whose
+                size does not match ``eval_spatial_size``, or when adjacent
+                levels are not exactly a factor 2 apart in resolution.
+        """
+        if len(feats) != len(self.in_channels):
+            raise ValueError(f"expected {len(self.in_channels)} feature levels, got {len(feats)}")
+        proj_feats = [self.input_proj[i](feat) for i, feat in enumerate(feats)]
+
+        if self.num_encoder_layers > 0:
+            for i, enc_ind in enumerate(self.use_encoder_idx):
+                h, w = proj_feats[enc_ind].shape[2:]
+                src_flatten = proj_feats[enc_ind].flatten(2).permute(0, 2, 1)  # [bs, h*w, c]
+                if self.training or self.eval_spatial_size is None:
+                    pos_embed = self.build_2d_sincos_position_embedding(
+                        w, h, self.hidden_dim, self.pe_temperature)
+                else:
+                    pos_embed = jt.array(getattr(self, f"pos_embed{enc_ind}"))
+                    if pos_embed.shape[1] != h * w:
+                        raise ValueError(
+                            f"level {enc_ind} is {h}x{w} in eval mode but eval_spatial_size "
+                            f"{self.eval_spatial_size} precomputed {pos_embed.shape[1]} positions; "
+                            f"feed images of that size or build with eval_spatial_size=None")
+                memory = self.encoder[i](src_flatten, pos_embed=pos_embed)  # [bs, h*w, c]
+                memory = memory.permute(0, 2, 1)  # [bs, c, h*w]
+                proj_feats[enc_ind] = memory.reshape(-1, self.hidden_dim, h, w)  # [bs, c, h, w]
+
+        num_levels = len(self.in_channels)
+        inner_outs = [proj_feats[-1]]
+        for idx in range(num_levels - 1, 0, -1):
+            feat_high = inner_outs[0]
+            feat_low = proj_feats[idx - 1]
+            feat_high = self.lateral_convs[num_levels - 1 - idx](feat_high)
+            inner_outs[0] = feat_high
+            upsample_feat = nn.interpolate(feat_high, scale_factor=2.0, mode="nearest")
+            if upsample_feat.shape[2:] != feat_low.shape[2:]:
+                raise ValueError(
+                    f"level {idx} ({tuple(feat_high.shape[2:])}) upsampled x2 does not match level "
+                    f"{idx - 1} ({tuple(feat_low.shape[2:])}); image sides must be multiples of the "
+                    f"largest stride")
+            fused = jt.concat([upsample_feat, feat_low], dim=1)  # [bs, 2*c, h_low, w_low]
+            inner_outs.insert(0, self.fpn_blocks[num_levels - 1 - idx](fused))
+
+        outs = [inner_outs[0]]
+        for idx in range(num_levels - 1):
+            feat_low = outs[-1]
+            feat_high = inner_outs[idx + 1]
+            downsample_feat = self.downsample_convs[idx](feat_low)
+            fused = jt.concat([downsample_feat, feat_high], dim=1)  # [bs, 2*c, h_high, w_high]
+            outs.append(self.pan_blocks[idx](fused))
+        return outs

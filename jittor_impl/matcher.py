@@ -1,0 +1,202 @@
+"""Hungarian matching between RT-DETR predictions and ground-truth boxes.
+
+Follows the official v1 ``HungarianMatcher``: one cost matrix for the whole batch (class cost,
+L1 box cost and negative GIoU), then an independent linear assignment per image.
+
+Differences from torch_ref/matcher.py:
+- ``forward`` is ``execute`` (Jittor's ``Module.__call__`` calls ``execute``);
+  ``@torch.no_grad()`` is ``@jt.no_grad()``.
+- ``torch.cdist(p=1)`` is :func:`_l1_cdist`, the same sum of absolute differences written
+  with broadcasting.
+- ``F.sigmoid`` / ``softmax`` / ``torch.cat`` are ``jt.sigmoid`` / ``Var.softmax`` /
+  ``jt.concat``; ``.cpu()`` is not needed (``.numpy()`` fetches the cost matrix), and the
+  per-image split of the cost matrix is ``np.split`` on that array instead of
+  ``Tensor.split``.
+- The matches are int64 Jittor Vars built from scipy's numpy result (``jt.array(...,
+  dtype="int64")``; a plain ``jt.array`` of an int64 array would give int32 because of
+  Jittor's ``auto_convert_64_to_32`` flag), so the criterion indexes with them as the torch
+  criterion indexes with int64 tensors.
+- Label dtype check: Jittor dtypes have ``is_float()`` / ``is_bool()`` instead of
+  ``is_floating_point`` / ``== torch.bool``; ``dim()`` and ``.item()`` as in PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import jittor as jt
+import numpy as np
+from jittor import nn
+from scipy.optimize import linear_sum_assignment
+
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+def check_targets(targets: Sequence[Dict[str, jt.Var]], batch_size: int, num_classes: int) -> None:
+    """Validates a list of per-image targets against a batch of predictions.
+
+    Each target must hold ``labels`` (1-D integer Var of contiguous class labels in
+    ``[0, num_classes)``) and ``boxes`` (``[n, 4]`` normalised ``cxcywh``) of the same length.
+    COCO category ids (1..90) must be remapped first, e.g. with
+    ``rtdetr_common.coco.CATEGORY_TO_LABEL``.
+
+    Args:
+        targets: One dict per image.
+        batch_size: Number of images in the predictions.
+        num_classes: Number of valid labels.
+
+    Raises:
+        ValueError: On a wrong number of targets, missing keys, wrong shapes or dtypes, or a
+            label outside ``[0, num_classes)``.
+    """
+    if len(targets) != batch_size:
+        raise ValueError(f"got {len(targets)} targets for a batch of {batch_size} predictions")
+    for i, target in enumerate(targets):
+        if "labels" not in target or "boxes" not in target:
+            raise ValueError(f"targets[{i}] must hold 'labels' and 'boxes', got keys {sorted(target)}")
+        labels = target["labels"]
+        boxes = target["boxes"]
+        if labels.dim() != 1 or labels.dtype.is_float() or labels.dtype.is_bool():
+            raise ValueError(
+                f"targets[{i}]['labels'] must be a 1-D integer Var, got shape {tuple(labels.shape)} "
+                f"dtype {labels.dtype}"
+            )
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must have shape [n, 4], got {tuple(boxes.shape)}")
+        if boxes.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"targets[{i}] has {labels.shape[0]} labels but {boxes.shape[0]} boxes"
+            )
+        if labels.numel() > 0:
+            low = int(labels.min().item())
+            high = int(labels.max().item())
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"targets[{i}]['labels'] holds values in [{low}, {high}] but labels must lie in "
+                    f"[0, {num_classes}); COCO category ids (1..90) must be remapped to contiguous "
+                    "labels first (rtdetr_common.coco.CATEGORY_TO_LABEL / remap_mscoco_category=True)"
+                )
+
+
+def _l1_cdist(x1: jt.Var, x2: jt.Var) -> jt.Var:
+    """Pairwise L1 distance, the value of ``torch.cdist(x1, x2, p=1)`` for 2-D inputs.
+
+    Args:
+        x1: ``[N, D]`` points.
+        x2: ``[M, D]`` points.
+
+    Returns:
+        ``[N, M]`` matrix of ``sum_d |x1[n, d] - x2[m, d]|``.
+    """
+    return (x1[:, None, :] - x2[None, :, :]).abs().sum(-1)  # [N, M, D] -> [N, M]
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of predictions to targets minimising a weighted matching cost.
+
+    Cost per (query, target) pair: ``cost_bbox * L1 + cost_class * class_cost + cost_giou * (-GIoU)``.
+    With ``use_focal_loss`` the class cost is the focal-loss difference ``pos - neg`` on sigmoid
+    probabilities; otherwise it is the negative softmax probability of the target class.
+
+    Args:
+        weight_dict: Dict with keys ``cost_class``, ``cost_bbox`` and ``cost_giou``.
+        use_focal_loss: Whether the logits are per-class sigmoid scores (True) or softmax logits.
+        alpha: Focal cost alpha.
+        gamma: Focal cost gamma.
+
+    Raises:
+        ValueError: When a weight is missing or all three weights are zero.
+    """
+
+    def __init__(
+        self,
+        weight_dict: Dict[str, float],
+        use_focal_loss: bool = False,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        missing = [k for k in ("cost_class", "cost_bbox", "cost_giou") if k not in weight_dict]
+        if missing:
+            raise ValueError(f"HungarianMatcher weight_dict lacks {missing}, got keys {sorted(weight_dict)}")
+        self.cost_class = weight_dict["cost_class"]
+        self.cost_bbox = weight_dict["cost_bbox"]
+        self.cost_giou = weight_dict["cost_giou"]
+
+        self.use_focal_loss = use_focal_loss
+        self.alpha = alpha
+        self.gamma = gamma
+
+        if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
+            raise ValueError("HungarianMatcher: cost_class, cost_bbox and cost_giou cannot all be 0")
+
+    @jt.no_grad()
+    def execute(
+        self,
+        outputs: Dict[str, jt.Var],
+        targets: Sequence[Dict[str, jt.Var]],
+    ) -> List[Tuple[jt.Var, jt.Var]]:
+        """Matches the predictions of a batch to its targets.
+
+        Args:
+            outputs: Dict with ``pred_logits`` ``[bs, num_queries, num_classes]`` and
+                ``pred_boxes`` ``[bs, num_queries, 4]`` (normalised ``cxcywh``). Other keys are
+                ignored.
+            targets: ``bs`` dicts with ``labels`` ``[n_i]`` (contiguous labels in
+                ``[0, num_classes)``, where ``num_classes`` is the last dim of ``pred_logits``)
+                and ``boxes`` ``[n_i, 4]`` (normalised ``cxcywh``).
+
+        Returns:
+            ``bs`` tuples ``(query_idx, target_idx)`` of int64 Vars of length
+            ``min(num_queries, n_i)``; ``query_idx`` is sorted ascending.
+
+        Raises:
+            ValueError: On malformed outputs or targets (see :func:`check_targets`).
+        """
+        if "pred_logits" not in outputs or "pred_boxes" not in outputs:
+            raise ValueError(f"outputs must hold 'pred_logits' and 'pred_boxes', got keys {sorted(outputs)}")
+        logits = outputs["pred_logits"]
+        pred_boxes = outputs["pred_boxes"]
+        if logits.dim() != 3:
+            raise ValueError(f"pred_logits must be [bs, num_queries, num_classes], got {tuple(logits.shape)}")
+        if pred_boxes.dim() != 3 or pred_boxes.shape[-1] != 4 or pred_boxes.shape[:2] != logits.shape[:2]:
+            raise ValueError(
+                f"pred_boxes must be [bs, num_queries, 4] matching pred_logits {tuple(logits.shape)}, "
+                f"got {tuple(pred_boxes.shape)}"
+            )
+        bs, num_queries, num_classes = logits.shape
+        check_targets(targets, bs, num_classes)
+
+        flat_logits = logits.flatten(0, 1)  # [bs*num_queries, num_classes]
+        if self.use_focal_loss:
+            out_prob = jt.sigmoid(flat_logits)
+        else:
+            out_prob = flat_logits.softmax(-1)
+        out_bbox = pred_boxes.flatten(0, 1)  # [bs*num_queries, 4]
+
+        tgt_ids = jt.concat([t["labels"] for t in targets])  # [total_targets]
+        tgt_bbox = jt.concat([t["boxes"] for t in targets])  # [total_targets, 4]
+        num_targets = tgt_ids.shape[0]
+
+        if self.use_focal_loss:
+            out_prob = out_prob[:, tgt_ids]  # [bs*num_queries, total_targets]
+            neg_cost_class = (1 - self.alpha) * (out_prob**self.gamma) * (-(1 - out_prob + 1e-8).log())
+            pos_cost_class = self.alpha * ((1 - out_prob) ** self.gamma) * (-(out_prob + 1e-8).log())
+            cost_class = pos_cost_class - neg_cost_class
+        else:
+            cost_class = -out_prob[:, tgt_ids]  # [bs*num_queries, total_targets]
+
+        cost_bbox = _l1_cdist(out_bbox, tgt_bbox)  # [bs*num_queries, total_targets]
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
+
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        cost = cost.reshape(bs, num_queries, num_targets).numpy()  # [bs, num_queries, total_targets]
+
+        sizes = [t["boxes"].shape[0] for t in targets]
+        indices = []
+        for i, per_image_cost in enumerate(np.split(cost, np.cumsum(sizes)[:-1], axis=-1)):
+            query_idx, target_idx = linear_sum_assignment(per_image_cost[i])  # cost [num_queries, n_i]
+            indices.append(
+                (jt.array(query_idx, dtype="int64"), jt.array(target_idx, dtype="int64"))
+            )
+        return indices

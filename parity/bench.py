@@ -1,0 +1,155 @@
+"""Side-by-side speed and memory of the two implementations.
+
+Each measurement runs in its own child process (one framework, one task), so the peak
+resident memory it reports belongs to that framework alone; the parent runs them back to back
+in one invocation and prints Jittor/PyTorch ratios. Times are medians of ``reps`` runs after
+``warmup`` runs (Jittor compiles kernels during its first runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class BenchSpec:
+    """One task to time in both frameworks."""
+
+    task: str  # "eval" or "train"
+    variant: str
+    batch: int
+    size: int
+
+
+DEFAULT_SPECS = [
+    BenchSpec("eval", "r18vd", 1, 640),
+    BenchSpec("eval", "r50vd", 1, 640),
+    BenchSpec("train", "r18vd", 2, 640),
+]
+
+
+def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
+    """Runs in the child: builds the model with seeded weights and times the task."""
+    if framework == "jittor":
+        import jittor_impl as impl
+        import jittor as jt
+        from jittor_impl import engine
+        from jittor_impl.checkpoint import load_state_dict_strict, state_dict_specs
+    else:
+        import torch
+        import torch_ref as impl
+        from torch_ref import engine
+        from torch_ref.checkpoint import load_state_dict_strict, state_dict_specs
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from rtdetr_common.configs import variant_at_size
+    from rtdetr_common.seeded import seeded_images, seeded_state_dict, seeded_targets
+
+    cfg = variant_at_size(spec.variant, 80, spec.size)
+    model = impl.build_model(cfg, multi_scale=False)
+    sd = seeded_state_dict(state_dict_specs(model.state_dict()), 0)
+    if framework == "torch":
+        sd = {k: torch.from_numpy(v) for k, v in sd.items()}
+    load_state_dict_strict(model, sd, "seeded:0")
+    images = seeded_images(spec.batch, spec.size, seed=1)
+    targets = seeded_targets([5] * spec.batch, 80, seed=3)
+
+    if spec.task == "eval":
+        model.eval()
+        if framework == "jittor":
+            x = jt.array(images)
+
+            def step() -> None:
+                with jt.no_grad():
+                    out = model(x)
+                    jt.sync([out["pred_logits"], out["pred_boxes"]])
+        else:
+            x = torch.from_numpy(images)
+
+            def step() -> None:
+                with torch.no_grad():
+                    model(x)
+    else:
+        model.train()
+        criterion = impl.build_criterion(cfg)
+        optimizer = impl.build_optimizer(model, cfg)
+        clip = cfg.schedule.clip_max_norm
+        if framework == "jittor":
+            x = jt.array(images)
+            tg = [{"labels": jt.array(t["labels"]).int64(), "boxes": jt.array(t["boxes"])}
+                  for t in targets]
+        else:
+            x = torch.from_numpy(images)
+            tg = [{k: torch.from_numpy(v) for k, v in t.items()} for t in targets]
+
+        def step() -> None:
+            engine.train_step(model, criterion, optimizer, x, tg, clip)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"framework": framework, "median_s": statistics.median(times), "times_s": times,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_child(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
+    """Measures one framework on one spec in a fresh Python process."""
+    cmd = [sys.executable, "-m", "parity.bench", "--child", framework, spec.task, spec.variant,
+           str(spec.batch), str(spec.size), str(warmup), str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"benchmark child {framework} {spec} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH "):])
+
+
+def run_bench(specs: list[BenchSpec], warmup: int = 2, reps: int = 5) -> list[dict]:
+    """Times every spec in both frameworks; returns one row per spec with both results."""
+    rows = []
+    for spec in specs:
+        th = run_child("torch", spec, warmup, reps)
+        jt_ = run_child("jittor", spec, warmup, reps)
+        rows.append({"task": spec.task, "variant": spec.variant, "batch": spec.batch,
+                     "size": spec.size, "torch_s": th["median_s"], "jittor_s": jt_["median_s"],
+                     "time_ratio": jt_["median_s"] / th["median_s"],
+                     "torch_peak_mb": th["peak_rss_mb"], "jittor_peak_mb": jt_["peak_rss_mb"],
+                     "mem_ratio": jt_["peak_rss_mb"] / th["peak_rss_mb"]})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A fixed-width table of benchmark rows."""
+    head = (f"{'task':6} {'variant':8} {'batch':>5} {'size':>5} {'torch s':>9} {'jittor s':>9} "
+            f"{'J/T time':>9} {'torch MB':>9} {'jittor MB':>10} {'J/T mem':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['task']:6} {r['variant']:8} {r['batch']:>5} {r['size']:>5} "
+                     f"{r['torch_s']:>9.3f} {r['jittor_s']:>9.3f} {r['time_ratio']:>9.2f} "
+                     f"{r['torch_peak_mb']:>9.0f} {r['jittor_peak_mb']:>10.0f} {r['mem_ratio']:>8.2f}")
+    return "\n".join(lines)
+
+
+def _child_main(argv: list[str]) -> None:
+    framework, task, variant, batch, size, warmup, reps = argv
+    spec = BenchSpec(task, variant, int(batch), int(size))
+    result = _measure(framework, spec, int(warmup), int(reps))
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="benchmark child process (internal)")
+    parser.add_argument("--child", nargs=7, required=True)
+    _child_main(parser.parse_args().child)

@@ -1,0 +1,242 @@
+"""End-to-end parity checks of one variant: eval outputs, detections, decisions and losses.
+
+Each check returns :class:`~parity.compare.Comparison` rows tagged with a kind (``output``,
+``decision``, ``detection``, ``loss``); :func:`run_check` gathers them for the CLI and the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import jittor as jt
+import numpy as np
+import torch
+
+import jittor_impl
+import torch_ref
+from rtdetr_common.seeded import seeded_images, seeded_targets
+
+from .compare import Comparison, Tolerance, compare_arrays, compare_tree
+from .models import ModelPair, to_jittor, to_numpy, to_torch
+from .tolerances import loss_tolerance, tolerance
+
+
+@dataclass
+class CheckRow:
+    """One line of a parity report."""
+
+    kind: str
+    comparison: Comparison
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed
+
+
+@dataclass
+class CheckResult:
+    """Everything one ``check`` run measured."""
+
+    variant: str
+    weights: str
+    size: int
+    rows: list[CheckRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    precision_floor: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def add(self, kind: str, comparisons: list[Comparison]) -> None:
+        self.rows.extend(CheckRow(kind, c) for c in comparisons)
+
+
+def decision_comparison(path: str, test: np.ndarray, reference: np.ndarray,
+                        scores: np.ndarray | None = None) -> Comparison:
+    """Compares discrete choices; a choice that differs only inside a near-tie passes.
+
+    Args:
+        path: Name of the decision (its tolerance entry is looked up by it).
+        test: Jittor-side indices [bs, n].
+        reference: Torch-side indices [bs, n].
+        scores: Reference scores the choice was made from ([bs, candidates]). With them, every
+            differing position reports the score gap between the two chosen candidates, and
+            the decision passes when each gap is within the tolerance (a tie decided by
+            rounding, not a disagreement). Without them any difference fails.
+
+    Returns:
+        The comparison; ``max_abs`` holds the largest score gap when scores are given.
+    """
+    test, reference = np.asarray(test), np.asarray(reference)
+    c = compare_arrays(test, reference, Tolerance(atol=0.0), path)
+    if c.passed or test.shape != reference.shape:
+        return c
+    where = np.argwhere(test != reference)
+    b, i = where[0][0], where[0][-1]
+    c.reason = (f"{len(where)} of {test.size} indices differ; first at batch {b} position {i}: "
+                f"test {test[b, i]} vs reference {reference[b, i]}")
+    if scores is None:
+        return c
+    rows = where[:, 0]
+    gaps = np.abs(scores[rows, reference[test != reference]] - scores[rows, test[test != reference]])
+    c.max_abs = float(gaps.max())
+    tol = tolerance("decision", path)
+    c.passed = bool(c.max_abs <= tol.atol)
+    verdict = "ties within" if c.passed else "exceeds"
+    c.reason += f"; largest score gap {c.max_abs:.3g} {verdict} {tol.atol:g}"
+    return c
+
+
+class ScoreCapture:
+    """Records the torch decoder's encoder class scores (max over classes) during a forward."""
+
+    def __init__(self, torch_model: torch.nn.Module) -> None:
+        self.scores: np.ndarray | None = None
+        self._handle = torch_model.decoder.enc_score_head.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.scores = output.detach().max(-1).values.numpy()  # [bs, candidates]
+
+    def close(self) -> None:
+        """Removes the hook."""
+        self._handle.remove()
+
+
+def _jittor_forward(pair: ModelPair, images: np.ndarray, targets: list | None,
+                    forced: np.ndarray | None, rng_state: dict | None = None) -> dict:
+    """Runs the Jittor model, optionally with the reference top-k decision forced in.
+
+    ``rng_state`` rewinds the model's shared stream first, so a re-run draws the same
+    denoising noise as the run it repeats.
+    """
+    if rng_state is not None:
+        pair.jittor_model.rng.load_state_dict(rng_state)
+    decoder = pair.jittor_model.decoder
+    decoder.forced_topk_ind = None if forced is None else jt.array(forced).int64()
+    try:
+        args = (jt.array(images),) if targets is None else (jt.array(images), to_jittor(targets))
+        return pair.jittor_model(*args)
+    finally:
+        decoder.forced_topk_ind = None
+
+
+def _compare_topk(pair: ModelPair, result: CheckResult, path: str, capture: ScoreCapture,
+                  images: np.ndarray, targets: list | None, out: dict,
+                  rng_state: dict | None = None) -> dict:
+    """Compares the top-k decision; on a difference re-runs Jittor with the reference one."""
+    ref_ind = pair.torch_model.decoder.last_topk_ind.numpy()
+    topk = decision_comparison(path, pair.jittor_model.decoder.last_topk_ind.numpy(), ref_ind,
+                               capture.scores)
+    result.add("decision", [topk])
+    if np.array_equal(pair.jittor_model.decoder.last_topk_ind.numpy(), ref_ind):
+        return out
+    result.notes.append(f"{path}: {topk.reason}; reference decision forced into Jittor "
+                        "for the comparisons downstream")
+    return _jittor_forward(pair, images, targets, ref_ind, rng_state)
+
+
+def check_eval(pair: ModelPair, result: CheckResult, size: int, batch: int = 1) -> None:
+    """Eval forward on the same images: outputs, top-k decision, postprocessed detections."""
+    images = seeded_images(batch, size, seed=1)
+    pair.eval()
+    capture = ScoreCapture(pair.torch_model)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            ref = pair.torch_model(torch.from_numpy(images))
+        result.seconds["torch_eval_forward"] = time.perf_counter() - start
+    finally:
+        capture.close()
+    start = time.perf_counter()
+    with jt.no_grad():
+        out = _jittor_forward(pair, images, None, None)
+        jt.sync_all()
+        result.seconds["jittor_eval_forward"] = time.perf_counter() - start
+        out = _compare_topk(pair, result, "eval.decoder.topk_ind", capture, images, None, out)
+    result.add("output", compare_tree(to_numpy(out), to_numpy(ref),
+                                      lambda p: tolerance("output", p)))
+    # (w, h) per image: the official postprocessor's order, non-square on purpose.
+    sizes = np.array([[size + 37 * i + 13, size - 5 * i] for i in range(batch)], dtype=np.float32)
+    pp_ref = torch_ref.build_postprocessor(pair.cfg)(ref, torch.from_numpy(sizes))
+    pp_out = jittor_impl.build_postprocessor(pair.cfg)(out, jt.array(sizes))
+    for i, (a, b) in enumerate(zip(to_numpy(pp_out), to_numpy(pp_ref))):
+        result.add("detection", [
+            decision_comparison(f"detections[{i}].labels", a["labels"][None], b["labels"][None]),
+            compare_arrays(a["scores"], b["scores"], tolerance("detection", "scores"),
+                           f"detections[{i}].scores"),
+            compare_arrays(a["boxes"], b["boxes"], tolerance("detection", "boxes"),
+                           f"detections[{i}].boxes")])
+
+
+def _float64_losses(pair: ModelPair, images: np.ndarray, targets: list,
+                    topk_ind: np.ndarray) -> dict[str, float]:
+    """The reference losses recomputed in float64 on a copy of the torch model.
+
+    Same weights, same targets, the same (rewound) denoising noise and the fp32 run's top-k
+    decision, so the only difference from the fp32 reference is rounding: the gap between the
+    two is the precision floor of fp32 for each loss term.
+    """
+    model = copy.deepcopy(pair.torch_model).double().train()
+    model.decoder.forced_topk_ind = torch.from_numpy(topk_ind)
+    tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
+    with torch.no_grad():
+        out = model(torch.from_numpy(images).double(), tg)
+        losses = torch_ref.build_criterion(pair.cfg).double()(out, tg)
+    return {k: float(v) for k, v in losses.items()}
+
+
+def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: list[int]) -> None:
+    """Train-mode forward with the same targets and denoising noise, then every loss term.
+
+    Both models draw denoising noise from identically seeded shared streams. If the encoder's
+    top-k selection differs, the difference and its score gap are reported and the reference
+    decision is forced into the Jittor side so the losses can still be compared. The Jittor
+    model's stream is rewound for that re-run so it draws the same denoising noise again.
+
+    Each loss term is also computed in float64 by the reference; its fp32 error against that
+    is the term's precision floor, which the ``loss`` tolerance entry takes into account.
+    """
+    images = seeded_images(len(counts), size, seed=2)
+    targets = seeded_targets(counts, pair.cfg.num_classes, seed=3)
+    pair.train()
+    torch_rng_state = pair.torch_model.rng.state_dict()
+    capture = ScoreCapture(pair.torch_model)
+    try:
+        ref = pair.torch_model(torch.from_numpy(images), to_torch(targets))
+    finally:
+        capture.close()
+    rng_state = pair.jittor_model.rng.state_dict()
+    out = _jittor_forward(pair, images, targets, None)
+    out = _compare_topk(pair, result, "train.decoder.topk_ind", capture, images, targets, out,
+                        rng_state)
+    losses_ref = torch_ref.build_criterion(pair.cfg)(ref, to_torch(targets))
+    losses_out = jittor_impl.build_criterion(pair.cfg)(out, to_jittor(targets))
+    ref_topk = pair.torch_model.decoder.last_topk_ind.numpy()
+    replay_rng = pair.torch_model.rng.state_dict()
+    pair.torch_model.rng.load_state_dict(torch_rng_state)
+    try:
+        exact = _float64_losses(pair, images, targets, ref_topk)
+    finally:
+        pair.torch_model.rng.load_state_dict(replay_rng)
+    floors = {k: abs(float(v) - exact[k]) / max(abs(exact[k]), 1e-12)
+              for k, v in losses_ref.items()}
+    result.precision_floor.update(floors)
+    result.add("loss", compare_tree(to_numpy(losses_out), to_numpy(losses_ref),
+                                    lambda p: loss_tolerance(p, floors[p])))
+    total_ref = float(sum(v.item() for v in losses_ref.values()))
+    if not math.isfinite(total_ref):
+        result.notes.append(f"reference total loss is not finite: {total_ref}")
+
+
+def run_check(pair: ModelPair, size: int, train_size: int = 320,
+              counts: tuple[int, ...] = (4, 0)) -> CheckResult:
+    """Eval parity at ``size`` and train-loss parity at ``train_size`` for one model pair."""
+    result = CheckResult(pair.cfg.name, pair.weights_source, size)
+    check_eval(pair, result, size)
+    check_train_losses(pair, result, train_size, list(counts))
+    return result

@@ -1,0 +1,118 @@
+"""One set of weights in both frameworks: building, loading and feeding a model pair.
+
+The embedded default needs no download: weights in the official layout drawn from a seeded
+stream (:mod:`rtdetr_common.seeded`), images and targets drawn from another. A user's own
+weights (``.pth``, ``.pkl``, ``.safetensors``, ``.npz``) replace the seeded ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jittor as jt
+import numpy as np
+import torch
+
+import jittor_impl.checkpoint as jt_ckpt
+import torch_ref.checkpoint as th_ckpt
+from jittor_impl import build_model as build_jittor
+from rtdetr_common.configs import VariantConfig, variant_at_size
+from rtdetr_common.seeded import seeded_state_dict
+from torch_ref import build_model as build_torch
+
+from .convert import check_weightset, read_any
+
+
+@dataclass
+class ModelPair:
+    """The reference and the port, holding identical weights.
+
+    Attributes:
+        cfg: The variant config both were built from.
+        torch_model: torch_ref RTDETR.
+        jittor_model: jittor_impl RTDETR.
+        weights_source: Where the weights came from (a path or ``seeded:<seed>``).
+        entry: Which state_dict of the source was loaded (``ema``/``model``/``seeded``).
+    """
+
+    cfg: VariantConfig
+    torch_model: torch.nn.Module
+    jittor_model: Any
+    weights_source: str
+    entry: str
+
+    def eval(self) -> "ModelPair":
+        """Both models to eval mode."""
+        self.torch_model.eval()
+        self.jittor_model.eval()
+        return self
+
+    def train(self) -> "ModelPair":
+        """Both models to train mode."""
+        self.torch_model.train()
+        self.jittor_model.train()
+        return self
+
+
+def build_pair(variant: str, *, num_classes: int = 80, size: int | None = 640,
+               weights: str | Path | None = None, seed: int = 0, prefer: str = "ema") -> ModelPair:
+    """Builds both models and loads one set of weights into both, strictly.
+
+    Args:
+        variant: Official variant name.
+        num_classes: Class count (must match the weights when a file is given).
+        size: Eval-time spatial size for precomputed anchors and position embeddings.
+        weights: A weight file, or None for the seeded embedded default.
+        seed: Seed of the default weights and of both models' shared random streams.
+        prefer: Which entry of a checkpoint to load (``ema`` first, as officially).
+    """
+    cfg = variant_at_size(variant, num_classes, size)
+    torch_model = build_torch(cfg, multi_scale=False, seed=seed)
+    jittor_model = build_jittor(cfg, multi_scale=False, seed=seed)
+    if weights is None:
+        state_dict = seeded_state_dict(th_ckpt.state_dict_specs(torch_model.state_dict()), seed)
+        source, entry = f"seeded:{seed}", "seeded"
+    else:
+        ws = read_any(weights)
+        check_weightset(ws, variant, str(weights), num_classes)
+        state_dict, entry = ws.preferred(prefer)
+        source = str(weights)
+    th_ckpt.load_state_dict_strict(
+        torch_model, {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, source)
+    jt_ckpt.load_state_dict_strict(jittor_model, state_dict, source)
+    return ModelPair(cfg, torch_model, jittor_model, source, entry)
+
+
+def to_torch(tree: Any) -> Any:
+    """numpy leaves -> torch tensors (nested dicts/lists)."""
+    if isinstance(tree, dict):
+        return {k: to_torch(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_torch(v) for v in tree)
+    return torch.from_numpy(np.array(tree))
+
+
+def to_jittor(tree: Any) -> Any:
+    """numpy leaves -> Jittor Vars (nested dicts/lists), dtypes kept (int64 stays int64)."""
+    if isinstance(tree, dict):
+        return {k: to_jittor(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_jittor(v) for v in tree)
+    arr = np.array(tree)
+    var = jt.array(arr)
+    return var.int64() if arr.dtype == np.int64 else var
+
+
+def to_numpy(tree: Any) -> Any:
+    """torch tensors / Jittor Vars -> numpy (nested); other leaves unchanged."""
+    if isinstance(tree, dict):
+        return {k: to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_numpy(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().numpy()
+    if isinstance(tree, jt.Var):
+        return tree.numpy()
+    return tree
