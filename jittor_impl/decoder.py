@@ -25,8 +25,8 @@ Differences from torch_ref/decoder.py:
   ``_``-prefixed attributes: Jittor puts every public ``Var`` attribute in the state dict.
 - ``torch.topk`` is ``jt.topk`` (an argsort: the order of exactly tied scores may differ;
   ``forced_topk_ind`` removes that freedom); its int32 indices are cast to int64.
-- ``torch.Tensor.gather`` / ``torch.split`` / ``tile`` are ``jt.gather`` / ``jt.split`` /
-  ``repeat``; ``torch.where(mask, x, inf)`` is ``jt.where`` with a filled Var.
+- ``torch.Tensor.gather`` / ``torch.split`` / ``tile`` / ``F.sigmoid`` / ``F.softmax`` are
+  ``jt.gather`` / ``jt.split`` / ``repeat`` / ``jt.sigmoid`` / ``nn.softmax``.
 - ``_generate_anchors`` computes the anchors with numpy (IEEE float32 arithmetic as in PyTorch,
   the log rounded once from float64) and returns them as Vars; it has no ``device`` argument
   and takes ``dtype`` as a Jittor dtype name. Jittor's CPU kernels use fast math (division by
@@ -164,9 +164,9 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
     """PyTorch's ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``.
 
     Corners outside the map contribute zero. The weights are formed as in PyTorch's CPU kernel
-    (``w = x - floor(x)``, ``e = 1 - w``, ...), and the four corners are added in the order
-    north-west, north-east, south-west, south-east. Gradients flow to ``value`` (through the
-    gather) and to ``grid`` (through the weights; the corner indices are constants).
+    (``w = x - floor(x)``, ``e = 1 - w``, ...). One flat-index gather fetches the four corners
+    (north-west, north-east, south-west, south-east) of every point; gradients flow to ``value``
+    (through the gather) and to ``grid`` (through the weights; the corner indices are constants).
 
     Args:
         value: ``[n, c, h, w]`` maps.
@@ -211,17 +211,15 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
     corners = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (row, col) choice of nw, ne, sw, se
     # [4, n*h_out*w_out]
     index = jt.stack([(base + row[i] * w + col[j]).flatten() for i, j in corners])
-    inside = [(in_y[i] & in_x[j]).cast(value.dtype).reshape(-1, 1) for i, j in corners]
+    # Corner weights, zero for corners outside the map: [4, n*h_out*w_out, 1]
+    corner_weights = jt.stack(
+        [(weights[k] * (in_y[i] & in_x[j]).cast(value.dtype)).flatten() for k, (i, j) in enumerate(corners)]
+    ).unsqueeze(-1)
 
     # [n, c, h, w] -> [n, h, w, c] -> [n*h*w, c]
     rows = value.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    # [4, n*h_out*w_out, c]
-    gathered = rows[index]
-    output = None
-    for k in range(4):
-        # [n*h_out*w_out, c]
-        term = gathered[k] * (weights[k].reshape(-1, 1) * inside[k])
-        output = term if output is None else output + term
+    # [4, n*h_out*w_out, c] -> [n*h_out*w_out, c]
+    output = (rows[index] * corner_weights).sum(0)
     # [n*h_out*w_out, c] -> [n, h_out, w_out, c] -> [n, c, h_out, w_out]
     return output.reshape(n, h_out, w_out, c).permute(0, 3, 1, 2)
 
@@ -790,7 +788,9 @@ class RTDETRTransformer(nn.Module):
             )
             in_channels = self.hidden_dim
 
-    def _get_encoder_input(self, feats: Sequence[jt.Var]) -> Tuple[jt.Var, List[List[int]], List[int]]:
+    def _get_encoder_input(
+        self, feats: Sequence[jt.Var]
+    ) -> Tuple[jt.Var, List[List[int]], List[int]]:
         """Projects and flattens the feature maps into one memory sequence.
 
         Args:

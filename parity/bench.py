@@ -153,3 +153,51 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="benchmark child process (internal)")
     parser.add_argument("--child", nargs=7, required=True)
     _child_main(parser.parse_args().child)
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def jittor_memory_growth(variant: str = "r18vd", size: int = 320, batch: int = 2,
+                         checkpoints: tuple[int, ...] = (20, 200), ema: bool = True) -> list[dict]:
+    """Trains the Jittor model and records memory and live Vars at the given step counts.
+
+    Lazy evaluation that keeps any graph alive between steps (a BatchNorm statistic, an EMA
+    average, a loss value never synchronised) shows up as live Vars and memory growing with
+    the step count; a correct training loop is flat after its first steps.
+
+    Returns:
+        One row per checkpoint: ``step``, ``rss_mb``, ``lived_vars``.
+    """
+    import jittor as jt
+
+    import jittor_impl as impl
+    from jittor_impl import engine
+    from jittor_impl.checkpoint import load_state_dict_strict, state_dict_specs
+    from rtdetr_common.configs import variant_at_size
+    from rtdetr_common.seeded import seeded_images, seeded_state_dict, seeded_targets
+
+    cfg = variant_at_size(variant, 80, None)
+    model = impl.build_model(cfg, multi_scale=False)
+    load_state_dict_strict(model, seeded_state_dict(state_dict_specs(model.state_dict()), 0),
+                           "seeded:0")
+    model.train()
+    criterion = impl.build_criterion(cfg)
+    optimizer = impl.build_optimizer(model, cfg)
+    averager = impl.build_ema(model, cfg) if ema else None
+    x = jt.array(seeded_images(batch, size, seed=1))
+    targets = [{"labels": jt.array(t["labels"]).int64(), "boxes": jt.array(t["boxes"])}
+               for t in seeded_targets([5] * batch, 80, seed=3)]
+    rows = []
+    for step in range(1, max(checkpoints) + 1):
+        engine.train_step(model, criterion, optimizer, x, targets, cfg.schedule.clip_max_norm,
+                          averager)
+        if step in checkpoints:
+            jt.gc()
+            rows.append({"step": step, "rss_mb": current_rss_mb(),
+                         "lived_vars": jt.number_of_lived_vars()})
+    return rows

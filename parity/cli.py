@@ -3,6 +3,7 @@
     rtdetr-parity check --variant r18vd [--weights W] [--size 640] [--out reports/out]
     rtdetr-parity convert SRC DST --variant r50vd
     rtdetr-parity bench
+    rtdetr-parity memory [--steps 200]
 """
 
 from __future__ import annotations
@@ -94,6 +95,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .bench import jittor_memory_growth
+
+    steps = (args.first, args.steps)
+    rows = jittor_memory_growth(args.variant, args.size, args.batch, steps)
+    for r in rows:
+        print(f"jittor {args.variant} {args.size}x{args.size} batch {args.batch}: step {r['step']:>5}"
+              f"  rss {r['rss_mb']:8.1f} MiB  live Vars {r['lived_vars']}")
+    growth = rows[-1]["rss_mb"] / rows[0]["rss_mb"] - 1
+    ok = abs(growth) <= args.limit and rows[-1]["lived_vars"] == rows[0]["lived_vars"]
+    print(f"memory step {args.steps} vs step {args.first}: {growth * 100:+.2f}% "
+          f"(limit {args.limit * 100:.0f}%), live Vars {rows[0]['lived_vars']} -> "
+          f"{rows[-1]['lived_vars']}: {'ok' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = argparse.ArgumentParser(prog="rtdetr-parity", description=__doc__,
@@ -124,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--reps", type=int, default=5)
     bench.set_defaults(func=cmd_bench)
+
+    mem = sub.add_parser("memory", help="Jittor training memory at two step counts (graph leaks)")
+    mem.add_argument("--variant", default="r18vd", choices=list(VARIANTS))
+    mem.add_argument("--size", type=int, default=320)
+    mem.add_argument("--batch", type=int, default=2)
+    mem.add_argument("--first", type=int, default=20)
+    mem.add_argument("--steps", type=int, default=200)
+    mem.add_argument("--limit", type=float, default=0.03, help="allowed relative growth")
+    mem.set_defaults(func=cmd_memory)
     return parser
 
 

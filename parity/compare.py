@@ -111,8 +111,11 @@ def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") ->
         c.max_abs = float(diff.max()) if diff.size else 0.0
         c.max_rel = float((diff / np.maximum(np.abs(ref), 1e-12)).max()) if diff.size else 0.0
         ref_norm = float(np.linalg.norm(ref))
-        c.rel_l2 = float(np.linalg.norm(diff)) / ref_norm if ref_norm > 0 else float(
-            np.linalg.norm(diff) > 0) * math.inf
+        diff_norm = float(np.linalg.norm(diff))
+        if ref_norm > 0:
+            c.rel_l2 = diff_norm / ref_norm
+        else:
+            c.rel_l2 = math.inf if diff_norm > 0 else 0.0
         na, nb = float(np.linalg.norm(a64[finite])), ref_norm
         c.cosine = float(np.dot(a64[finite], ref) / (na * nb)) if na > 0 and nb > 0 else float(
             na == nb)

@@ -137,3 +137,12 @@ def test_train_loss_terms_match(name: str, counts: tuple[int, ...]) -> None:
     n_layers = pair.cfg.decoder.num_decoder_layers
     expected = 3 * (1 + n_layers) + (3 * n_layers if sum(counts) else 0)
     assert len(losses) == expected
+
+
+def test_jittor_training_leaves_no_graph_behind() -> None:
+    """Steps, EMA updates and BatchNorm statistics keep no graph alive (lazy evaluation)."""
+    from parity.bench import jittor_memory_growth
+
+    rows = jittor_memory_growth("r18vd", size=128, batch=2, checkpoints=(4, 16))
+    assert rows[1]["lived_vars"] == rows[0]["lived_vars"], rows
+    assert rows[1]["rss_mb"] <= rows[0]["rss_mb"] * 1.03, rows

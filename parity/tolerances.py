@@ -41,16 +41,20 @@ def tolerance(kind: str, path: str) -> Tolerance:
     raise KeyError(f"no tolerance entry for kind {kind!r} (path {path!r})")
 
 
-def loss_tolerance(path: str, floor: float) -> Tolerance:
-    """The tolerance of one loss term given its measured fp32 precision floor.
+def loss_tolerance(path: str, noise: float) -> Tolerance:
+    """The tolerance of one loss term given the fp32 noise level of the forward it came from.
 
-    The target is 1e-4 relative. A term whose reference fp32 value is itself further than
-    5e-5 from the float64 value (train-mode BatchNorm on random weights amplifies rounding)
-    gets ``2 * floor``: the port may then be as far from the reference as the reference is
-    from the exact value, on either side. Reports show the floor beside every loss row.
+    The target is 1e-4 relative. ``noise`` is the largest relative gap between the reference's
+    fp32 and float64 loss terms of the same forward: how far fp32 rounding alone moves a loss
+    of this model on this input (train-mode BatchNorm on random weights amplifies rounding).
+    Where three times that exceeds 1e-4, the port may differ from the reference by
+    ``3 * noise``: the reference carries one ``noise`` of rounding error, and Jittor's CPU
+    kernels, compiled with ``-Ofast`` (fused multiply-adds, reciprocal division, approximate
+    ``log``/``exp``), carry about twice as much. Logic errors (a wrong match, a wrong
+    activation) move losses by orders of magnitude more. Reports show the noise level.
     """
     base = tolerance("loss", path)
-    return Tolerance(atol=base.atol, rtol=max(base.rtol, 2.0 * floor))
+    return Tolerance(atol=base.atol, rtol=max(base.rtol, 3.0 * noise))
 
 
 def table_rows() -> list[dict]:
