@@ -1,8 +1,8 @@
 """Public builders: model, matcher, criterion, postprocessor, optimizer and EMA of a variant.
 
 Differences from torch_ref/build.py:
-- Trainable parameters are the Vars that are not ``stop_grad`` (Jittor's ``named_parameters``
-  also lists BatchNorm statistics and frozen weights, which are stop_grad).
+- Trainable parameters come from ``common.trainable_parameters`` (Jittor's ``named_parameters``
+  also lists BatchNorm statistics, and its ``eval()`` marks every Var stop_grad).
 - ``jittor.optim.AdamW`` applies the same update as ``torch.optim.AdamW`` (decoupled decay
   ``p *= 1 - lr*wd``, bias-corrected moments, ``eps`` added after the square root).
 """
@@ -17,6 +17,7 @@ from rtdetr_common.random import SharedRandom
 from rtdetr_common.state_dicts import assign_param_groups
 
 from .backbone import PResNet
+from .common import trainable_parameters
 from .criterion import SetCriterion
 from .decoder import RTDETRTransformer
 from .ema import ModelEMA
@@ -74,7 +75,7 @@ def build_optimizer(model: nn.Module, variant: str | VariantConfig,
                     num_classes: int = 80) -> jt.optim.AdamW:
     """AdamW over the official regex parameter groups (unmatched parameters form the last group)."""
     opt = _config(variant, num_classes).optimizer
-    named = {n: p for n, p in model.named_parameters() if not p.is_stop_grad()}
+    named = dict(trainable_parameters(model))
     names = assign_param_groups(named, [g.params for g in opt.params])
     groups = []
     for group_cfg, group_names in zip(opt.params + [None], names):

@@ -55,6 +55,7 @@ __all__ = [
     "named_buffers",
     "named_parameters",
     "count_parameters",
+    "trainable_parameters",
 ]
 
 
@@ -565,3 +566,23 @@ def count_parameters(module: nn.Module) -> int:
         Total number of elements of :func:`named_parameters`.
     """
     return sum(int(math.prod(var.shape)) for _, var in named_parameters(module))
+
+
+def trainable_parameters(module: nn.Module) -> List[Tuple[str, jt.Var]]:
+    """Lists the parameters an optimizer updates (torch: ``requires_grad`` ones).
+
+    The PyTorch-convention parameters minus the frozen ones (names in the owning module's
+    ``_frozen_names``). Unlike ``Var.is_stop_grad()``, this does not depend on whether the
+    model is in eval mode, where Jittor marks every parameter ``stop_grad``.
+
+    Args:
+        module: Root module.
+
+    Returns:
+        ``(state-dict key, Var)`` pairs in state-dict order.
+    """
+    frozen = set()
+    for prefix, sub in named_modules(module):
+        for name in getattr(sub, "_frozen_names", ()):
+            frozen.add(f"{prefix}.{name}" if prefix else name)
+    return [(key, var) for key, var in named_parameters(module) if key not in frozen]

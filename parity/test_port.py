@@ -146,3 +146,26 @@ def test_jittor_training_leaves_no_graph_behind() -> None:
     rows = jittor_memory_growth("r18vd", size=128, batch=2, checkpoints=(4, 16))
     assert rows[1]["lived_vars"] == rows[0]["lived_vars"], rows
     assert rows[1]["rss_mb"] <= rows[0]["rss_mb"] * 1.03, rows
+
+
+@pytest.mark.parametrize("name", ["r18vd", "r50vd"])
+def test_optimizer_groups_match(name: str) -> None:
+    """Same official parameter groups, learning rates and decays on both sides, in any mode."""
+    import jittor_impl
+    import torch_ref
+
+    th_model, jt_model = build_torch(name), build_jittor(name)
+    jt_model.eval()  # Jittor's eval marks Vars stop_grad; grouping must not depend on it
+    th_opt = torch_ref.build_optimizer(th_model, name)
+    jt_opt = jittor_impl.build_optimizer(jt_model, name)
+    jt_model.train()
+
+    def summary(groups: list, size) -> list:
+        return [(len(g["params"]), sum(size(p) for p in g["params"]), g.get("lr"),
+                 g.get("weight_decay")) for g in groups]
+
+    th = summary(th_opt.param_groups, lambda p: p.numel())
+    jt_ = summary(jt_opt.param_groups, lambda p: int(np.prod(p.shape)))
+    assert [t[:2] for t in th] == [j[:2] for j in jt_]
+    for t, j, g in zip(th, jt_, jt_opt.param_groups):
+        assert t[2] == g.get("lr", jt_opt.lr) and t[3] == g.get("weight_decay", jt_opt.weight_decay)

@@ -25,6 +25,9 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # which carry ~1e-5 relative fp32 error in either framework (the reference's own fp32 vs
     # float64 error is of the same size): encoder scores then tie within 1e-4.
     ("decision", "train.decoder.topk", Tolerance(atol=1e-4), "train top-k: ties within 1e-4"),
+    # Detection scores are sigmoids of logits that agree within 1e-5: two detections whose
+    # scores are this close may come out of the postprocessor's top-k in either order.
+    ("decision", "postprocess.topk", Tolerance(atol=1e-5), "detections: reorder only within ties"),
     ("decision", "", Tolerance(atol=0.0), "other decisions: identical"),
 ]
 

@@ -36,7 +36,7 @@ def test_ema_preferred_then_model_then_bare(tmp_path: Path, model: torch.nn.Modu
     assert read_checkpoint(only_model)[1] == "model"
     bare = tmp_path / "bare.pth"
     torch.save(sd, bare)
-    assert read_checkpoint(bare)[1] == "state_dict"
+    assert read_checkpoint(bare)[1] == "model"
 
 
 def test_load_roundtrip_is_exact(tmp_path: Path) -> None:
@@ -89,13 +89,14 @@ def test_untrusted_pickle_does_not_run(tmp_path: Path, monkeypatch: pytest.Monke
     assert not (tmp_path / "PWNED").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
-def test_unreadable_files_are_clear_errors(tmp_path: Path, content: bytes | None) -> None:
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="x.pth"):
+        read_checkpoint(tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+def test_unreadable_files_are_clear_errors(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "x.pth"
-    if content is None:
-        with pytest.raises(FileNotFoundError, match="x.pth"):
-            read_checkpoint(path)
-        return
     path.write_bytes(content)
     with pytest.raises(ValueError, match="x.pth"):
         read_checkpoint(path)
@@ -104,5 +105,5 @@ def test_unreadable_files_are_clear_errors(tmp_path: Path, content: bytes | None
 def test_checkpoint_without_weights(tmp_path: Path) -> None:
     path = tmp_path / "opt.pth"
     torch.save({"optimizer": {"state": {}}, "last_epoch": 3}, path)
-    with pytest.raises(ValueError, match="no 'ema.module'"):
+    with pytest.raises(ValueError, match="no 'model', no 'ema'"):
         read_checkpoint(path)

@@ -32,62 +32,23 @@ def state_dict_specs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Tensor
     return {k: _spec(v) for k, v in state_dict.items()}
 
 
-def extract_state_dict(obj: object, source: str, prefer: str = "ema") -> tuple[dict, str]:
-    """Picks the model weights out of a loaded checkpoint object.
-
-    Args:
-        obj: What ``torch.load`` returned.
-        source: File name for error messages.
-        prefer: ``"ema"`` (official behaviour) or ``"model"``: which entry wins when both exist.
-
-    Returns:
-        ``(state_dict, entry)`` where entry names what was used: ``"ema"``, ``"model"`` or
-        ``"state_dict"`` (a bare one).
-
-    Raises:
-        ValueError: If the object holds no recognisable state_dict.
-    """
-    if prefer not in ("ema", "model"):
-        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a dict checkpoint, found {type(obj).__name__}")
-    ema = obj.get("ema")
-    ema_sd = ema.get("module") if isinstance(ema, Mapping) else None
-    model_sd = obj.get("model") if isinstance(obj.get("model"), Mapping) else None
-    order = [("ema", ema_sd), ("model", model_sd)]
-    if prefer == "model":
-        order.reverse()
-    for entry, sd in order:
-        if sd is not None:
-            return dict(sd), entry
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj), "state_dict"
-    raise ValueError(f"{source}: no 'ema.module', no 'model' and not a bare state_dict "
-                     f"(top-level keys: {sorted(map(str, obj))[:10]})")
-
-
 def read_checkpoint(path: str | Path, prefer: str = "ema") -> tuple[dict, str]:
     """Reads the model weights from an official-format ``.pth`` file.
 
     Args:
         path: Checkpoint file.
-        prefer: Which entry wins when both ``ema`` and ``model`` exist.
+        prefer: Which entry wins when both ``ema`` and ``model`` exist (official: ``ema``).
 
     Returns:
-        ``(state_dict, entry)`` as :func:`extract_state_dict`.
+        ``(state_dict, entry)``: torch tensors, and ``"ema"`` or ``"model"`` (a bare
+        state_dict counts as ``model``).
 
     Raises:
         FileNotFoundError: If the file does not exist.
         ValueError: If the file cannot be read safely or holds no state_dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
-        raise ValueError(f"{path}: cannot be read as a weights-only PyTorch checkpoint: {exc}") from exc
-    return extract_state_dict(obj, str(path), prefer)
+    state_dict, entry = read_weightset(path).preferred(prefer)
+    return {k: torch.from_numpy(v) for k, v in state_dict.items()}, entry
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -105,7 +66,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefer: str = "ema") -> 
     """Reads an official-format checkpoint and loads it strictly into ``model``.
 
     Returns:
-        The entry that was loaded (``"ema"``, ``"model"`` or ``"state_dict"``).
+        The entry that was loaded (``"ema"`` or ``"model"``).
     """
     state_dict, entry = read_checkpoint(path, prefer)
     load_state_dict_strict(model, state_dict, f"{path} [{entry}]")
