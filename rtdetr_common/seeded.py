@@ -1,10 +1,12 @@
-"""Deterministic, non-degenerate weights in the official layout: the embedded default.
+"""The embedded default: deterministic weights in the official layout, images and targets.
 
 No weights can be downloaded here, and a freshly initialised RT-DETR is a poor test subject
 (zero-initialised box heads, identical BatchNorm statistics). These weights are drawn from a
 seeded numpy stream with fan-in scaling, BatchNorm statistics spread around realistic values
 and class biases near the official prior, so every layer carries signal and every comparison
-is meaningful. The same seed gives the same bytes on any machine and in both frameworks.
+is meaningful. Images (smooth colour fields with fine noise, in [0, 1]) and targets (valid
+normalised cxcywh boxes, int64 labels) come from seeded streams too. The same seed gives the
+same bytes on any machine and in both frameworks.
 """
 
 from __future__ import annotations
