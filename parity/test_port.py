@@ -155,10 +155,14 @@ def test_train_loss_terms_match(name: str, counts: tuple[int, ...]) -> None:
 
 
 def test_jittor_training_leaves_no_graph_behind() -> None:
-    """Steps, EMA updates and BatchNorm statistics keep no graph alive (lazy evaluation)."""
+    """Steps, EMA updates and BatchNorm statistics keep no graph alive (lazy evaluation).
+
+    The first steps load (and on a cold cache compile) the kernels of every fused graph, which
+    raises memory once; the comparison starts after them.
+    """
     from parity.bench import jittor_memory_growth
 
-    rows = jittor_memory_growth("r18vd", size=128, batch=2, checkpoints=(4, 16))
+    rows = jittor_memory_growth("r18vd", size=128, batch=2, checkpoints=(10, 30))
     assert rows[1]["lived_vars"] == rows[0]["lived_vars"], rows
     assert rows[1]["rss_mb"] <= rows[0]["rss_mb"] * 1.03, rows
 
