@@ -572,6 +572,15 @@ def named_modules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     return module.named_modules()
 
 
+def _listed_keys(module: nn.Module, listing: str) -> set:
+    """State-dict keys of the attributes each descendant names in its ``listing`` tuple."""
+    keys = set()
+    for prefix, sub in named_modules(module):
+        for name in getattr(sub, listing, ()):
+            keys.add(f"{prefix}.{name}" if prefix else name)
+    return keys
+
+
 def named_buffers(module: nn.Module) -> List[Tuple[str, jt.Var]]:
     """Lists the buffers of ``module`` and its descendants.
 
@@ -584,10 +593,7 @@ def named_buffers(module: nn.Module) -> List[Tuple[str, jt.Var]]:
     Returns:
         ``(state-dict key, Var)`` pairs in state-dict order.
     """
-    buffer_keys = set()
-    for prefix, sub in named_modules(module):
-        for name in getattr(sub, "_buffer_names", ()):
-            buffer_keys.add(f"{prefix}.{name}" if prefix else name)
+    buffer_keys = _listed_keys(module, "_buffer_names")
     return [(key, var) for key, var in module.state_dict().items() if key in buffer_keys]
 
 
@@ -632,8 +638,5 @@ def trainable_parameters(module: nn.Module) -> List[Tuple[str, jt.Var]]:
     Returns:
         ``(state-dict key, Var)`` pairs in state-dict order.
     """
-    frozen = set()
-    for prefix, sub in named_modules(module):
-        for name in getattr(sub, "_frozen_names", ()):
-            frozen.add(f"{prefix}.{name}" if prefix else name)
+    frozen = _listed_keys(module, "_frozen_names")
     return [(key, var) for key, var in named_parameters(module) if key not in frozen]

@@ -64,12 +64,9 @@ class WeightSet:
         """The state_dict to load into a model: ``ema`` first as officially, else ``model``."""
         if prefer not in ("ema", "model"):
             raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
-        first, second = ("ema", "model") if prefer == "ema" else ("model", "ema")
-        for entry in (first, second):
-            sd = getattr(self, entry)
-            if sd is not None:
-                return sd, entry
-        raise AssertionError("unreachable: __post_init__ guarantees one entry")
+        other = "model" if prefer == "ema" else "ema"
+        entry = prefer if getattr(self, prefer) is not None else other
+        return getattr(self, entry), entry
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
