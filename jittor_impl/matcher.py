@@ -104,6 +104,12 @@ class HungarianMatcher(nn.Module):
         alpha: Focal cost alpha.
         gamma: Focal cost gamma.
 
+    Attributes:
+        last_costs: The per-image cost matrices (numpy ``[num_queries, n_i]``, in the dtype of
+            the logits) of the last call, the inputs of its assignments. The parity harness
+            evaluates a differing assignment on them to measure how close the decision was (its
+            cost gap).
+
     Raises:
         ValueError: When a weight is missing or all three weights are zero.
     """
@@ -129,6 +135,7 @@ class HungarianMatcher(nn.Module):
 
         if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
             raise ValueError("HungarianMatcher: cost_class, cost_bbox and cost_giou cannot all be 0")
+        self.last_costs: List[np.ndarray] = []
 
     @jt.no_grad()
     def execute(
@@ -193,9 +200,12 @@ class HungarianMatcher(nn.Module):
         cost = cost.reshape(bs, num_queries, num_targets).numpy()  # [bs, num_queries, total_targets]
 
         sizes = [t["boxes"].shape[0] for t in targets]
+        self.last_costs = [
+            per_image_cost[i] for i, per_image_cost in enumerate(np.split(cost, np.cumsum(sizes)[:-1], axis=-1))
+        ]
         indices = []
-        for i, per_image_cost in enumerate(np.split(cost, np.cumsum(sizes)[:-1], axis=-1)):
-            query_idx, target_idx = linear_sum_assignment(per_image_cost[i])  # cost [num_queries, n_i]
+        for image_cost in self.last_costs:
+            query_idx, target_idx = linear_sum_assignment(image_cost)  # cost [num_queries, n_i]
             indices.append(
                 (jt.array(query_idx, dtype="int64"), jt.array(target_idx, dtype="int64"))
             )

@@ -20,6 +20,8 @@ import torch_ref
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
 from .compare import Comparison, Tolerance, compare_arrays, compare_tree
+from .decisions import (MatchCosts, compare_denoising, compare_dn_meta, compare_matches,
+                        match_differences, matcher_costs)
 from .models import ModelPair, to_jittor, to_numpy, to_torch
 from .tolerances import loss_tolerance, tolerance
 
@@ -210,21 +212,71 @@ def check_eval(pair: ModelPair, result: CheckResult, size: int, batch: int = 1) 
                            f"detections[{i}].boxes")])
 
 
-def _float64_losses(pair: ModelPair, images: np.ndarray, targets: list,
-                    topk_ind: np.ndarray) -> dict[str, float]:
+def _float64_losses(pair: ModelPair, images: np.ndarray, targets: list, topk_ind: np.ndarray,
+                    matches: dict) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
     """The reference losses recomputed in float64 on a copy of the torch model.
 
     Same weights, same targets, the same (rewound) denoising noise and the fp32 run's top-k
-    decision, so the only difference from the fp32 reference is rounding: the gap between the
-    two is the precision floor of fp32 for each loss term.
+    and matching decisions, so the only difference from the fp32 reference is rounding: the
+    gap between the two is the precision floor of fp32 for each loss term.
+
+    Returns:
+        The float64 loss terms, and the float64 matching costs of every Hungarian decision.
     """
     model = copy.deepcopy(pair.torch_model).double().train()
     model.decoder.forced_topk_ind = torch.from_numpy(topk_ind)
     tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
+    criterion = torch_ref.build_criterion(pair.cfg).double()
+    criterion.forced_indices = matches
     with torch.no_grad():
         out = model(torch.from_numpy(images).double(), tg)
-        losses = torch_ref.build_criterion(pair.cfg).double()(out, tg)
-    return {k: float(v) for k, v in losses.items()}
+        losses = criterion(out, tg)
+    costs = matcher_costs(criterion.matcher, out, tg, list(matches))
+    return {k: float(v) for k, v in losses.items()}, costs
+
+
+def _compare_match_decisions(result: CheckResult, criteria: tuple, outputs: tuple, targets: list,
+                             losses_out: dict, float64_costs: dict) -> dict:
+    """Compares every Hungarian and denoising match; on a difference forces the reference's.
+
+    Each decision key of the criterion (``final``, ``aux_{i}``, ``dn``) gets a decision row,
+    differing images with their cost gaps. When any differs, the reference's matches are
+    forced into the Jittor criterion and its losses recomputed on the same outputs, so the
+    loss terms are compared with the same matches (as the forced top-k does for the encoder).
+
+    Args:
+        result: Collects the rows and notes.
+        criteria: ``(jittor_criterion, torch_criterion)`` after their forwards.
+        outputs: ``(jittor_outputs, torch_outputs)`` of the train forward.
+        targets: Numpy targets.
+        losses_out: The Jittor losses computed with Jittor's own matches.
+        float64_costs: The reference's float64 matching costs (from :func:`_float64_losses`).
+
+    Returns:
+        The Jittor losses to compare: ``losses_out``, or the ones with the forced matches.
+    """
+    criterion_out, criterion_ref = criteria
+    out, ref = outputs
+    keys = list(criterion_ref.last_indices)
+    costs = MatchCosts(reference=matcher_costs(criterion_ref.matcher, ref, to_torch(targets), keys),
+                       test=matcher_costs(criterion_out.matcher, out, to_jittor(targets), keys),
+                       float64=float64_costs)
+    result.add("decision", compare_matches(criterion_out.last_indices, criterion_ref.last_indices, costs))
+    differences = match_differences(criterion_out.last_indices, criterion_ref.last_indices, costs)
+    if not differences:
+        return losses_out
+    unforced = {k: float(v.numpy().reshape(())) for k, v in losses_out.items()}
+    criterion_out.forced_indices = dict(criterion_ref.last_indices)
+    forced = criterion_out(out, to_jittor(targets))
+    moved = {k: abs(unforced[k] - float(forced[k].numpy().reshape(()))) / max(abs(unforced[k]), 1e-12)
+             for k in unforced}
+    worst = max(moved, key=moved.get)
+    result.notes.append(
+        f"train.match: {len(differences)} image assignment(s) differ "
+        f"({', '.join(f'{d.key}: {d.describe()}' for d in differences)}); the reference matches "
+        f"were forced into the Jittor criterion for the loss comparison (forcing moved Jittor's "
+        f"{worst} by {moved[worst]:.3g} relative)")
+    return forced
 
 
 def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: list[int]) -> None:
@@ -234,6 +286,11 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: 
     top-k selection differs, the difference and its score gap are reported and the reference
     decision is forced into the Jittor side so the losses can still be compared. The Jittor
     model's stream is rewound for that re-run so it draws the same denoising noise again.
+
+    The denoising groups (``dn_meta``, noised labels, boxes and attention mask) and every
+    matching decision of the criteria are compared as decisions; differing matches are
+    reported with their cost gaps and the reference's are forced into the Jittor criterion
+    before its loss terms are compared (:func:`_compare_match_decisions`).
 
     Each loss term is also computed in float64 by the reference; the fp32 errors against that
     (each term's precision floor) give the forward's noise level, which the ``loss``
@@ -252,15 +309,22 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: 
     out = _jittor_forward(pair, images, targets, None)
     out = _compare_topk(pair, result, "train.decoder.topk_ind", capture, images, targets, out,
                         rng_state)
-    losses_ref = torch_ref.build_criterion(pair.cfg)(ref, to_torch(targets))
-    losses_out = jittor_impl.build_criterion(pair.cfg)(out, to_jittor(targets))
+    criterion_ref = torch_ref.build_criterion(pair.cfg)
+    criterion_out = jittor_impl.build_criterion(pair.cfg)
+    losses_ref = criterion_ref(ref, to_torch(targets))
+    losses_out = criterion_out(out, to_jittor(targets))
     ref_topk = pair.torch_model.decoder.last_topk_ind.numpy()
     replay_rng = pair.torch_model.rng.state_dict()
     pair.torch_model.rng.load_state_dict(torch_rng_state)
     try:
-        exact = _float64_losses(pair, images, targets, ref_topk)
+        exact, float64_costs = _float64_losses(pair, images, targets, ref_topk, criterion_ref.last_indices)
     finally:
         pair.torch_model.rng.load_state_dict(replay_rng)
+    result.add("decision", compare_dn_meta(out.get("dn_meta"), ref.get("dn_meta")))
+    for kind, row in compare_denoising(pair, targets, torch_rng_state, rng_state):
+        result.add(kind, [row])
+    losses_out = _compare_match_decisions(result, (criterion_out, criterion_ref), (out, ref), targets,
+                                          losses_out, float64_costs)
     floors = {k: abs(float(v.detach()) - exact[k]) / max(abs(exact[k]), 1e-12)
               for k, v in losses_ref.items()}
     result.precision_floor.update(floors)

@@ -1,9 +1,11 @@
 """``rtdetr-parity``: check, convert and benchmark from the shell.
 
-    rtdetr-parity check --variant r18vd [--weights W] [--size 640] [--out reports/out]
+    rtdetr-parity check --variant r18vd [--weights W] [--size 640] [--parts outputs,modules,training]
+                        [--out reports/out]
     rtdetr-parity convert SRC DST --variant r50vd
     rtdetr-parity bench
     rtdetr-parity memory [--steps 200]
+    rtdetr-parity make-dataset | train | eval | infer --framework {torch,jittor} ...
 """
 
 from __future__ import annotations
@@ -11,69 +13,194 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 from rtdetr_common.configs import VARIANTS
 from rtdetr_common.weights import atomic_write
 
+from .commands import add_commands
 
-def _write_results(result, out_dir: Path) -> tuple[Path, Path]:
-    """Writes the rows of a check as CSV and the whole result as JSON, atomically."""
-    from .tolerances import table_rows
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"kind": r.kind, **r.comparison.as_row(),
-             "precision_floor": result.precision_floor.get(r.comparison.path, "")}
-            for r in result.rows]
-    csv_path = out_dir / f"check_{result.variant}.csv"
-    json_path = out_dir / f"check_{result.variant}.json"
+PARTS = ("outputs", "modules", "training")
 
-    def write_csv(tmp: Path) -> None:
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Writes dict rows as CSV atomically (the header is the union of their keys, in order)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(csv_path, write_csv)
-    payload = {"variant": result.variant, "weights": result.weights, "size": result.size,
-               "passed": result.passed, "notes": result.notes, "seconds": result.seconds,
+    atomic_write(path, write)
+
+
+def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Path]:
+    """Writes every measurement of a check as CSV files and one JSON file, atomically.
+
+    Args:
+        result: The :class:`~parity.check.CheckResult` (outputs, decisions, losses, training).
+        modules: :class:`~parity.modules.ModuleReport` per mode that ran.
+        trajectory: The :class:`~parity.training.Trajectory`, or None.
+        out_dir: Folder of the files (created).
+
+    Returns:
+        The paths written: ``check_<variant>.csv``, ``modules_<variant>_<mode>.csv`` per mode,
+        ``trajectory_<variant>.csv`` and ``check_<variant>.json``.
+    """
+    from .divergences import report_entries
+    from .tolerances import table_rows
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variant = result.variant
+    rows = [{"kind": r.kind, **r.comparison.as_row(),
+             "precision_floor": result.precision_floor.get(r.comparison.path, "")}
+            for r in result.rows]
+    written = [out_dir / f"check_{variant}.csv"]
+    _write_csv(written[-1], rows)
+    for report in modules:
+        written.append(out_dir / f"modules_{variant}_{report.mode}.csv")
+        _write_csv(written[-1], report.as_dicts())
+    if trajectory is not None:
+        written.append(out_dir / f"trajectory_{variant}.csv")
+        _write_csv(written[-1], trajectory.rows())
+    payload = {"variant": variant, "weights": result.weights, "size": result.size,
+               "passed": result.passed and all(m.passed for m in modules),
+               "notes": result.notes, "seconds": result.seconds,
                "precision_floor": result.precision_floor,
+               "known_divergences": report_entries(result),
+               "modules": [{"mode": m.mode, "input_shape": list(m.input_shape),
+                            "isolation": m.isolation, "passed": m.passed,
+                            "summary": m.summary(), "notes": m.notes, "seconds": m.seconds,
+                            "memory_mb": m.memory_mb, "rows": m.as_dicts()} for m in modules],
+               "trajectory": None if trajectory is None else {
+                   "size": trajectory.size, "batch": trajectory.batch, "steps": trajectory.rows()},
                "tolerances": table_rows(), "rows": rows}
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
-    return csv_path, json_path
+    written.append(out_dir / f"check_{variant}.json")
+    atomic_write(written[-1], lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
+    return written
 
 
-def format_check(result) -> str:
-    """The compact table: module path, kind, max abs, rel L2, cosine, status."""
-    head = f"{'path':44} {'kind':9} {'max abs':>10} {'rel L2':>10} {'cosine':>12} status"
+# Row kinds with one row per parameter or buffer: the table gives one line per kind (count,
+# worst row) and lists their failing rows; every row is in the CSV and JSON files.
+_PER_TENSOR_KINDS = ("grad", "step", "ema", "buffer.step")
+
+
+def _table_line(path: str, kind: str, c, status: str) -> str:
+    return (f"{path[-44:]:44} {kind:11} {c.max_abs:>10.3g} {c.rel_l2:>10.3g} "
+            f"{c.cosine:>12.9f} {status}")
+
+
+def _status(result, r) -> str:
+    c = r.comparison
+    status = "ok" if c.passed else f"FAIL: {c.reason}"
+    if c.path in result.precision_floor:
+        status += f" (fp32 floor {result.precision_floor[c.path]:.2g})"
+    return status
+
+
+def format_check(result, failures_per_kind: int = 20) -> str:
+    """The compact table: path, kind, max abs, rel L2, cosine, status.
+
+    Outputs, decisions, detections, losses and trajectory steps get a line each; the
+    per-parameter kinds (gradients, optimizer step, EMA, BatchNorm buffers) get one line with
+    their row count and worst row, followed by up to ``failures_per_kind`` failing rows.
+    """
+    head = f"{'path':44} {'kind':11} {'max abs':>10} {'rel L2':>10} {'cosine':>12} status"
     lines = [head, "-" * len(head)]
+    grouped: dict[str, list] = {}
     for r in result.rows:
-        c = r.comparison
-        status = "ok" if c.passed else f"FAIL: {c.reason}"
-        if c.path in result.precision_floor:
-            status += f" (fp32 floor {result.precision_floor[c.path]:.2g})"
-        lines.append(f"{c.path[:44]:44} {r.kind:9} {c.max_abs:>10.3g} {c.rel_l2:>10.3g} "
-                     f"{c.cosine:>12.9f} {status}")
+        if r.kind in _PER_TENSOR_KINDS:
+            grouped.setdefault(r.kind, []).append(r)
+        else:
+            lines.append(_table_line(r.comparison.path, r.kind, r.comparison, _status(result, r)))
+    for kind, rows in grouped.items():
+        failing = [r for r in rows if not r.passed]
+        worst = max(rows, key=lambda r: (math.isnan(r.comparison.rel_l2), r.comparison.rel_l2))
+        lines.append(_table_line(worst.comparison.path, kind, worst.comparison,
+                                 f"largest rel L2 of {len(rows)} tensors: "
+                                 f"{len(rows) - len(failing)} ok, {len(failing)} failed"))
+        lines.extend(_table_line(r.comparison.path, kind, r.comparison, _status(result, r))
+                     for r in failing[:failures_per_kind])
+        if len(failing) > failures_per_kind:
+            lines.append(f"... {len(failing) - failures_per_kind} more failing {kind} rows")
     return "\n".join(lines)
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_check
-    from .models import build_pair
+def format_trajectory(trajectory) -> str:
+    """Per-step total loss of both sides, their difference and the weight drift."""
+    head = (f"{'step':>4} {'torch loss':>11} {'jittor loss':>11} {'rel diff':>9} {'fp32 floor':>10} "
+            f"{'weights rel L2':>14} {'worst param':>11} {'gate flips':>10}")
+    lines = [head, "-" * len(head)]
+    for s in trajectory.steps:
+        lines.append(f"{s.step:>4} {s.torch_loss:>11.5f} {s.jittor_loss:>11.5f} "
+                     f"{s.loss_rel_diff:>9.2g} {s.loss_floor:>10.2g} {s.weights_rel_l2:>14.3g} "
+                     f"{s.max_param_rel_l2:>11.3g} {s.gate_flips:>10}")
+    return "\n".join(lines)
 
-    pair = build_pair(args.variant, num_classes=args.num_classes, size=args.size,
-                      weights=args.weights, seed=args.seed)
-    result = run_check(pair, args.size, train_size=args.train_size)
-    print(f"rtdetr-parity check: variant {result.variant}, weights {result.weights}, "
-          f"eval {args.size}x{args.size}, train {args.train_size}x{args.train_size}")
+
+def _module_reports(pair, args: argparse.Namespace) -> list:
+    """Per-module accumulated and isolated comparison, in eval and in training (denoising on)."""
+    from rtdetr_common.seeded import seeded_images, seeded_targets
+
+    from .modules import run_module_check
+
+    images = seeded_images(1, args.module_size, seed=4)
+    targets = seeded_targets([4], pair.cfg.num_classes, seed=5)
+    return [run_module_check(pair, mode="eval", images=images),
+            run_module_check(pair, mode="train", images=images, targets=targets)]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import CheckResult, run_check
+    from .divergences import format_report
+    from .models import build_pair
+    from .training import run_training_checks
+
+    def fresh_pair():
+        # Each part starts from the loaded weights: training-mode forwards of one part move
+        # BatchNorm statistics (a forced re-run moves Jittor's once more) and training steps
+        # move the weights.
+        return build_pair(args.variant, num_classes=args.num_classes, size=args.size,
+                          weights=args.weights, seed=args.seed)
+
+    parts = args.parts
+    pair = fresh_pair()
+    print(f"rtdetr-parity check: variant {args.variant}, weights {pair.weights_source}, "
+          f"parts {', '.join(parts)}")
+    result = (run_check(pair, args.size, train_size=args.train_size) if "outputs" in parts
+              else CheckResult(pair.cfg.name, pair.weights_source, args.size))
+    modules = _module_reports(fresh_pair(), args) if "modules" in parts else []
+    trajectory = None
+    if "training" in parts:
+        training, trajectory = run_training_checks(fresh_pair(), args.training_size,
+                                                   steps=args.steps)
+        result.rows.extend(training.rows)
+        result.notes.extend(training.notes)
+        result.seconds.update(training.seconds)
     print(format_check(result))
+    for report in modules:
+        print(f"\nmodules: {report.summary()}")
+        if not report.passed:
+            print(report.format_table(only_failures=True, limit=30))
+    if trajectory is not None:
+        print(f"\ntrajectory: {trajectory.size}x{trajectory.size}, batch {trajectory.batch}")
+        print(format_trajectory(trajectory))
     for note in result.notes:
         print(f"note: {note}")
-    csv_path, json_path = _write_results(result, Path(args.out))
+    known = format_report(result)
+    if known:
+        print(known)
+    written = _write_results(result, modules, trajectory, Path(args.out))
     failed = sum(not r.passed for r in result.rows)
-    print(f"{len(result.rows) - failed} passed, {failed} failed  (results: {csv_path}, {json_path})")
-    return 0 if result.passed else 1
+    failed_modules = sum(len(m.failures()) for m in modules)
+    print(f"{len(result.rows) - failed} passed, {failed} failed; module rows failed: "
+          f"{failed_modules}  (results: {', '.join(map(str, written))})")
+    return 0 if failed == 0 and failed_modules == 0 else 1
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -112,13 +239,23 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _parts(text: str) -> list[str]:
+    """A comma-separated subset of :data:`PARTS`."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown or text!r}; choose from {PARTS}")
+    return parts
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = argparse.ArgumentParser(prog="rtdetr-parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    check = sub.add_parser("check", help="parity of one variant: outputs, detections, losses")
+    check = sub.add_parser("check", help="parity of one variant: outputs, modules, decisions, losses, "
+                                              "gradients, optimizer steps")
     check.add_argument("--variant", default="r18vd", choices=list(VARIANTS))
     check.add_argument("--weights", default=None,
                        help="official .pth, Jittor .pkl or neutral .safetensors/.npz "
@@ -127,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--size", type=int, default=640, help="eval input size")
     check.add_argument("--train-size", type=int, default=640,
                        help="train-loss check input size (official training size)")
+    check.add_argument("--module-size", type=int, default=640,
+                       help="input size of the per-module (accumulated and isolated) comparison")
+    check.add_argument("--training-size", type=int, default=320,
+                       help="input size of the gradient, optimizer-step and trajectory checks")
+    check.add_argument("--steps", type=int, default=10, help="trajectory length")
+    check.add_argument("--parts", type=_parts, default=list(PARTS),
+                       help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--out", default="reports/out", help="folder for CSV/JSON results")
     check.set_defaults(func=cmd_check)
@@ -152,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--steps", type=int, default=200)
     mem.add_argument("--limit", type=float, default=0.03, help="allowed relative growth")
     mem.set_defaults(func=cmd_memory)
+
+    add_commands(sub)
     return parser
 
 

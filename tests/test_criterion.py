@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -345,3 +346,92 @@ def test_dn_outputs_without_meta_raise() -> None:
     outputs = {**_outputs(NUM_CLASSES), "dn_aux_outputs": [_outputs(NUM_CLASSES)]}
     with pytest.raises(ValueError, match="dn_meta"):
         _criterion(["boxes"], {"loss_bbox": 1.0})(outputs, TARGETS)
+
+
+def _dn_case() -> tuple[dict, list[tuple[int, int, int]]]:
+    """Outputs with one aux layer and one denoising layer, and the denoising pairs of their ``dn_meta``.
+
+    Returns:
+        ``(outputs, dn_pairs)``: max_gt_num 2, 2 groups (8 denoising queries); positives are
+        the first 2 queries of each group of 4.
+    """
+    dn_meta = {"dn_positive_idx": (torch.tensor([0, 1, 4, 5]), torch.tensor([0, 4])), "dn_num_group": 2}
+    dn_pairs = [(0, 0, 0), (0, 1, 1), (0, 4, 0), (0, 5, 1), (1, 0, 0), (1, 4, 0)]
+    outputs = {**_outputs(NUM_CLASSES), "aux_outputs": [_outputs(NUM_CLASSES), _outputs(NUM_CLASSES)],
+               "dn_aux_outputs": [_outputs(NUM_CLASSES, num_queries=8)], "dn_meta": dn_meta}
+    return outputs, dn_pairs
+
+
+def _as_pairs(arrays: list) -> Pairs:
+    """``(image, query, target)`` triples of recorded or forced numpy matches."""
+    return [(b, int(q), int(t)) for b, (qs, ts) in enumerate(arrays) for q, t in zip(qs, ts)]
+
+
+def test_every_decision_is_recorded_in_order() -> None:
+    criterion = _criterion(["vfl", "boxes"], {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0})
+    outputs, dn_pairs = _dn_case()
+
+    criterion(outputs, TARGETS)
+
+    assert list(criterion.last_indices) == ["final", "aux_0", "aux_1", "dn"] == SetCriterion.decision_keys(outputs)
+    for key in ("final", "aux_0", "aux_1"):
+        assert _as_pairs(criterion.last_indices[key]) == _pairs(INDICES), key
+    assert _as_pairs(criterion.last_indices["dn"]) == dn_pairs
+    for query_idx, target_idx in criterion.last_indices["dn"]:
+        assert isinstance(query_idx, np.ndarray) and query_idx.dtype == np.int64 and target_idx.dtype == np.int64
+
+    criterion({k: v for k, v in outputs.items() if "aux" not in k}, TARGETS)
+    assert list(criterion.last_indices) == ["final"], "each forward starts a new record"
+
+
+def test_forced_indices_replace_the_matcher_and_the_dn_matches() -> None:
+    weight_dict = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    outputs, _ = _dn_case()
+    forced_aux = [(np.array([1, 2]), np.array([0, 1])), (np.array([0]), np.array([0]))]
+    forced_dn = [(np.array([2, 3, 6, 7]), np.array([0, 1, 0, 1])), (np.array([1, 5]), np.array([0, 0]))]
+    criterion = _criterion(["vfl", "boxes"], weight_dict)
+    criterion.forced_indices = {"aux_1": forced_aux, "dn": forced_dn}
+
+    losses = criterion(outputs, TARGETS)
+
+    assert criterion.matcher.calls == 2, "the matcher runs for 'final' and 'aux_0' only"
+    assert _as_pairs(criterion.last_indices["aux_1"]) == _as_pairs(forced_aux)
+    assert _as_pairs(criterion.last_indices["dn"]) == _as_pairs(forced_dn)
+    for suffix, layer, pairs, num_boxes in [
+        ("_aux_0", outputs["aux_outputs"][0], _pairs(INDICES), NUM_BOXES),
+        ("_aux_1", outputs["aux_outputs"][1], _as_pairs(forced_aux), NUM_BOXES),
+        ("_dn_0", outputs["dn_aux_outputs"][0], _as_pairs(forced_dn), NUM_BOXES * 2),
+    ]:
+        for manual in (_manual_vfl, _manual_boxes):
+            for key, value in manual(layer, TARGETS, pairs, num_boxes).items():
+                torch.testing.assert_close(losses[key + suffix], weight_dict[key] * value, rtol=1e-10, atol=1e-10)
+
+    # Forcing exactly what was decided changes nothing.
+    free = _criterion(["vfl", "boxes"], weight_dict)
+    expected = free(outputs, TARGETS)
+    free.forced_indices = dict(free.last_indices)
+    again = free(outputs, TARGETS)
+    assert free.matcher.calls == 3
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "forced, message",
+    [
+        ({"aux_7": []}, r"keys \['aux_7'\] that this forward does not match"),
+        ({"final": [(np.array([0, 3]), np.array([1, 0]))]}, "holds 1 images, the batch has 2"),
+        ({"final": [(np.array([0]), np.array([1])), (np.array([4]), np.array([0]))]}, "has 1 entries, expected 2"),
+        ({"final": [(np.array([0, 9]), np.array([1, 0])), (np.array([4]), np.array([0]))]}, r"outside \[0, 5\)"),
+        ({"final": [(np.array([0, 3]), np.array([1, 2])), (np.array([4]), np.array([0]))]}, r"outside \[0, 2\)"),
+        ({"final": [(np.array([0.0, 3.0]), np.array([1, 0])), (np.array([4]), np.array([0]))]}, "1-D integer"),
+        ({"final": [(np.array([0, 3]),), (np.array([4]), np.array([0]))]}, r"\(query_idx, target_idx\) pair"),
+        ({"dn": [(np.array([0, 1]), np.array([0, 1])), (np.array([0, 4]), np.array([0, 0]))]},
+         r"forced_indices\['dn'\]\[0\] query_idx has 2 entries, expected 4"),
+    ],
+    ids=["unknown_key", "images", "length", "query_range", "target_range", "dtype", "pair", "dn_length"],
+)
+def test_bad_forced_indices_raise(forced: dict, message: str) -> None:
+    criterion = _criterion(["boxes"], {"loss_bbox": 1.0})
+    criterion.forced_indices = forced
+    with pytest.raises(ValueError, match=message):
+        criterion(_dn_case()[0], TARGETS)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from torch_ref import build_matcher
 from torch_ref.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
@@ -187,3 +189,26 @@ def test_malformed_targets_raise(targets: list, message: str) -> None:
 def test_all_zero_weights_raise() -> None:
     with pytest.raises(ValueError, match="cannot all be 0"):
         HungarianMatcher({"cost_class": 0, "cost_bbox": 0, "cost_giou": 0})
+
+
+def test_last_costs_are_the_per_image_cost_matrices_of_the_last_call() -> None:
+    matcher = build_matcher("r18vd", num_classes=NUM_CLASSES)
+    sizes = [3, 0, 2]
+    outputs = _outputs(bs=len(sizes), num_queries=6)
+    targets = [_target(n) for n in sizes]
+    weights = {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
+
+    indices = matcher(outputs, targets)
+
+    assert len(matcher.last_costs) == len(sizes)
+    for i, ((query_idx, target_idx), cost) in enumerate(zip(indices, matcher.last_costs)):
+        assert cost.shape == (6, sizes[i]) and cost.dtype == np.float32
+        expected = _official_cost(outputs["pred_logits"][i], outputs["pred_boxes"][i], targets[i], True, weights,
+                                  0.25, 2.0)  # [6, n_i]
+        np.testing.assert_allclose(cost, expected.numpy(), rtol=1e-5, atol=1e-5)
+        # The recorded matrix is the one the assignment minimises.
+        best_query, best_target = linear_sum_assignment(cost)
+        assert query_idx.tolist() == best_query.tolist() and target_idx.tolist() == best_target.tolist()
+
+    matcher({k: v[:1] for k, v in outputs.items()}, targets[:1])
+    assert len(matcher.last_costs) == 1, "each call replaces the previous call's costs"

@@ -6,12 +6,19 @@ output, on every ``aux_outputs`` entry (re-matched, keys suffixed ``_aux_{i}``) 
 ``dn_aux_outputs`` entry (denoising queries, matched through ``dn_meta``, keys suffixed
 ``_dn_{i}``). Every returned loss is already multiplied by its weight from ``weight_dict``;
 losses without a weight are dropped.
+
+Every matching decision of a forward is recorded in ``SetCriterion.last_indices`` and any of
+them can be replaced through ``SetCriterion.forced_indices``, so the parity harness can compare
+the two frameworks' matches decision by decision and then compute both sides' losses with the
+same matches.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +27,8 @@ from .box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from .matcher import check_targets
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+# Per-image ``(query_idx, target_idx)`` as int64 numpy arrays: matches outside the graph.
+MatchArrays = List[Tuple[np.ndarray, np.ndarray]]
 
 SUPPORTED_LOSSES = ("labels", "bce", "focal", "vfl", "boxes")
 
@@ -56,6 +65,63 @@ def sigmoid_focal_loss(
     return loss
 
 
+def check_match_arrays(
+    matches: Sequence[Tuple[object, object]],
+    name: str,
+    num_queries: int,
+    num_gts: Sequence[int],
+    num_copies: int = 1,
+) -> MatchArrays:
+    """Validates per-image matches given as arrays and returns them as int64 numpy pairs.
+
+    Args:
+        matches: One ``(query_idx, target_idx)`` pair of 1-D integer arrays per image.
+        name: What the matches are, for the error messages.
+        num_queries: Queries per image; every query index must lie in ``[0, num_queries)``.
+        num_gts: Targets per image; every target index of image ``i`` must lie in
+            ``[0, num_gts[i])``.
+        num_copies: How often each target is matched (``dn_num_group`` for the denoising
+            queries): image ``i`` needs ``min(num_queries, num_gts[i] * num_copies)`` pairs,
+            as many as the matcher (1 copy) or ``dn_meta`` produce.
+
+    Returns:
+        The matches as :data:`MatchArrays`.
+
+    Raises:
+        ValueError: On a wrong number of images, a malformed pair, a wrong length or an
+            index out of range.
+    """
+    if len(matches) != len(num_gts):
+        raise ValueError(f"{name} holds {len(matches)} images, the batch has {len(num_gts)}")
+    arrays = []
+    for i, pair in enumerate(matches):
+        if len(pair) != 2:
+            raise ValueError(f"{name}[{i}] must be a (query_idx, target_idx) pair, got {len(pair)} entries")
+        src, tgt = np.asarray(pair[0]), np.asarray(pair[1])
+        expected = min(num_queries, num_gts[i] * num_copies)
+        for what, array, bound in (("query_idx", src, num_queries), ("target_idx", tgt, num_gts[i])):
+            if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+                raise ValueError(
+                    f"{name}[{i}] {what} must be a 1-D integer array, got shape {array.shape} dtype {array.dtype}"
+                )
+            if array.shape[0] != expected:
+                raise ValueError(
+                    f"{name}[{i}] {what} has {array.shape[0]} entries, expected {expected} "
+                    f"({num_gts[i]} targets x {num_copies}, at most {num_queries} queries)"
+                )
+            if array.size and (array.min() < 0 or array.max() >= bound):
+                raise ValueError(
+                    f"{name}[{i}] {what} holds values in [{array.min()}, {array.max()}], outside [0, {bound})"
+                )
+        arrays.append((src.astype(np.int64), tgt.astype(np.int64)))
+    return arrays
+
+
+def _match_array(index: torch.Tensor) -> np.ndarray:
+    """An index tensor as an int64 numpy array."""
+    return index.detach().cpu().numpy().astype(np.int64)
+
+
 def _is_dist_initialized() -> bool:
     """Whether torch.distributed is available and a process group is initialised."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -80,6 +146,13 @@ class SetCriterion(nn.Module):
         gamma: Gamma of the focal and varifocal losses.
         eos_coef: Cross-entropy weight of the no-object class (``labels`` loss only).
         num_classes: Number of object classes, without the no-object class.
+
+    Attributes:
+        last_indices: Every matching decision of the last forward (read-only, see
+            :attr:`last_indices`).
+        forced_indices: None, or a dict with some of those keys whose :data:`MatchArrays`
+            are used instead of the matcher's (or ``dn_meta``'s) matches for that entry; checked
+            against the outputs and targets at every forward.
 
     Raises:
         ValueError: When ``losses`` names an unsupported loss.
@@ -110,6 +183,23 @@ class SetCriterion(nn.Module):
 
         self.alpha = alpha
         self.gamma = gamma
+        self._last_matches: Dict[str, Indices] = OrderedDict()
+        self.forced_indices: Optional[Dict[str, MatchArrays]] = None
+
+    @property
+    def last_indices(self) -> Dict[str, MatchArrays]:
+        """Every matching decision of the last forward, in the order it was made.
+
+        Keyed by where it was made: ``final`` (the last decoder layer), ``aux_{i}``
+        (``aux_outputs[i]``: the other decoder layers, then the encoder top-k prediction; the
+        same suffix as their losses) and ``dn`` (the denoising queries, from ``dn_meta``). The
+        forward keeps the matches it used; they become :data:`MatchArrays` only when read, so
+        a training step never waits for them.
+        """
+        return OrderedDict(
+            (key, [(_match_array(src), _match_array(tgt)) for src, tgt in indices])
+            for key, indices in self._last_matches.items()
+        )
 
     def _check_logits(self, src_logits: torch.Tensor, expected_classes: int, loss_name: str) -> None:
         """Raises ValueError unless ``src_logits`` is ``[bs, num_queries, expected_classes]``.
@@ -405,11 +495,16 @@ class SetCriterion(nn.Module):
             Dict of weighted scalar losses: ``loss_*``, ``loss_*_aux_{i}``, ``loss_*_dn_{i}``.
 
         Raises:
-            ValueError: When ``dn_aux_outputs`` comes without ``dn_meta``, or on malformed inputs.
+            ValueError: When ``dn_aux_outputs`` comes without ``dn_meta``, on malformed inputs,
+                or on ``forced_indices`` that do not fit them.
         """
+        self._check_forced_keys(outputs)
+        self._last_matches = OrderedDict()
         outputs_without_aux = {k: v for k, v in outputs.items() if "aux" not in k}
 
-        indices = self.matcher(outputs_without_aux, targets)
+        indices = self._decide(
+            "final", outputs_without_aux, targets, lambda: self.matcher(outputs_without_aux, targets)
+        )
 
         num_boxes_total = sum(len(t["labels"]) for t in targets)
         num_boxes_tensor = torch.as_tensor(
@@ -426,7 +521,9 @@ class SetCriterion(nn.Module):
 
         if "aux_outputs" in outputs:
             for i, aux_outputs in enumerate(outputs["aux_outputs"]):
-                aux_indices = self.matcher(aux_outputs, targets)
+                aux_indices = self._decide(
+                    f"aux_{i}", aux_outputs, targets, lambda: self.matcher(aux_outputs, targets)
+                )
                 for loss in self.losses:
                     kwargs = {"log": False} if loss == "labels" else {}
                     l_dict = self.get_loss(loss, aux_outputs, targets, aux_indices, num_boxes, **kwargs)
@@ -435,7 +532,14 @@ class SetCriterion(nn.Module):
         if "dn_aux_outputs" in outputs:
             if "dn_meta" not in outputs or outputs["dn_meta"] is None:
                 raise ValueError("outputs hold 'dn_aux_outputs' but no 'dn_meta' to match them with")
-            dn_indices = self.get_cdn_matched_indices(outputs["dn_meta"], targets)
+            cdn_indices = self.get_cdn_matched_indices(outputs["dn_meta"], targets)
+            dn_indices = self._decide(
+                "dn",
+                outputs["dn_aux_outputs"][0],
+                targets,
+                lambda: cdn_indices,
+                num_copies=outputs["dn_meta"]["dn_num_group"],
+            )
             dn_num_boxes = num_boxes * outputs["dn_meta"]["dn_num_group"]
 
             for i, aux_outputs in enumerate(outputs["dn_aux_outputs"]):
@@ -445,6 +549,76 @@ class SetCriterion(nn.Module):
                     losses.update(self._weighted(l_dict, f"_dn_{i}"))
 
         return losses
+
+    @staticmethod
+    def decision_keys(outputs: Dict[str, object]) -> List[str]:
+        """The keys of the matching decisions a forward on ``outputs`` makes, in order.
+
+        Args:
+            outputs: Model outputs as passed to :meth:`forward`.
+
+        Returns:
+            ``['final', 'aux_0', ..., 'dn']``: ``aux_{i}`` per ``aux_outputs`` entry, ``dn``
+            when there are ``dn_aux_outputs``.
+        """
+        keys = ["final"] + [f"aux_{i}" for i in range(len(outputs.get("aux_outputs", [])))]
+        if "dn_aux_outputs" in outputs:
+            keys.append("dn")
+        return keys
+
+    def _check_forced_keys(self, outputs: Dict[str, object]) -> None:
+        """Raises ValueError when ``forced_indices`` names a decision this forward does not make.
+
+        Args:
+            outputs: Model outputs as passed to :meth:`forward`.
+        """
+        if self.forced_indices is None:
+            return
+        keys = self.decision_keys(outputs)
+        unknown = [k for k in self.forced_indices if k not in keys]
+        if unknown:
+            raise ValueError(
+                f"forced_indices has keys {unknown} that this forward does not match; its decisions: {keys}"
+            )
+
+    def _decide(
+        self,
+        key: str,
+        layer_outputs: Dict[str, torch.Tensor],
+        targets: Sequence[Dict[str, torch.Tensor]],
+        decide: Callable[[], Indices],
+        num_copies: int = 1,
+    ) -> Indices:
+        """One matching decision: the forced matches of ``key`` if set, else ``decide()``; recorded.
+
+        Args:
+            key: Name of the decision (see ``last_indices``).
+            layer_outputs: The outputs matched (for the number of queries).
+            targets: Per-image target dicts.
+            decide: Gives the matches when none are forced.
+            num_copies: How often each target is matched: 1 for the Hungarian matches
+                (``min(num_queries, n_i)`` pairs per image), ``dn_num_group`` for the denoising
+                ones (``n_i * dn_num_group`` pairs).
+
+        Returns:
+            Per-image ``(query_idx, target_idx)`` int64 tensors.
+
+        Raises:
+            ValueError: When the forced matches of ``key`` do not fit the outputs and targets.
+        """
+        if self.forced_indices is not None and key in self.forced_indices:
+            arrays = check_match_arrays(
+                self.forced_indices[key],
+                f"forced_indices['{key}']",
+                layer_outputs["pred_logits"].shape[1],
+                [len(t["labels"]) for t in targets],
+                num_copies,
+            )
+            indices = [(torch.from_numpy(src), torch.from_numpy(tgt)) for src, tgt in arrays]
+        else:
+            indices = decide()
+        self._last_matches[key] = indices
+        return indices
 
     @staticmethod
     def get_cdn_matched_indices(

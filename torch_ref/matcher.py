@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,6 +76,12 @@ class HungarianMatcher(nn.Module):
         alpha: Focal cost alpha.
         gamma: Focal cost gamma.
 
+    Attributes:
+        last_costs: The per-image cost matrices (numpy ``[num_queries, n_i]``, in the dtype of
+            the logits) of the last call, the inputs of its assignments. The parity harness
+            evaluates a differing assignment on them to measure how close the decision was (its
+            cost gap).
+
     Raises:
         ValueError: When a weight is missing or all three weights are zero.
     """
@@ -100,6 +107,7 @@ class HungarianMatcher(nn.Module):
 
         if self.cost_class == 0 and self.cost_bbox == 0 and self.cost_giou == 0:
             raise ValueError("HungarianMatcher: cost_class, cost_bbox and cost_giou cannot all be 0")
+        self.last_costs: List[np.ndarray] = []
 
     @torch.no_grad()
     def forward(
@@ -164,9 +172,10 @@ class HungarianMatcher(nn.Module):
         cost = cost.reshape(bs, num_queries, num_targets).cpu()  # [bs, num_queries, total_targets]
 
         sizes = [t["boxes"].shape[0] for t in targets]
+        self.last_costs = [per_image_cost[i].numpy() for i, per_image_cost in enumerate(cost.split(sizes, -1))]
         indices = []
-        for i, per_image_cost in enumerate(cost.split(sizes, -1)):
-            query_idx, target_idx = linear_sum_assignment(per_image_cost[i].numpy())  # cost [num_queries, n_i]
+        for image_cost in self.last_costs:
+            query_idx, target_idx = linear_sum_assignment(image_cost)  # cost [num_queries, n_i]
             indices.append(
                 (torch.as_tensor(query_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64))
             )

@@ -1,0 +1,135 @@
+"""Training-side parity: gradients, one optimizer step, a trajectory, and a fault injection.
+
+One table drives the checks: variants x (gradients, optimizer step, trajectory). The default
+tier runs r18vd at a reduced size with batch 2 (torch's CPU BatchNorm backward is wrong for a
+batch of 1); the large variants run at 640 in the ``slow`` tier (``-m slow``). The fault
+injection removes the decoder's detach of the reference points between layers in the Jittor
+model and asserts that the gradient check catches it while the forward still agrees.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional, Sequence
+
+import jittor as jt
+import numpy as np
+import pytest
+
+from jittor_impl.box_ops import inverse_sigmoid
+from parity.check import CheckResult
+from parity.compare import compare_tree
+from parity.models import ModelPair, build_pair
+from parity.tolerances import tolerance
+from parity.training import (add_rows, check_gradients, check_optimizer_step, compare_gradients,
+                             row_kind, run_trajectory, train_pass, training_batches)
+
+SLOW = pytest.mark.slow
+# r18vd's default-tier size: every gradient meets the issue targets there without the
+# float64 allowance (measured worst rel L2 3.2e-4; at 640 the decoder's last layer needs it:
+# 2.3e-2, within 3x of the reference's own fp32 error), and a step costs a fraction of the
+# 640 one. The default tier's trajectory is short (its float64 replay dominates the time);
+# the slow tier runs 10 steps.
+DEFAULT_SIZE = 256
+
+# (variant, size, trajectory steps)
+CASES = [
+    pytest.param("r18vd", DEFAULT_SIZE, 3, id=f"r18vd-{DEFAULT_SIZE}"),
+    pytest.param("r18vd", 640, 10, id="r18vd-640", marks=SLOW),
+    pytest.param("r50vd", 640, 10, id="r50vd-640", marks=SLOW),
+]
+
+
+def _failures(rows: list) -> list[str]:
+    """``kind path: reason`` of every failed comparison (reasons name metric, value, limit)."""
+    return [f"{row_kind(c.path)} {c.path}: {c.reason}" for c in rows if not c.passed]
+
+
+def _run(check: str, pair: ModelPair, size: int, steps: int) -> list:
+    batches = training_batches(pair.cfg.num_classes, size, batch=2)
+    images, targets = batches[0]
+    if check == "gradients":
+        return check_gradients(pair, images, targets)
+    if check == "step":
+        return check_optimizer_step(pair, images, targets)
+    return run_trajectory(pair, batches, steps).comparisons()
+
+
+@pytest.mark.parametrize("check", ["gradients", "step", "trajectory"])
+@pytest.mark.parametrize("variant, size, steps", CASES)
+def test_training_parity(variant: str, size: int, steps: int, check: str) -> None:
+    pair = build_pair(variant, size=size)
+    rows = _run(check, pair, size, steps)
+    assert rows, f"{check} produced no comparisons"
+    result = CheckResult(variant, pair.weights_source, size)
+    add_rows(result, rows)
+    kinds = {r.kind for r in result.rows}
+    expected = {"gradients": {"grad", "decision"}, "trajectory": {"trajectory"},
+                "step": {"step", "ema", "buffer.step", "decision"}}[check]
+    assert kinds == expected
+    assert _failures(rows) == []
+
+
+def test_every_parameter_gets_a_gradient_on_both_sides_or_neither() -> None:
+    """Images without any target: no denoising queries, so the denoising embedding gets no
+    gradient in torch (``grad is None``); Jittor must report none as well, not zeros, and no
+    parameter may have a gradient on one side only (the values are the other tests' job)."""
+    pair = build_pair("r18vd", size=DEFAULT_SIZE)
+    images = training_batches(pair.cfg.num_classes, DEFAULT_SIZE)[0][0]
+    empty = [{"labels": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32)}] * 2
+    tp = train_pass(pair, images, empty, float64=False)
+    no_grad = sorted(n for n, g in tp.torch_grads.items() if g is None)
+    assert no_grad == ["decoder.denoising_class_embed.weight"]
+    assert sorted(n for n, g in tp.jittor_grads.items() if g is None) == no_grad
+    rows = compare_gradients(tp)
+    assert [f for f in _failures(rows) if "side only" in f] == []
+    row = next(c for c in rows if c.path == "grad.decoder.denoising_class_embed.weight")
+    assert row.passed and row.reason == "no gradient on either side"
+
+
+def _decoder_without_detach(self, tgt: jt.Var, ref_points_unact: jt.Var, memory: jt.Var,
+                            memory_spatial_shapes: Sequence[Sequence[int]],
+                            memory_level_start_index: Sequence[int], bbox_head, score_head,
+                            query_pos_head, attn_mask: Optional[jt.Var] = None,
+                            memory_mask: Optional[jt.Var] = None) -> tuple[jt.Var, jt.Var]:
+    """``jittor_impl.decoder.TransformerDecoder.execute`` in training, minus one detach.
+
+    The official loop feeds each layer the previous layer's boxes DETACHED as reference
+    points (sampling locations and query position embedding) and keeps the non-detached ones
+    only for the next layer's box output. Here the next layer gets them non-detached: the
+    forward values are the same, the gradients of every layer but the last change.
+    """
+    output = tgt
+    dec_out_bboxes, dec_out_logits = [], []
+    ref_points = jt.sigmoid(ref_points_unact)
+    for i, layer in enumerate(self.layers):
+        # [bs, len_q, 4] -> [bs, len_q, 1, 4]
+        output = layer(output, ref_points.unsqueeze(2), memory, memory_spatial_shapes,
+                       memory_level_start_index, attn_mask, memory_mask,
+                       query_pos_head(ref_points))
+        inter_ref_bbox = jt.sigmoid(bbox_head[i](output) + inverse_sigmoid(ref_points))
+        dec_out_logits.append(score_head[i](output))
+        dec_out_bboxes.append(inter_ref_bbox)
+        ref_points = inter_ref_bbox
+    return jt.stack(dec_out_bboxes), jt.stack(dec_out_logits)
+
+
+def test_missing_detach_is_caught_by_gradients_not_by_forward() -> None:
+    """Fault injection on the Jittor model instance: its ``decoder.decoder.execute`` is
+    replaced by :func:`_decoder_without_detach` (an instance attribute shadowing the class
+    method; jittor_impl's source is untouched), then removed again."""
+    pair = build_pair("r18vd", size=DEFAULT_SIZE)
+    images, targets = training_batches(pair.cfg.num_classes, DEFAULT_SIZE)[0]
+    decoder = pair.jittor_model.decoder.decoder
+    decoder.execute = types.MethodType(_decoder_without_detach, decoder)
+    try:
+        tp = train_pass(pair, images, targets)
+    finally:
+        del decoder.execute
+    forward = compare_tree(tp.jittor_losses, tp.torch_losses, lambda p: tolerance("loss", p))
+    assert [f"{c.path}: {c.reason}" for c in forward if not c.passed] == []
+    assert _failures(tp.gates) == []
+    failures = _failures(compare_gradients(tp))
+    assert any(f.startswith("grad grad.decoder.decoder.layers.0.") for f in failures), failures
+    assert all("rel L2" in f or "cosine" in f for f in failures)
+    assert not any(f.startswith("grad grad.decoder.enc_") for f in failures), failures

@@ -1,0 +1,1126 @@
+"""Training-side parity: gradients, one optimizer step, and an N-step trajectory.
+
+Both models see the same images and targets and draw the same denoising noise (the Jittor
+model's shared stream is set to the torch model's state before every pass). The reference's
+discrete decisions are forced into the port, so that rounding cannot send the two sides down
+different branches: the encoder top-k (``decoder.forced_topk_ind``), every Hungarian match
+(``SetCriterion.forced_indices``; :mod:`parity.check` compares both decisions) and every
+ReLU gate (:class:`ForcedGates`, reported as ``decision`` rows). Losses are summed as the
+official engine sums them (``sum(losses.values())``).
+
+Train-mode forwards of random-weight models are ill-conditioned: BatchNorm batch statistics
+and the decoder's bilinear sampling of rough feature maps amplify fp32 rounding, more at
+larger sizes. So every cross-framework metric is also measured for the reference itself: a
+float64 copy of the torch model replays the same step with the same decisions
+(:class:`Float64Replay`), and the reference's own fp32 error against it (its precision floor)
+may be exceeded by the port by the ``noise`` entry's factor, as :func:`~parity.tolerances.
+loss_tolerance` does for loss terms. Rows note when that allowance was used.
+
+- :func:`check_gradients`: the gradient of every trainable parameter (kind ``grad``).
+- :func:`check_optimizer_step`: one official step (AdamW over the official parameter groups,
+  global-norm clipping, EMA update) through both engines' ``train_step``: updates, weights,
+  AdamW moments and step counts (kind ``step``), the EMA (``ema``), BatchNorm buffers
+  (``buffer.step``).
+- :func:`run_trajectory`: N steps on a small fixed set of batches; losses and weight drift per
+  step (``trajectory``).
+- :func:`run_training_checks`: all three as :class:`~parity.check.CheckResult` rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import jittor as jt
+import numpy as np
+import torch
+
+import jittor_impl
+import jittor_impl.checkpoint as jt_checkpoint
+import jittor_impl.engine as jittor_engine
+import torch_ref
+import torch_ref.engine as torch_engine
+from jittor_impl.common import named_buffers, named_modules, trainable_parameters
+from rtdetr_common.seeded import seeded_images, seeded_targets
+
+from .check import CheckResult
+from .compare import Comparison, Tolerance, compare_arrays, compare_tree
+from .models import ModelPair, to_jittor, to_numpy, to_torch
+from .tolerances import tolerance
+
+# Jittor's grad.cc logs this warning for a target the loss does not reach, then returns zeros.
+_NO_GRADIENT = re.compile(r"grads\[(\d+)\] '([^']*)' doesn't have gradient")
+_PROBES = itertools.count()
+
+# Target counts of the images of the fixed training batches; batch i starts at offset 3 * i,
+# so the first batch of two images is (4, 0): one image without any target.
+_COUNTS = (4, 0, 7, 2, 1, 5, 3, 6)
+
+
+def torch_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters torch's optimizer updates (``requires_grad``), in registration order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def jittor_gradients(loss: jt.Var, named: list[tuple[str, jt.Var]]) -> dict[str, np.ndarray | None]:
+    """Gradients of ``loss`` with respect to named Jittor Vars, ``None`` where there is none.
+
+    PyTorch leaves ``p.grad`` at ``None`` for a parameter the loss does not depend on; Jittor
+    has no such marker. ``jt.grad`` (``src/grad.cc``) walks the graph back from the loss
+    through Vars that are not stop-grad; a target it does not reach gets a constant zero
+    (a broadcast ``number`` op, indistinguishable from a computed zero gradient) and a
+    warning ``grads[i] '<name>' doesn't have gradient`` is logged, once per Var name for the
+    life of the process. A computed gradient that happens to be zero everywhere (e.g. the
+    padding row of an embedding, or a head whose loss term is multiplied by zero) raises no
+    warning. So each target is renamed to a name unique to this call, the warnings are
+    captured with ``jt.log_capture_scope``, and the targets they name are the ones without a
+    gradient; the original names are restored afterwards. This is the same ``jt.grad`` call
+    the optimizer's ``backward`` makes over the same Vars.
+
+    Args:
+        loss: Scalar loss ([1]).
+        named: ``(name, Var)`` pairs, e.g. :func:`jittor_impl.common.trainable_parameters`.
+
+    Returns:
+        ``name -> gradient`` (numpy, computed) or ``None`` (the loss does not reach the Var).
+    """
+    probe = next(_PROBES)
+    old_names = [var.name() for _, var in named]
+    probe_names = [f"{name}@gradprobe{probe}" for name, _ in named]
+    for (_, var), new in zip(named, probe_names):
+        var.name(new)
+    try:
+        with jt.log_capture_scope() as logs:
+            grads = jt.grad(loss, [var for _, var in named], retain_graph=False)
+    finally:
+        for (_, var), old in zip(named, old_names):
+            var.name(old)
+    missing = set()
+    for entry in logs:
+        found = _NO_GRADIENT.search(entry["msg"])
+        if found and found.group(2) == probe_names[int(found.group(1))]:
+            missing.add(int(found.group(1)))
+    jt.sync(grads)
+    return {name: None if i in missing else grads[i].numpy()
+            for i, (name, _) in enumerate(named)}
+
+
+class _ForcedTopk:
+    """Sets the Jittor decoder's ``forced_topk_ind`` for the duration of a ``with`` block."""
+
+    def __init__(self, pair: ModelPair, topk: np.ndarray) -> None:
+        self.decoder = pair.jittor_model.decoder
+        self.topk = topk
+
+    def __enter__(self) -> None:
+        self.decoder.forced_topk_ind = jt.array(self.topk).int64()
+
+    def __exit__(self, *exc) -> None:
+        self.decoder.forced_topk_ind = None
+
+
+class ForcedGates:
+    """Forces the reference's ReLU decisions into the port, as the top-k decision is forced.
+
+    A ReLU's gradient is a step function of its input: an element whose pre-activation lies
+    closer to zero than the fp32 noise of the forward (train-mode BatchNorm batch statistics
+    put it at ~1e-4 in the decoder of a random-weight model) can be open on one side and shut
+    on the other. Few elements flip (a handful of ~1e6), but in the decoder the loss gradient
+    is concentrated on the few matched queries, so one flipped element of such a query
+    changes the gradient of everything upstream by percents (measured: r18vd at 256, one
+    flip at decoder layer 0's FFN with pre-activation -2e-5 moved the gradients of that layer,
+    the encoder and the backbone by 1.5-4% relative L2, while every parameter downstream of
+    it agreed within 3e-4). That is a tie decided by rounding, not a difference of the port.
+
+    Inside the ``with`` block every ``ReLU`` module of the torch model records its inputs
+    (forward hooks, in call order; a module called several times, such as an MLP's shared
+    activation, records each call), and the same-named ``ReLU`` of the Jittor model, called
+    afterwards, returns ``x * gate`` instead of ``relu(x)``: where the reference's input of
+    the same call lies within the tie band (the ``train.relu_gate`` decision entry's
+    ``atol``) of 0, ``gate`` is the reference's ``input > 0``; elsewhere it is the port's own
+    ``x > 0``, so that ``x * gate`` is exactly ``relu(x)`` there (and a port that drifted
+    away from the reference, as over a trajectory, keeps its own decisions). Same gradient
+    rule; the forward differs only at forced gates, by less than ``|x|``. :meth:`decisions`
+    then reports, per module, how many gates the port set (or would have set) differently
+    and the largest reference pre-activation among them (a ``decision`` row: flips are
+    allowed only within the forward's noise).
+
+    Args:
+        pair: The model pair; the torch forward must run before the Jittor one inside the
+            block, and each side exactly once.
+
+    Raises:
+        ValueError: When the two models' ReLU modules have different names.
+    """
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.torch_modules = {name: m for name, m in pair.torch_model.named_modules()
+                              if isinstance(m, torch.nn.ReLU)}
+        self.jittor_modules = {name: m for name, m in named_modules(pair.jittor_model)
+                               if isinstance(m, jt.nn.ReLU)}
+        if set(self.torch_modules) != set(self.jittor_modules):
+            only_t = sorted(set(self.torch_modules) - set(self.jittor_modules))
+            only_j = sorted(set(self.jittor_modules) - set(self.torch_modules))
+            raise ValueError(f"ReLU modules differ: torch only {only_t}, Jittor only {only_j}")
+        self.reference: dict[str, list[np.ndarray]] = {}
+        self.test: dict[str, list[jt.Var]] = {}
+        self.flips: dict[str, int] = {}
+        self._handles: list = []
+
+    def _record(self, name: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self.reference.setdefault(name, []).append(inputs[0].detach().numpy().copy())
+        return hook
+
+    def _forced_relu(self, name: str):
+        def execute(x: jt.Var) -> jt.Var:
+            calls = self.test.setdefault(name, [])
+            recorded = self.reference.get(name, [])
+            if len(calls) >= len(recorded):
+                raise ValueError(f"Jittor ReLU {name!r} called {len(calls) + 1} times, the "
+                                 f"reference's only {len(recorded)} times")
+            reference = recorded[len(calls)]
+            if tuple(x.shape) != reference.shape:
+                raise ValueError(f"Jittor ReLU {name!r} call {len(calls)}: input shape "
+                                 f"{tuple(x.shape)} != reference {reference.shape}")
+            calls.append(x)
+            tie = np.abs(reference) <= tolerance("decision", f"train.relu_gate.{name}").atol
+            forced = jt.array((tie & (reference > 0)).astype(np.float32))
+            own = jt.array((~tie).astype(np.float32)) * (x > 0).float32()
+            return x * (forced + own)
+        return execute
+
+    def __enter__(self) -> "ForcedGates":
+        self.reference.clear()
+        self.test.clear()
+        for name, module in self.torch_modules.items():
+            self._handles.append(module.register_forward_hook(self._record(name)))
+        for name, module in self.jittor_modules.items():
+            module.execute = self._forced_relu(name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.jittor_modules.values():
+            del module.execute
+
+
+    def decisions(self, reference_error: dict[str, float] | None = None) -> list[Comparison]:
+        """One ``decision`` row per ReLU module (``train.relu_gate.<name>``), all calls pooled.
+
+        ``max_abs`` is the largest ``|reference pre-activation|`` among the gates the port set
+        differently (0 when none); the row passes when it is within the tolerance's ``atol``
+        or, given ``reference_error`` (per module, the largest ``|fp32 - float64|`` of the
+        reference's pre-activations, from :class:`Float64Replay`), within the ``noise``
+        factor of it: a gate that close to 0 is one the reference's own rounding could flip.
+        The number of differing gates per module is left in :attr:`flips`.
+        """
+        rows = []
+        for name in self.torch_modules:
+            path = f"train.relu_gate.{name}"
+            ref = self.reference.get(name, [])
+            test = [x.numpy() for x in self.test.get(name, [])]
+            size = sum(r.size for r in ref)
+            c = Comparison(path, (size,), (sum(t.size for t in test),), "bool", "bool")
+            if len(ref) != len(test):
+                c.reason = f"called {len(test)} times in Jittor, {len(ref)} times in torch"
+                rows.append(c)
+                continue
+            flipped = [np.abs(r[(r > 0) != (t > 0)]) for r, t in zip(ref, test)]
+            count = sum(f.size for f in flipped)
+            self.flips[name] = count
+            c.max_abs = max((float(f.max()) for f in flipped if f.size), default=0.0)
+            limit = tolerance("decision", path).atol
+            if reference_error is not None and name in reference_error:
+                limit = max(limit, tolerance("noise", path).atol * reference_error[name])
+            c.passed = c.max_abs <= limit
+            c.within = 1.0 - count / max(size, 1)
+            verdict = "ties within" if c.passed else "exceeds"
+            c.reason = "" if not count else (f"{count} of {size} gates differ; largest reference "
+                                             f"|pre-activation| {c.max_abs:.3g} {verdict} "
+                                             f"{limit:.3g} (reference gates forced)")
+            rows.append(c)
+        return rows
+
+
+def _align_streams(pair: ModelPair) -> None:
+    """Sets the Jittor model's shared random stream to the torch model's state.
+
+    Both streams are seeded alike and draw alike, so this only matters after a check that
+    re-ran one side; it guarantees both draw the same denoising noise next.
+    """
+    pair.jittor_model.rng.load_state_dict(pair.torch_model.rng.state_dict())
+
+
+def _numpy_params(named: list) -> dict[str, np.ndarray]:
+    """``name -> float64 copy`` of torch Parameters or Jittor Vars."""
+    return {name: to_numpy(p).astype(np.float64) for name, p in named}
+
+
+def _rel_l2(test: np.ndarray, ref: np.ndarray) -> float:
+    """``||test - ref|| / ||ref||`` in float64 (0 when both are zero, inf when only ref is)."""
+    diff = float(np.linalg.norm(np.asarray(test, np.float64) - np.asarray(ref, np.float64)))
+    norm = float(np.linalg.norm(np.asarray(ref, np.float64)))
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+@dataclass
+class Decisions:
+    """The reference's discrete decisions of one forward, to force into another run.
+
+    Attributes:
+        rng_state: The torch model's shared stream before the forward (denoising noise).
+        topk: Encoder top-k indices ``[bs, num_queries]``.
+        matches: ``SetCriterion.last_indices`` of the reference criterion.
+        pre_activations: ReLU module name -> the reference's fp32 input of each call, in call
+            order (its gate is ``input > 0``).
+    """
+
+    rng_state: dict
+    topk: np.ndarray
+    matches: dict
+    pre_activations: dict[str, list[np.ndarray]]
+
+
+class Float64Replay:
+    """A float64 copy of the reference model that replays the fp32 reference's steps.
+
+    Same weights (copied when the replay is created), same denoising noise, and the fp32
+    run's decisions forced in (top-k, matches, and the ReLU gates within the tie band, as
+    :class:`ForcedGates` forces them into the port; outside it the replay decides itself), so
+    the only difference from the fp32 reference is rounding: comparing the two gives the
+    reference's precision floor, and over a trajectory how far its own rounding carries it.
+
+    Args:
+        pair: The model pair; its torch model is copied now (before any step to replay).
+
+    Attributes:
+        gate_errors: Per ReLU module, the largest ``|float64 - fp32|`` of the reference's
+            pre-activations in the last replayed forward.
+    """
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.cfg = pair.cfg
+        self.model = copy.deepcopy(pair.torch_model).double().train()
+        self.criterion = torch_ref.build_criterion(pair.cfg).double()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: torch_ref.ema.ModelEMA | None = None
+        self.gate_errors: dict[str, float] = {}
+
+    def _forward_backward(self, images: np.ndarray, targets: list[dict],
+                          decisions: Decisions) -> dict[str, float]:
+        model = self.model
+        model.rng.load_state_dict(decisions.rng_state)
+        model.decoder.forced_topk_ind = torch.from_numpy(decisions.topk)
+        calls = {name: iter(pre) for name, pre in decisions.pre_activations.items()}
+        self.gate_errors = {}
+
+        def forced(name: str, inputs: tuple) -> torch.Tensor:
+            reference = next(calls[name])
+            x = inputs[0].detach().numpy()
+            self.gate_errors[name] = max(self.gate_errors.get(name, 0.0),
+                                         float(np.abs(x - reference).max(initial=0.0)))
+            tie = np.abs(reference) <= tolerance("decision", f"train.relu_gate.{name}").atol
+            return inputs[0] * torch.from_numpy(np.where(tie, reference > 0, x > 0))
+
+        handles = [module.register_forward_hook(
+            lambda m, inputs, output, name=name: forced(name, inputs))
+            for name, module in model.named_modules() if isinstance(module, torch.nn.ReLU)]
+        try:
+            tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
+            out = model(torch.from_numpy(images).double(), tg)
+            self.criterion.forced_indices = decisions.matches
+            losses = self.criterion(out, tg)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.decoder.forced_topk_ind = None
+        loss = sum(losses.values())
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["loss"] = float(loss.detach())
+        return values
+
+    def gradients(self, images: np.ndarray, targets: list[dict],
+                  decisions: Decisions) -> dict[str, np.ndarray | None]:
+        """Float64 gradients of the official loss sum (``None`` where torch has none)."""
+        self._forward_backward(images, targets, decisions)
+        return {name: None if p.grad is None else p.grad.numpy().copy()
+                for name, p in torch_trainable(self.model)}
+
+    def train_step(self, images: np.ndarray, targets: list[dict], decisions: Decisions,
+                   clip_max_norm: float, ema: bool = False) -> dict[str, float]:
+        """One official step in float64 (as ``torch_ref.engine.train_step``), decisions forced.
+
+        The optimizer (official groups) is created at the first call and kept; with ``ema``
+        an EMA built like :func:`check_optimizer_step`'s (one warm-up period in) is too.
+        """
+        if self.optimizer is None:
+            self.optimizer = torch_ref.build_optimizer(self.model, self.cfg)
+        if ema and self.ema is None:
+            self.ema = torch_ref.build_ema(self.model, self.cfg)
+            self.ema.updates = self.ema.warmups
+        values = self._forward_backward(images, targets, decisions)
+        if clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_max_norm)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return values
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The trainable weights, float64."""
+        return _numpy_params(torch_trainable(self.model))
+
+
+def _noise_aware(c: Comparison, floor: float, what: str) -> Comparison:
+    """Lets a comparison pass within the ``noise`` factor of the reference's own error.
+
+    ``floor`` is the reference's fp32 error against its float64 replay (relative L2, same
+    normalisation as ``c.rel_l2``). A comparison that failed only on ``rel_l2``/``cosine``
+    passes when ``rel_l2 <= factor * floor``; the cosine limit follows as
+    ``1 - (factor * floor) ** 2 / 2`` (the cosine of two vectors that far apart).
+    """
+    if c.passed or not math.isfinite(floor) or c.within < 1.0 or c.shape_ref != c.shape_test:
+        return c
+    factor = tolerance("noise", c.path).atol
+    limit = factor * floor
+    if c.rel_l2 <= limit and c.cosine >= 1.0 - limit ** 2 / 2:
+        c.passed = True
+        c.reason = (f"rel L2 {c.rel_l2:.3g}, cosine {c.cosine:.8f}: within {factor:g}x the "
+                    f"reference's own fp32 {what} error {floor:.3g} (float64 replay)")
+    else:
+        c.reason += f"; reference's own fp32 {what} error {floor:.3g} (allowed {factor:g}x)"
+    return c
+
+
+@dataclass
+class TrainPass:
+    """One train-mode forward and backward of both models on the same batch.
+
+    Attributes:
+        torch_losses: Every weighted loss term and ``loss`` (their sum), reference.
+        jittor_losses: The same, port.
+        torch_grads: ``name -> gradient`` or ``None`` (``p.grad is None``), trainable only.
+        jittor_grads: ``name -> gradient`` or ``None`` (see :func:`jittor_gradients`).
+        float64_grads: The reference's float64 replay's gradients (empty when not run).
+        decisions: The reference's decisions, forced into the port.
+        gates: ``decision`` rows of the forced ReLU gates.
+        seconds: Wall time of each side's forward + backward (and of the replay).
+    """
+
+    torch_losses: dict[str, np.ndarray]
+    jittor_losses: dict[str, np.ndarray]
+    torch_grads: dict[str, np.ndarray | None]
+    jittor_grads: dict[str, np.ndarray | None]
+    float64_grads: dict[str, np.ndarray | None]
+    decisions: Decisions
+    gates: list[Comparison] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def train_pass(pair: ModelPair, images: np.ndarray, targets: list[dict],
+               float64: bool = True) -> TrainPass:
+    """Train-mode forward, official loss sum and backward on both sides.
+
+    Args:
+        pair: The model pair (put in train mode; BatchNorm running statistics advance once
+            on both sides, as in any training forward).
+        images: [bs, 3, h, w] float32 in [0, 1].
+        targets: Per-image ``labels`` (int64 [n]) and ``boxes`` (float32 [n, 4] cxcywh).
+        float64: Also replay the reference in float64 for its precision floor.
+
+    Returns:
+        Losses and gradients of both sides; torch's ``.grad`` fields are cleared afterwards.
+    """
+    pair.train()
+    _align_streams(pair)
+    model = pair.torch_model
+    trainable = torch_trainable(model)
+    for _, p in trainable:
+        p.grad = None
+    replay = Float64Replay(pair) if float64 else None
+    rng_state = model.rng.state_dict()
+    with ForcedGates(pair) as gates:
+        start = time.perf_counter()
+        targets_t = to_torch(targets)
+        out_t = model(torch.from_numpy(images), targets_t)
+        criterion_t = torch_ref.build_criterion(pair.cfg)
+        losses_t = criterion_t(out_t, targets_t)
+        loss_t = sum(losses_t.values())
+        loss_t.backward()
+        grads_t = {name: None if p.grad is None else p.grad.numpy().copy()
+                   for name, p in trainable}
+        seconds = {"torch": time.perf_counter() - start}
+        for _, p in trainable:
+            p.grad = None
+        topk = model.decoder.last_topk_ind.numpy()
+        matches = dict(criterion_t.last_indices)
+
+        start = time.perf_counter()
+        targets_j = to_jittor(targets)
+        with _ForcedTopk(pair, topk):
+            out_j = pair.jittor_model(jt.array(images), targets_j)
+        criterion_j = jittor_impl.build_criterion(pair.cfg)
+        criterion_j.forced_indices = matches
+        losses_j = criterion_j(out_j, targets_j)
+        loss_j = sum(losses_j.values())
+        grads_j = jittor_gradients(loss_j, trainable_parameters(pair.jittor_model))
+        jittor_losses = to_numpy({**losses_j, "loss": loss_j})
+        seconds["jittor"] = time.perf_counter() - start
+    decisions = Decisions(rng_state, topk, matches, dict(gates.reference))
+    float64_grads = {}
+    gate_errors = None
+    if replay is not None:
+        start = time.perf_counter()
+        float64_grads = replay.gradients(images, targets, decisions)
+        gate_errors = replay.gate_errors
+        seconds["float64"] = time.perf_counter() - start
+    return TrainPass(
+        torch_losses=to_numpy({**losses_t, "loss": loss_t}), jittor_losses=jittor_losses,
+        torch_grads=grads_t, jittor_grads=grads_j, float64_grads=float64_grads,
+        decisions=decisions, gates=gates.decisions(gate_errors), seconds=seconds)
+
+
+def _one_sided(path: str, side: str, what: str) -> Comparison:
+    return Comparison(path, (), (), "", "", reason=f"{what} on the {side} side only")
+
+
+def _global_norm(grads: dict[str, np.ndarray | None]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2))
+                             for g in grads.values() if g is not None)))
+
+
+def compare_gradients(tp: TrainPass) -> list[Comparison]:
+    """One ``grad`` row per trainable parameter (PyTorch convention, frozen ones excluded).
+
+    A parameter trainable on one side only, or with a gradient on one side only, fails by
+    name. A parameter without a gradient on both sides passes with that noted (both sides
+    agree the loss does not reach it). With a float64 replay, a gradient may differ from the
+    reference's by the ``noise`` factor times the reference's own fp32 error.
+
+    Some gradients are zero in exact arithmetic and rounding noise in fp32: a per-channel
+    shift followed by a 1x1 convolution and train-mode BatchNorm (which removes any constant
+    per-channel shift) has no effect on the loss, e.g. the BatchNorm bias of the hybrid
+    encoder's input projections (float64 norm ~1e-15, fp32 norms ~1e-6 on either side,
+    against ~1e3 for the whole gradient). Relative metrics of two noise vectors mean
+    nothing; when both sides' norms are below ``grad.zero``'s ``atol`` times the norm of the
+    whole reference gradient, the row passes as numerically zero, with both norms reported.
+    A gradient that is real on one side only stays above that floor and is compared.
+    """
+    floor = tolerance("grad.zero", "grad").atol * _global_norm(tp.torch_grads)
+    rows = []
+    names = list(tp.torch_grads) + [n for n in tp.jittor_grads if n not in tp.torch_grads]
+    for name in names:
+        path = f"grad.{name}"
+        if name not in tp.jittor_grads or name not in tp.torch_grads:
+            side = "torch" if name in tp.torch_grads else "Jittor"
+            rows.append(_one_sided(path, side, "trainable parameter"))
+            continue
+        ref, test = tp.torch_grads[name], tp.jittor_grads[name]
+        if ref is None and test is None:
+            rows.append(Comparison(path, (), (), "", "", passed=True,
+                                   reason="no gradient on either side"))
+            continue
+        if ref is None or test is None:
+            rows.append(_one_sided(path, "torch" if test is None else "Jittor", "gradient"))
+            continue
+        c = compare_arrays(test, ref, tolerance("grad", path), path)
+        norms = float(np.linalg.norm(ref)), float(np.linalg.norm(test))
+        if not c.passed and max(norms) <= floor:
+            c.passed = True
+            c.reason = (f"numerically zero on both sides (norms {norms[0]:.3g} torch, "
+                        f"{norms[1]:.3g} Jittor <= {floor:.3g})")
+        elif tp.float64_grads.get(name) is not None:
+            c = _noise_aware(c, _rel_l2(ref, tp.float64_grads[name]), "gradient")
+        rows.append(c)
+    return rows
+
+
+def _check_batch(images: np.ndarray, what: str) -> None:
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"{what} checks need images [bs >= 2, 3, h, w] (torch's CPU BatchNorm "
+                         f"backward is wrong for a batch of 1), got shape {images.shape}")
+
+
+def check_gradients(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> list[Comparison]:
+    """Compares the gradient of every trainable parameter after one train-mode backward.
+
+    Same inputs, denoising noise and decisions (top-k, matches, ReLU gates) on both sides;
+    the loss is the official sum of all weighted terms. Each gradient must satisfy the
+    ``grad`` tolerance (relative L2 and cosine), or stay within the ``noise`` factor of the
+    reference's own fp32 error; a gradient present on one side only fails naming the
+    parameter.
+
+    Args:
+        pair: The model pair.
+        images: [bs, 3, h, w] float32, bs >= 2 (torch's CPU BatchNorm backward is wrong for 1).
+        targets: Per-image targets (numpy).
+
+    Returns:
+        One ``grad.<param>`` row per trainable parameter in torch registration order, then one
+        ``train.relu_gate.<module>`` decision row per ReLU module (see :func:`row_kind`).
+    """
+    _check_batch(images, "gradient")
+    tp = train_pass(pair, images, targets)
+    return compare_gradients(tp) + tp.gates
+
+
+def _torch_optimizer_state(optimizer: torch.optim.Optimizer, named: list) -> dict:
+    """AdamW's per-parameter state by name (parameters torch skipped have none)."""
+    state = {}
+    for name, p in named:
+        if p in optimizer.state:
+            s = optimizer.state[p]
+            state[name] = {"exp_avg": s["exp_avg"].numpy().copy(),
+                           "exp_avg_sq": s["exp_avg_sq"].numpy().copy(),
+                           "step": np.int64(int(s["step"]))}
+    return state
+
+
+def _jittor_optimizer_state(optimizer: jt.optim.Optimizer, named: list) -> dict:
+    """AdamW's moments by parameter name: Jittor keeps ``m`` (exp_avg) and ``values``
+    (exp_avg_sq) per group, and one step count ``n_step`` for the whole optimizer."""
+    names = {id(var): name for name, var in named}
+    state = {}
+    for group in optimizer.param_groups:
+        for var, m, v in zip(group["params"], group["m"], group["values"]):
+            state[names[id(var)]] = {"exp_avg": m.numpy(), "exp_avg_sq": v.numpy(),
+                                     "step": np.int64(optimizer.n_step)}
+    return state
+
+
+def _jittor_clipped_grads(optimizer: jt.optim.Optimizer, named: list) -> dict[str, np.ndarray]:
+    """The gradients Jittor's optimizer holds after clipping, by parameter name."""
+    names = {id(var): name for name, var in named}
+    return {names[id(var)]: g.numpy() for group in optimizer.param_groups
+            for var, g in zip(group["params"], group["grads"])}
+
+
+def _numerically_zero(ref: dict[str, np.ndarray | None],
+                      test: dict[str, np.ndarray]) -> dict[str, str]:
+    """Parameters whose clipped gradients are below the ``grad.zero`` floor on both sides.
+
+    Returns:
+        ``name -> description of both norms and the floor`` for each such parameter.
+    """
+    floor = tolerance("grad.zero", "step").atol * _global_norm(ref)
+    zero = {}
+    for name, g in ref.items():
+        if g is None or name not in test:
+            continue
+        norms = float(np.linalg.norm(g)), float(np.linalg.norm(test[name]))
+        if max(norms) <= floor:
+            zero[name] = (f"norms {norms[0]:.3g} torch, {norms[1]:.3g} Jittor <= {floor:.3g} "
+                          "after clipping")
+    return zero
+
+
+def _reference_update(optimizer: torch.optim.Optimizer, named: list,
+                      before: dict[str, np.ndarray],
+                      grads: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """What the reference optimizer does with the port's gradients, per parameter.
+
+    A fresh ``torch.optim.AdamW`` with the hyper-parameters of each group of ``optimizer``
+    (fresh: its state starts empty, as the step checked is a first step) takes one step on
+    fp32 copies of ``before`` whose ``.grad`` are ``grads``.
+
+    Returns:
+        ``name -> {"update": after - before (float64), "exp_avg": ..., "exp_avg_sq": ...}``.
+    """
+    names = {id(p): name for name, p in named}
+    copies, groups = {}, []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            name = names[id(p)]
+            copies[name] = torch.tensor(before[name], dtype=torch.float32, requires_grad=True)
+            copies[name].grad = torch.from_numpy(np.ascontiguousarray(grads[name], np.float32))
+            params.append(copies[name])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    reference = torch.optim.AdamW(groups)
+    reference.step()
+    return {name: {"update": t.detach().numpy().astype(np.float64) - before[name],
+                   "exp_avg": reference.state[t]["exp_avg"].numpy(),
+                   "exp_avg_sq": reference.state[t]["exp_avg_sq"].numpy()}
+            for name, t in copies.items()}
+
+
+def _same_grad_update(test: np.ndarray, ref: np.ndarray, before: np.ndarray,
+                      path: str) -> Comparison:
+    """The port's update against the reference optimizer's on the same gradient.
+
+    Both are ``after - before`` of fp32 weights, each side rounding the weight at least twice
+    (AdamW's decay, then its step). Where the update is small against the weight, that
+    rounding is a visible share of it: a backbone BatchNorm weight of ~1 moves by ~lr = 1e-5,
+    about 80 units in the last place, so two exact implementations differ by a few percent
+    of the update there. The relative-L2 limit is the larger of the ``step`` entry's and
+    ``update.rounding``'s ``atol`` ulps of the weight per element; the row notes when the
+    rounding limit applied.
+    """
+    tol = tolerance("step", path)
+    ulps = tolerance("update.rounding", path).atol
+    spacing = np.spacing(np.abs(before).astype(np.float32)).astype(np.float64)
+    ref_norm = float(np.linalg.norm(ref))
+    floor = ulps * float(np.linalg.norm(spacing)) / ref_norm if ref_norm > 0 else math.inf
+    limit = max(tol.max_rel_l2, floor)
+    c = compare_arrays(test, ref, Tolerance(atol=tol.atol, rtol=tol.rtol, max_rel_l2=limit,
+                                            min_cosine=tol.min_cosine), path)
+    if c.passed and c.rel_l2 > tol.max_rel_l2:
+        c.reason = (f"rel L2 {c.rel_l2:.3g} within the weights' fp32 rounding: {ulps:g} ulps "
+                    f"per element = {floor:.3g} of this update")
+    return c
+
+
+def _zero_or_noise_aware(c: Comparison, zero: str | None, floor: float, what: str) -> Comparison:
+    """A failed row of a parameter whose gradient is numerically zero on both sides passes
+    (``zero`` describes the norms); any other goes through :func:`_noise_aware` (a nan
+    ``floor``: no allowance)."""
+    if not c.passed and zero is not None:
+        c.passed = True
+        c.reason = f"gradient numerically zero on both sides ({zero})"
+        return c
+    return _noise_aware(c, floor, what)
+
+
+def _cross_update(test: np.ndarray, ref: np.ndarray, zero: str | None, floor: float,
+                  path: str) -> Comparison:
+    """The port's update against the reference's, allowing AdamW's sign flips.
+
+    AdamW's first step moves each element by ``~lr * g / (|g| + eps)``: ``~lr * sign(g)``
+    unless ``|g|`` is near ``eps`` (1e-8; the clipped gradients are ~1e-5 of the raw ones).
+    An element whose gradient is within the two sides' gradient noise of 0 can move by
+    ``+lr`` on one side and ``-lr`` on the other: ``2 lr`` against an update norm of
+    ``~lr * sqrt(n)``, i.e. ``2 / sqrt(n)`` relative L2 per flipped element, 0.25 for a
+    64-channel BatchNorm bias (measured: r18vd at 640, seeded weights,
+    ``backbone.res_layers.0.blocks.0.branch2a.norm.bias`` 0.245 with its gradient within
+    3x of the reference's own fp32 error). The limit is the largest of the ``step`` entry,
+    the ``noise`` factor times the reference's own fp32 update error (``floor``), and
+    ``2 * sqrt(k / n)`` for ``k = max(atol, rtol * n)`` flips of the ``update.flips`` entry;
+    the row reports the flips it counted (elements moving by more than ``lr / 2`` in
+    opposite directions).
+    """
+    c = compare_arrays(test, ref, _tolerance(path), path)
+    if c.passed or c.shape_ref != c.shape_test:
+        return c
+    if zero is not None:
+        return _zero_or_noise_aware(c, zero, floor, "update")
+    n = max(ref.size, 1)
+    flips_tol = tolerance("update.flips", path)
+    allowed = max(flips_tol.atol, flips_tol.rtol * n)
+    scale = float(np.abs(ref).max(initial=0.0))
+    flipped = int(np.sum((np.abs(test) > scale / 4) & (np.abs(ref) > scale / 4)
+                         & (np.sign(test) != np.sign(ref))))
+    limits = {"step entry": _tolerance(path).max_rel_l2,
+              f"{tolerance('noise', path).atol:g}x the reference's own fp32 error {floor:.3g}":
+                  tolerance("noise", path).atol * floor if math.isfinite(floor) else 0.0,
+              f"{allowed:g} AdamW sign flips of {n}": 2.0 * math.sqrt(allowed / n)}
+    reason, limit = max(limits.items(), key=lambda kv: kv[1])
+    c.passed = c.rel_l2 <= limit and c.within == 1.0
+    verdict = "within" if c.passed else "exceeds"
+    c.reason = (f"rel L2 {c.rel_l2:.3g} {verdict} {limit:.3g} ({reason}); {flipped} elements "
+                f"moved in opposite directions")
+    return c
+
+
+# The row kind of a path of this module's checks: the first prefix that matches.
+_KINDS = (("grad.", "grad"), ("train.relu_gate.", "decision"), ("ema.", "ema"),
+          ("buffer.", "buffer.step"), ("trajectory.", "trajectory"), ("", "step"))
+
+
+def row_kind(path: str) -> str:
+    """The kind (tolerance-table and report kind) of a comparison made by this module."""
+    return next(kind for prefix, kind in _KINDS if path.startswith(prefix))
+
+
+def add_rows(result: CheckResult, comparisons: list[Comparison]) -> None:
+    """Adds this module's comparisons to a check result, each under its :func:`row_kind`."""
+    for c in comparisons:
+        result.add(row_kind(c.path), [c])
+
+
+def _tolerance(path: str) -> Tolerance:
+    return tolerance(row_kind(path), path)
+
+
+class _TwoSteps:
+    """One official training step of both sides (and the float64 replay), decisions forced.
+
+    Both engines' ``train_step`` run with the official clipping; the reference's top-k,
+    matches and ReLU gates are forced into the port, and, when a replay is given, into it.
+
+    Attributes:
+        optimizers: ``(torch AdamW, Jittor AdamW)`` over the official groups.
+        emas: ``(torch EMA, Jittor EMA)`` or ``(None, None)``.
+        seconds: ``(torch, Jittor)`` wall time of the last step.
+        flips: ReLU gates per module the port set differently in the last step.
+    """
+
+    def __init__(self, pair: ModelPair, replay: Float64Replay | None, ema: bool) -> None:
+        cfg = pair.cfg
+        self.pair = pair
+        self.replay = replay
+        self.clip = cfg.schedule.clip_max_norm
+        self.optimizers = (torch_ref.build_optimizer(pair.torch_model, cfg),
+                           jittor_impl.build_optimizer(pair.jittor_model, cfg))
+        self.emas = (None, None)
+        if ema:
+            self.emas = (torch_ref.build_ema(pair.torch_model, cfg),
+                         jittor_impl.build_ema(pair.jittor_model, cfg))
+            for e in self.emas:
+                e.updates = e.warmups
+        self.ema = ema
+        self.seconds = (math.nan, math.nan)
+        self.flips: dict[str, int] = {}
+
+    def __call__(self, images: np.ndarray, targets: list[dict]) -> tuple[float, float, float,
+                                                                          list[Comparison]]:
+        """Returns the total losses (torch, Jittor, float64 replay or nan) and the gate rows."""
+        pair, cfg = self.pair, self.pair.cfg
+        _align_streams(pair)
+        rng_state = pair.torch_model.rng.state_dict()
+        criterion_t = torch_ref.build_criterion(cfg)
+        criterion_j = jittor_impl.build_criterion(cfg)
+        with ForcedGates(pair) as gates:
+            start = time.perf_counter()
+            loss_t = torch_engine.train_step(pair.torch_model, criterion_t, self.optimizers[0],
+                                             torch.from_numpy(images), to_torch(targets),
+                                             self.clip, self.emas[0])["loss"]
+            middle = time.perf_counter()
+            topk = pair.torch_model.decoder.last_topk_ind.numpy()
+            matches = dict(criterion_t.last_indices)
+            criterion_j.forced_indices = matches
+            with _ForcedTopk(pair, topk):
+                loss_j = jittor_engine.train_step(pair.jittor_model, criterion_j,
+                                                  self.optimizers[1], jt.array(images),
+                                                  to_jittor(targets), self.clip,
+                                                  self.emas[1])["loss"]
+            self.seconds = (middle - start, time.perf_counter() - middle)
+        loss_64 = math.nan
+        gate_errors = None
+        if self.replay is not None:
+            decisions = Decisions(rng_state, topk, matches, dict(gates.reference))
+            loss_64 = self.replay.train_step(images, targets, decisions, self.clip,
+                                             self.ema)["loss"]
+            gate_errors = self.replay.gate_errors
+        gate_rows = gates.decisions(gate_errors)
+        self.flips = dict(gates.flips)
+        return loss_t, loss_j, loss_64, gate_rows
+
+
+def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> list[Comparison]:
+    """One official training step on both sides, then everything the step changed.
+
+    The step is each framework's ``engine.train_step``: forward, ``sum`` of the weighted
+    losses, backward, global-norm clipping at the variant's ``clip_max_norm`` (0.1), AdamW
+    over the official parameter groups (``build_optimizer``), EMA update (``build_ema``). A
+    float64 replay of the reference takes the same step (precision floors).
+
+    The EMA is built with the official decay and warm-up, but its update count is set to one
+    warm-up period (``updates = warmups``): a fresh EMA's first decay is
+    ``0.9999 * (1 - exp(-1 / 2000)) ~ 5e-4``, so the average would be the new weights and the
+    averaging itself would go unchecked; one period in, the decay is
+    ``0.9999 * (1 - exp(-(w + 1) / w)) ~ 0.63`` and the average visibly mixes old and new.
+
+    Rows (paths): ``update.<param>`` (after - before, against the reference's, within the
+    ``noise`` factor of the reference's own fp32 update error), ``update_same_grad.<param>``
+    (the port's update against ``torch.optim.AdamW`` stepping from the same weights with the
+    port's own clipped gradients: the optimizer alone), ``param.<param>`` (after),
+    ``exp_avg.<param>`` / ``exp_avg_sq.<param>`` (AdamW moments, noise-aware like the
+    gradients they hold), ``exp_avg_same_grad.<param>`` / ``exp_avg_sq_same_grad.<param>``,
+    ``step_count.<param>``, ``ema.<key>`` (every EMA state entry), ``buffer.<key>``
+    (BatchNorm running statistics and ``num_batches_tracked``), and the ReLU gate decisions
+    (``train.relu_gate.<module>``). :func:`row_kind` gives each row's kind.
+
+    Args:
+        pair: The model pair; both models take one step (their weights change).
+        images: [bs, 3, h, w] float32, bs >= 2.
+        targets: Per-image targets (numpy).
+
+    Returns:
+        The comparisons.
+    """
+    _check_batch(images, "optimizer-step")
+    pair.train()
+    named_t = torch_trainable(pair.torch_model)
+    named_j = trainable_parameters(pair.jittor_model)
+    before_t, before_j = _numpy_params(named_t), _numpy_params(named_j)
+    replay = Float64Replay(pair)
+    step = _TwoSteps(pair, replay, ema=True)
+    gate_rows = step(images, targets)[3]
+    opt_t, opt_j = step.optimizers
+
+    after_t, after_j = _numpy_params(named_t), _numpy_params(named_j)
+    after_64 = replay.weights()
+    rows = []
+    names = [n for n, _ in named_t]
+    if names != [n for n, _ in named_j]:
+        only_t = sorted(set(names) - set(before_j))
+        only_j = sorted(set(before_j) - set(names))
+        rows.append(Comparison("param.names", (), (), "", "",
+                               reason=f"trainable parameters differ: torch only {only_t[:5]}, "
+                                      f"Jittor only {only_j[:5]}"))
+        names = [n for n in names if n in before_j]
+    clipped_j = _jittor_clipped_grads(opt_j, named_j)
+    zero = _numerically_zero({n: None if p.grad is None else p.grad.numpy() for n, p in named_t},
+                             clipped_j)
+    same_grad = _reference_update(opt_t, named_t, before_j, clipped_j)
+    state_t = _torch_optimizer_state(opt_t, named_t)
+    state_j = _jittor_optimizer_state(opt_j, named_j)
+    state_64 = _torch_optimizer_state(replay.optimizer, torch_trainable(replay.model))
+    for name in names:
+        ref = after_t[name] - before_t[name]
+        rows.append(_cross_update(after_j[name] - before_j[name], ref, zero.get(name),
+                                  _rel_l2(ref, after_64[name] - before_t[name]), f"update.{name}"))
+        path = f"update_same_grad.{name}"
+        rows.append(_zero_or_noise_aware(
+            _same_grad_update(after_j[name] - before_j[name], same_grad[name]["update"],
+                              before_j[name], path), zero.get(name), math.nan, "update"))
+        path = f"param.{name}"
+        rows.append(compare_arrays(after_j[name], after_t[name], _tolerance(path), path))
+        if name not in state_t:
+            rows.append(Comparison(f"exp_avg.{name}", (), (), "", "",
+                                   reason="AdamW state on the Jittor side only (torch skipped "
+                                          "the parameter: it had no gradient)"))
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            path = f"{key}.{name}"
+            c = compare_arrays(state_j[name][key], state_t[name][key], _tolerance(path), path)
+            rows.append(_zero_or_noise_aware(
+                c, zero.get(name), _rel_l2(state_t[name][key], state_64[name][key]), key))
+            path = f"{key}_same_grad.{name}"
+            rows.append(_zero_or_noise_aware(
+                compare_arrays(state_j[name][key], same_grad[name][key], _tolerance(path), path),
+                zero.get(name), math.nan, key))
+        path = f"step_count.{name}"
+        rows.append(compare_arrays(state_j[name]["step"], state_t[name]["step"],
+                                   _tolerance(path), path))
+    ema_64 = to_numpy(replay.ema.module.state_dict())
+    for c in compare_tree({"ema": to_numpy(step.emas[1].module.state_dict())},
+                          {"ema": to_numpy(step.emas[0].module.state_dict())}, _tolerance):
+        ref = to_numpy(step.emas[0].module.state_dict())[c.path[len("ema."):]]
+        floor = _rel_l2(ref, ema_64[c.path[len("ema."):]]) if ref.dtype.kind == "f" else 0.0
+        rows.append(_noise_aware(c, floor, "EMA"))
+    rows += compare_tree({"buffer": to_numpy(dict(named_buffers(pair.jittor_model)))},
+                         {"buffer": to_numpy(dict(pair.torch_model.named_buffers()))},
+                         _tolerance)
+    return rows + gate_rows
+
+
+def training_batches(num_classes: int, size: int, batch: int = 2,
+                     count: int = 2) -> list[tuple[np.ndarray, list[dict]]]:
+    """A small fixed set of seeded batches for trajectories.
+
+    Args:
+        num_classes: Class count of the targets.
+        size: Square image size.
+        batch: Images per batch (>= 2).
+        count: Number of distinct batches.
+
+    Returns:
+        ``count`` pairs ``(images [batch, 3, size, size], targets)``; image ``j`` of batch
+        ``i`` has ``_COUNTS[(3 * i + j) % 8]`` targets.
+    """
+    batches = []
+    for i in range(count):
+        counts = [_COUNTS[(3 * i + j) % len(_COUNTS)] for j in range(batch)]
+        batches.append((seeded_images(batch, size, seed=20 + i),
+                        seeded_targets(counts, num_classes, seed=40 + i)))
+    return batches
+
+
+@dataclass
+class TrajectoryStep:
+    """Both sides (and the float64 replay of the reference) after one training step.
+
+    Attributes:
+        step: 1-based step number.
+        torch_loss: Reference total loss of the step's forward.
+        jittor_loss: Port total loss.
+        float64_loss: The float64 replay's total loss.
+        loss_rel_diff: ``|jittor - torch| / |torch|``.
+        loss_floor: ``|torch - float64| / |float64|``: the reference's own fp32 error.
+        weights_rel_l2: ``||w_j - w_t|| / ||w_t||`` over all trainable parameters.
+        max_param_rel_l2: Largest per-parameter relative L2 between the sides.
+        max_param: Which parameter that is.
+        max_param_floor: That parameter's reference fp32 error (against the replay).
+        worst_excess: Largest ratio of a parameter's drift to its floor among the parameters
+            whose drift exceeds the ``trajectory.weights`` entry (0 when none): the ``noise``
+            factor bounds it.
+        gate_flips: ReLU gates of the step's forward the port set differently (forced to
+            the reference's, see :class:`ForcedGates`).
+        gate_max_gap: Largest reference ``|pre-activation|`` among them (0 when none).
+        seconds_torch: Wall time of the reference step.
+        seconds_jittor: Wall time of the port step.
+    """
+
+    step: int
+    torch_loss: float
+    jittor_loss: float
+    float64_loss: float
+    loss_rel_diff: float
+    loss_floor: float
+    weights_rel_l2: float
+    max_param_rel_l2: float
+    max_param: str
+    max_param_floor: float
+    worst_excess: float
+    gate_flips: int
+    gate_max_gap: float
+    seconds_torch: float
+    seconds_jittor: float
+
+
+@dataclass
+class Trajectory:
+    """An N-step training run of both sides on fixed batches."""
+
+    variant: str
+    size: int
+    batch: int
+    steps: list[TrajectoryStep] = field(default_factory=list)
+    drift: list[dict[str, tuple[float, float]]] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """One flat dict per step (for a table or CSV)."""
+        return [dict(vars(s)) for s in self.steps]
+
+    def comparisons(self) -> list[Comparison]:
+        """``trajectory`` rows: each step's total loss and weight drift.
+
+        A step's loss passes within the ``trajectory.loss`` entry or the ``noise`` factor of
+        the reference's own fp32 loss error at that step; its weights pass when every
+        parameter's drift (relative L2 between the sides) is within the ``trajectory.weights``
+        entry or the ``noise`` factor of that parameter's reference fp32 error.
+
+        The ReLU gate flips of each step are in the table (:meth:`rows`), not judged: after
+        the first step the two sides' weights differ by that step's rounding, the forwards
+        drift apart and the gaps of flipped gates grow with them; the trajectory replays the
+        reference's decisions on purpose, to measure how the continuous part of training
+        drifts.
+        """
+        rows = []
+        for s, drift in zip(self.steps, self.drift):
+            path = f"trajectory.step[{s.step}].loss"
+            factor = tolerance("noise", path).atol
+            c = compare_arrays(np.float64(s.jittor_loss), np.float64(s.torch_loss),
+                               tolerance("trajectory", path), path)
+            c.rel_l2 = s.loss_rel_diff
+            if not c.passed and s.loss_rel_diff <= factor * s.loss_floor:
+                c.passed = True
+                c.reason = (f"rel diff {s.loss_rel_diff:.3g}: within {factor:g}x the "
+                            f"reference's own fp32 loss error {s.loss_floor:.3g}")
+            elif not c.passed:
+                c.reason += f"; reference's own fp32 loss error {s.loss_floor:.3g}"
+            rows.append(c)
+            path = f"trajectory.step[{s.step}].weights"
+            tol = tolerance("trajectory", path)
+            factor = tolerance("noise", path).atol
+            bad = {n: (d, f) for n, (d, f) in drift.items()
+                   if d > tol.max_rel_l2 and d > factor * f}
+            c = Comparison(path, (), (), "float64", "float64", rel_l2=s.max_param_rel_l2,
+                           passed=not bad)
+            if bad:
+                name, (d, f) = max(bad.items(), key=lambda kv: kv[1][0] / max(kv[1][1], 1e-300))
+                c.reason = (f"{len(bad)} parameters drift past rel L2 {tol.max_rel_l2:g} and "
+                            f"{factor:g}x the reference's own fp32 error; worst {name}: "
+                            f"{d:.3g} against {f:.3g}")
+            rows.append(c)
+        return rows
+
+
+def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]],
+                   steps: int = 10) -> Trajectory:
+    """Trains both sides for ``steps`` official steps on ``batches`` (cycled).
+
+    Both sides start from the reference's state (loaded into the Jittor model, buffers
+    included), so that earlier checks on the pair leave no head start. Each step is the
+    engines' ``train_step`` with the official AdamW groups and clipping (no EMA: it does not
+    feed back into training and :func:`check_optimizer_step` covers it); the reference's
+    decisions of each step are forced into the port and into a float64 replay of the
+    reference, which gives the reference's own fp32 drift per step.
+
+    Args:
+        pair: The model pair; the Jittor model takes the torch model's state, then both are
+            trained (their weights change).
+        batches: ``(images, targets)`` pairs, e.g. :func:`training_batches`.
+        steps: Number of steps.
+
+    Returns:
+        The per-step losses and drift.
+    """
+    if not batches:
+        raise ValueError("run_trajectory needs at least one batch")
+    for images, _ in batches:
+        _check_batch(images, "trajectory")
+    pair.train()
+    jt_checkpoint.load_state_dict_strict(
+        pair.jittor_model, {k: v.numpy() for k, v in pair.torch_model.state_dict().items()},
+        "run_trajectory: the reference's state")
+    named_t = torch_trainable(pair.torch_model)
+    named_j = trainable_parameters(pair.jittor_model)
+    replay = Float64Replay(pair)
+    two_steps = _TwoSteps(pair, replay, ema=False)
+    traj = Trajectory(pair.cfg.name, int(batches[0][0].shape[-1]), int(batches[0][0].shape[0]))
+    for i in range(steps):
+        images, targets = batches[i % len(batches)]
+        loss_t, loss_j, loss_64, gate_rows = two_steps(images, targets)
+        w_t, w_j, w_64 = _numpy_params(named_t), _numpy_params(named_j), replay.weights()
+        drift = {n: (_rel_l2(w_j[n], w_t[n]), _rel_l2(w_t[n], w_64[n])) for n in w_t}
+        worst = max(drift, key=lambda n: drift[n][0])
+        diff2 = sum(float(np.sum((w_j[n] - w_t[n]) ** 2)) for n in w_t)
+        norm2 = sum(float(np.sum(w_t[n] ** 2)) for n in w_t)
+        traj.drift.append(drift)
+        traj.steps.append(TrajectoryStep(
+            step=i + 1, torch_loss=loss_t, jittor_loss=loss_j, float64_loss=loss_64,
+            loss_rel_diff=abs(loss_j - loss_t) / max(abs(loss_t), 1e-30),
+            loss_floor=abs(loss_t - loss_64) / max(abs(loss_64), 1e-30),
+            weights_rel_l2=math.sqrt(diff2 / norm2), max_param_rel_l2=drift[worst][0],
+            max_param=worst, max_param_floor=drift[worst][1],
+            worst_excess=max((d / max(f, 1e-300) for d, f in drift.values()
+                              if d > tolerance("trajectory", "weights").max_rel_l2), default=0.0),
+            gate_flips=sum(two_steps.flips.values()),
+            gate_max_gap=max((c.max_abs for c in gate_rows), default=0.0),
+            seconds_torch=two_steps.seconds[0], seconds_jittor=two_steps.seconds[1]))
+    return traj
+
+
+def run_training_checks(pair: ModelPair, size: int, batch: int = 2,
+                        steps: int = 10) -> tuple[CheckResult, Trajectory]:
+    """Gradients, one optimizer step and an N-step trajectory of one model pair.
+
+    The three parts run in that order on the same pair, each from where the previous one
+    left the weights (both sides hold the same state up to rounding).
+
+    Args:
+        pair: The model pair (trained in place).
+        size: Square image size of every batch.
+        batch: Images per batch (>= 2).
+        steps: Trajectory length.
+
+    Returns:
+        The rows (kinds ``grad``, ``decision``, ``step``, ``ema``, ``buffer.step``,
+        ``trajectory``) with timings, and the trajectory itself (its :meth:`Trajectory.rows`
+        make the table).
+    """
+    result = CheckResult(pair.cfg.name, pair.weights_source, size)
+    batches = training_batches(pair.cfg.num_classes, size, batch)
+    images, targets = batches[0]
+    start = time.perf_counter()
+    add_rows(result, check_gradients(pair, images, targets))
+    result.seconds["gradients"] = time.perf_counter() - start
+    start = time.perf_counter()
+    add_rows(result, check_optimizer_step(pair, images, targets))
+    result.seconds["optimizer_step"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trajectory = run_trajectory(pair, batches, steps)
+    add_rows(result, trajectory.comparisons())
+    result.seconds["trajectory"] = time.perf_counter() - start
+    return result, trajectory
