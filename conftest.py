@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402  (the thread variable must be set before the im
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 torch.use_deterministic_algorithms(True)
 
 

@@ -6,6 +6,7 @@
     rtdetr-parity bench
     rtdetr-parity memory [--steps 200]
     rtdetr-parity make-dataset | train | eval | infer --framework {torch,jittor} ...
+    rtdetr-parity compare-runs runs/train-torch runs/train-jittor [--steps 20]
 """
 
 from __future__ import annotations
@@ -248,6 +249,21 @@ def _parts(text: str) -> list[str]:
     return parts
 
 
+def cmd_compare_runs(args: argparse.Namespace) -> int:
+    from .runs import compare_runs, format_comparison
+
+    comparison = compare_runs(args.reference, args.test)
+    print(format_comparison(comparison, args.steps))
+    problems = comparison.problems(args.steps, args.loss_rtol, args.ap_points)
+    for problem in problems:
+        print(f"FAIL: {problem}")
+    if not problems:
+        print(f"ok: first {args.steps} steps' total loss within {args.loss_rtol:g} relative "
+              f"(worst {comparison.max_loss_rel_diff(args.steps):.2e}), final AP within "
+              f"{args.ap_points:g} points ({comparison.final_ap_points():.2f})")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = argparse.ArgumentParser(prog="rtdetr-parity", description=__doc__,
@@ -296,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--steps", type=int, default=200)
     mem.add_argument("--limit", type=float, default=0.03, help="allowed relative growth")
     mem.set_defaults(func=cmd_memory)
+
+    runs = sub.add_parser("compare-runs", help="two training runs: first steps' loss, AP per epoch")
+    runs.add_argument("reference", help="run folder of the reference (torch) training")
+    runs.add_argument("test", help="run folder of the compared (Jittor) training")
+    runs.add_argument("--steps", type=int, default=20, help="first steps compared (default 20)")
+    runs.add_argument("--loss-rtol", type=float, default=1e-3,
+                      help="allowed relative total-loss difference over those steps")
+    runs.add_argument("--ap-points", type=float, default=1.0,
+                      help="allowed final AP difference in points")
+    runs.set_defaults(func=cmd_compare_runs)
 
     add_commands(sub)
     return parser

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from parity.runs import compare_runs, format_comparison
 from parity.tolerances import tolerance
 from rtdetr_common.configs import load_official_configs
 from rtdetr_common.train_config import (JsonLog, Progress, StopOnSignal, TrainConfig,
@@ -70,11 +71,9 @@ def _init_weights(path: Path, num_classes: int) -> Path:
 
 def _loss_table(outs: dict[str, Path]) -> tuple[list[float], str]:
     """Relative difference of the total loss per step (Jittor vs torch) and a printable table."""
-    logs = {fw: read_log(out / "log.jsonl") for fw, out in outs.items()}
-    rows = [(e["step"], e["loss"], j["loss"], abs(j["loss"] - e["loss"]) / abs(e["loss"]))
-            for e, j in zip(logs["torch"], logs["jittor"])]
-    table = "\n".join(f"step {s:2d}: torch {t:.6f} jittor {j:.6f} rel {r:.2e}" for s, t, j, r in rows)
-    return [r for *_, r in rows], table
+    comparison = compare_runs(outs["torch"], outs["jittor"])
+    rel = [s["rel_diff"] for s in comparison.steps]
+    return rel, format_comparison(comparison, len(rel))
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
