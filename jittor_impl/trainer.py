@@ -180,6 +180,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ data
 
+    def model_weights(self) -> dict[str, np.ndarray]:
+        """The model's state_dict as numpy arrays (official keys), e.g. to start other runs from."""
+        return model_state_dict(self.model)
+
     def dataset(self, split: str, train: bool = True) -> CocoDetection:
         """The split's dataset with training (``train``) or evaluation transforms, cached."""
         if (split, train) not in self._datasets:

@@ -6,6 +6,7 @@
     rtdetr-parity eval  --framework {torch,jittor} --weights W [--dataset DIR] [--out DIR]
     rtdetr-parity infer --framework {torch,jittor} --weights W --images DIR [--out DIR]
                         [--threshold 0.5]
+    rtdetr-parity init-weights OUT.safetensors [--framework torch] [--variant r18vd] [--seed 0]
 
 Without ``--dataset`` every command uses the embedded synthetic dataset
 (:data:`rtdetr_common.synthetic.DEFAULT_DATASET`), generated on first use. ``train`` resumes
@@ -14,7 +15,7 @@ stops it after the current step with a checkpoint, and running the same command 
 where it stopped. ``eval`` and ``infer`` read the variant and size stored in a training
 checkpoint, so ``--variant`` / ``--size`` are only needed for other weight files.
 
-:func:`add_commands` adds the four subcommands to an ``argparse`` subparsers object (the
+:func:`add_commands` adds these subcommands to an ``argparse`` subparsers object (the
 ``rtdetr-parity`` parser, :mod:`parity.cli`).
 """
 
@@ -186,6 +187,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init_weights(args: argparse.Namespace) -> int:
+    """Writes a trainer's initial model weights (from ``--seed``) to a neutral weight file.
+
+    Both trainers given the file as ``--init-weights`` start from the same weights, which the
+    loss and AP comparison of a torch and a Jittor run needs (each framework's own seeded
+    initialisation differs).
+    """
+    from rtdetr_common.weights import NEUTRAL_SUFFIXES, WeightSet, save_neutral
+
+    if args.path.suffix not in NEUTRAL_SUFFIXES:
+        raise ValueError(f"{args.path}: use a neutral weight file ({', '.join(NEUTRAL_SUFFIXES)})")
+    cfg = TrainConfig(variant=args.variant, size=args.size, seed=args.seed, dataset=args.dataset)
+    trainer = _trainer_module(args.framework).Trainer(cfg)
+    save_neutral(WeightSet(model=trainer.model_weights()), args.path)
+    print(f"wrote {args.path}: {args.framework} initialisation of {trainer.cfg.variant} "
+          f"({trainer.cfg.num_classes} classes of {trainer.cfg.dataset or 'the default dataset'}), "
+          f"seed {args.seed}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """COCO AP of a weights file on the val split; writes the COCO results JSON."""
     cfg = _weights_config(args, read_train_state(args.weights))
@@ -296,7 +317,8 @@ def _add_weights_options(parser: argparse.ArgumentParser, default_out: str) -> N
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``make-dataset``, ``train``, ``eval`` and ``infer`` to an ``add_subparsers()`` object.
+    """Adds ``make-dataset``, ``train``, ``eval``, ``init-weights`` and ``infer`` to an
+    ``add_subparsers()`` object.
 
     Each subcommand sets ``func`` to its handler, which takes the parsed arguments and returns
     the exit status.
@@ -333,6 +355,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ev = subparsers.add_parser("eval", help="COCO AP of weights on a dataset's val split")
     _add_weights_options(ev, "runs/eval")
     ev.set_defaults(func=cmd_eval)
+
+    init = subparsers.add_parser("init-weights", help="a trainer's initial weights as a neutral file, "
+                                                        "to start both frameworks from them")
+    init.add_argument("path", type=Path, help="output .safetensors or .npz")
+    init.add_argument("--framework", default="torch", choices=FRAMEWORKS,
+                      help="whose initialisation (default torch: the official one)")
+    init.add_argument("--variant", default="r18vd", choices=list(VARIANTS))
+    init.add_argument("--size", type=int, default=640, help="input size (as the training's)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dataset", default=None,
+                      help="dataset root, for the class count (default: the embedded dataset)")
+    init.set_defaults(func=cmd_init_weights)
 
     infer = subparsers.add_parser("infer", help="detect objects in a folder of images")
     _add_weights_options(infer, "runs/infer")

@@ -27,7 +27,8 @@ class RunComparison:
         steps: Per logged step: ``step``, ``reference`` and ``test`` total loss, ``rel_diff``.
         epochs: Per epoch evaluated by both: ``epoch`` and ``<metric>_reference`` /
             ``<metric>_test`` for each of :data:`METRICS` (fractions, not points).
-        train_seconds: Summed step wall time of each run (``reference``, ``test``).
+        train_seconds: Summed wall time of the common steps in each run (``reference``,
+            ``test``).
     """
 
     reference: str
@@ -92,13 +93,13 @@ def compare_runs(reference: str | Path, test: str | Path) -> RunComparison:
             row[f"{m}_reference"] = ref_eval[epoch][m]
             row[f"{m}_test"] = test_eval[epoch][m]
         result.epochs.append(row)
-    result.train_seconds = {"reference": sum(e["seconds"] for e in ref_train.values()),
-                            "test": sum(e["seconds"] for e in test_train.values())}
+    result.train_seconds = {"reference": sum(ref_train[s]["seconds"] for s in common),
+                            "test": sum(test_train[s]["seconds"] for s in common)}
     return result
 
 
 def format_comparison(c: RunComparison, first: int) -> str:
-    """The first steps' losses, every common evaluation, and the summed step times."""
+    """The first steps' losses, every common evaluation and the summed step times."""
     lines = [f"reference {c.reference}  vs  test {c.test}",
              f"{'step':>5} {'reference loss':>15} {'test loss':>12} {'rel diff':>9}"]
     lines += [f"{s['step']:>5} {s['reference']:>15.6f} {s['test']:>12.6f} {s['rel_diff']:>9.2e}"
@@ -107,7 +108,8 @@ def format_comparison(c: RunComparison, first: int) -> str:
     for e in c.epochs:
         lines.append(f"{e['epoch'] + 1:>5} " + " ".join(
             f"{100 * e[m + '_reference']:>8.2f}/{100 * e[m + '_test']:<8.2f}" for m in METRICS))
-    lines.append(f"summed step time: reference {c.train_seconds['reference']:.0f} s, "
-                 f"test {c.train_seconds['test']:.0f} s "
-                 f"(ratio {c.train_seconds['test'] / max(c.train_seconds['reference'], 1e-9):.2f})")
+    seconds = c.train_seconds
+    lines.append(f"step time summed over the {len(c.steps)} common steps: reference "
+                 f"{seconds['reference']:.0f} s, test {seconds['test']:.0f} s "
+                 f"(test / reference {seconds['test'] / max(seconds['reference'], 1e-9):.2f})")
     return "\n".join(lines)

@@ -4,8 +4,8 @@ the first steps, and the ``eval`` / ``infer`` / ``make-dataset`` commands.
 Every run goes through the command line (``python -m parity.cli``, the same code as
 ``rtdetr-parity <command>``) in a subprocess, on a tiny synthetic dataset (8 train images,
 batch 2, size 128 with the scaled multi-scale sizes 128/160, r18vd, 2 epochs = 8 iterations).
-Both frameworks start from the same weights (the torch reference's official initialisation,
-written to a neutral file), so their per-step losses can be compared.
+Both frameworks start from the same weights (the torch trainer's official initialisation,
+written to a neutral file by ``init-weights``), so their per-step losses can be compared.
 """
 
 from __future__ import annotations
@@ -55,20 +55,6 @@ def _train_args(framework: str, dataset: Path, init: Path, out: Path, size: int 
             "--init-weights", str(init)]
 
 
-def _init_weights(path: Path, num_classes: int) -> Path:
-    """The torch reference's official initialisation (seed 0), as a neutral weight file."""
-    import torch
-
-    from rtdetr_common.configs import variant_at_size
-    from rtdetr_common.weights import WeightSet, save_neutral
-    from torch_ref import build_model
-
-    torch.manual_seed(0)
-    model = build_model(variant_at_size("r18vd", num_classes, SIZE), multi_scale=False)
-    save_neutral(WeightSet(model={k: v.numpy().copy() for k, v in model.state_dict().items()}), path)
-    return path
-
-
 def _loss_table(outs: dict[str, Path]) -> tuple[list[float], str]:
     """Relative difference of the total loss per step (Jittor vs torch) and a printable table."""
     comparison = compare_runs(outs["torch"], outs["jittor"])
@@ -101,6 +87,13 @@ def _weights(framework: str, path: Path) -> dict[str, np.ndarray]:
     return flat
 
 
+def _init_weights(path: Path, dataset: Path) -> Path:
+    """The torch trainer's initialisation (seed 0) as a neutral file, by ``init-weights``."""
+    done = _run(["init-weights", str(path), "--dataset", str(dataset), "--size", str(SIZE)])
+    assert done.returncode == 0 and "torch initialisation of r18vd (3 classes" in done.stdout, done.stderr
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """The tiny dataset and the shared initial weights."""
@@ -109,7 +102,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("trainer")
     dataset = make_dataset(base / "data", num_train=NUM_TRAIN, num_val=4, num_classes=3,
                            min_size=96, max_size=160)
-    init = _init_weights(base / "init.safetensors", 3)
+    init = _init_weights(base / "init.safetensors", dataset.root)
     return {"base": base, "dataset": dataset.root, "val_images": dataset.val_images, "init": init}
 
 
@@ -279,7 +272,7 @@ def test_twenty_steps_loss_parity_at_official_size(tmp_path):
     steps = 20
     dataset = make_dataset(tmp_path / "data", num_train=steps * BATCH // EPOCHS, num_val=1,
                            num_classes=3)
-    init = _init_weights(tmp_path / "init.safetensors", 3)
+    init = _init_weights(tmp_path / "init.safetensors", dataset.root)
     outs = {}
     for fw in FRAMEWORKS:
         outs[fw] = tmp_path / fw

@@ -122,6 +122,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ data
 
+    def model_weights(self) -> dict[str, np.ndarray]:
+        """The model's state_dict as numpy arrays (official keys), e.g. to start other runs from."""
+        return {k: v.detach().numpy().copy() for k, v in self.model.state_dict().items()}
+
     def dataset(self, split: str, train: bool = True) -> CocoDetection:
         """The split's dataset with training (``train``) or evaluation transforms, cached."""
         if (split, train) not in self._datasets:
