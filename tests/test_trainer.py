@@ -160,14 +160,20 @@ def test_config_differences_ignore_exempt_fields():
 
 
 def test_stop_on_signal_defers_the_first_signal():
-    with StopOnSignal() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
-        assert stop.name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own SIGINT handler, also where the runner started with SIGINT ignored (a
+    # background job of a non-interactive shell): the test is about restoring what was there.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopOnSignal() as stop:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_log_truncated_to_resumed_progress(tmp_path):
