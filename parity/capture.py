@@ -196,6 +196,9 @@ class Capture(abc.ABC):
         outputs: Record outputs.
     """
 
+    _tensor_type: type  # the framework's tensor class
+    _module_type: type  # the framework's module class
+
     def __init__(self, model: Any, select: Callable[[str, Any], bool] | None = None,
                  inputs: bool = True, outputs: bool = True) -> None:
         self.model = model
@@ -210,14 +213,30 @@ class Capture(abc.ABC):
         self._ended = 0
         self._active = False
         self._installed: list[Any] = []
+        self._module_names = {id(m): n for n, m in self.named_modules()}
 
     @abc.abstractmethod
     def named_modules(self) -> list[tuple[str, Any]]:
         """``(name, module)`` of the whole model, parents first."""
 
-    @abc.abstractmethod
     def _hold(self, tree: Any) -> Any:
         """The framework's tensors of ``tree`` held for later; modules as :class:`ModuleRef`."""
+        if isinstance(tree, self._tensor_type):
+            return self._hold_tensor(tree)
+        if isinstance(tree, self._module_type):
+            if id(tree) not in self._module_names:
+                raise ValueError(f"a module outside the model was passed as an argument: "
+                                 f"{type(tree).__name__}")
+            return ModuleRef(self._module_names[id(tree)])
+        if isinstance(tree, dict):
+            return {k: self._hold(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self._hold(v) for v in tree)
+        return copy.deepcopy(tree)
+
+    @abc.abstractmethod
+    def _hold_tensor(self, tensor: Any) -> Any:
+        """One framework tensor held for later."""
 
     def _own_buffers(self, module: Any) -> dict[str, np.ndarray]:
         """Numpy copies of the module's own buffers (recorded on the torch side only)."""
@@ -299,30 +318,21 @@ class TorchCapture(Capture):
         buffers: Record each module's own buffers before and after every call.
     """
 
+    _tensor_type = torch.Tensor
+    _module_type = torch.nn.Module
+
     def __init__(self, model: torch.nn.Module, select: Callable[[str, Any], bool] | None = None,
                  inputs: bool = True, outputs: bool = True, buffers: bool = True) -> None:
         super().__init__(model, select, inputs, outputs)
         self.buffers = buffers
         self._handles: dict[int, list] = {}
-        self._module_names = {id(m): n for n, m in model.named_modules()}
 
     def named_modules(self) -> list[tuple[str, torch.nn.Module]]:
         return list(self.model.named_modules())
 
-    def _hold(self, tree: Any) -> Any:
-        if isinstance(tree, torch.Tensor):
-            held = tree.detach()
-            return _HeldTensor(held, held._version)
-        if isinstance(tree, torch.nn.Module):
-            if id(tree) not in self._module_names:
-                raise ValueError(f"a module outside the model was passed as an argument: "
-                                 f"{type(tree).__name__}")
-            return ModuleRef(self._module_names[id(tree)])
-        if isinstance(tree, dict):
-            return {k: self._hold(v) for k, v in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return type(tree)(self._hold(v) for v in tree)
-        return copy.deepcopy(tree)
+    def _hold_tensor(self, tensor: torch.Tensor) -> _HeldTensor:
+        held = tensor.detach()
+        return _HeldTensor(held, held._version)
 
     def _own_buffers(self, module: torch.nn.Module) -> dict[str, np.ndarray]:
         if not self.buffers:
@@ -356,27 +366,14 @@ class JittorCapture(Capture):
         outputs: Record outputs.
     """
 
-    def __init__(self, model: Any, select: Callable[[str, Any], bool] | None = None,
-                 inputs: bool = True, outputs: bool = True) -> None:
-        super().__init__(model, select, inputs, outputs)
-        self._module_names = {id(m): n for n, m in jittor_named_modules(model)}
+    _tensor_type = jt.Var
+    _module_type = jt.Module
 
     def named_modules(self) -> list[tuple[str, Any]]:
         return jittor_named_modules(self.model)
 
-    def _hold(self, tree: Any) -> Any:
-        if isinstance(tree, jt.Var):
-            return tree
-        if isinstance(tree, jt.Module):
-            if id(tree) not in self._module_names:
-                raise ValueError(f"a module outside the model was passed as an argument: "
-                                 f"{type(tree).__name__}")
-            return ModuleRef(self._module_names[id(tree)])
-        if isinstance(tree, dict):
-            return {k: self._hold(v) for k, v in tree.items()}
-        if isinstance(tree, (list, tuple)):
-            return type(tree)(self._hold(v) for v in tree)
-        return copy.deepcopy(tree)
+    def _hold_tensor(self, tensor: jt.Var) -> jt.Var:
+        return tensor
 
     def _on_end(self, module: Any, output: Any) -> None:
         unheld = JITTOR_UNHELD_OUTPUTS.get(type(module).__name__, ())
