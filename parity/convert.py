@@ -12,8 +12,7 @@ from pathlib import Path
 from rtdetr_common.configs import get_variant
 from rtdetr_common.state_dicts import TensorSpec, check_state_dict
 from rtdetr_common.weights import (JITTOR_SUFFIXES, NEUTRAL_SUFFIXES, TORCH_SUFFIXES, WeightSet,
-                                   load_jittor_pickle, load_neutral, save_jittor_pickle,
-                                   save_neutral)
+                                   save_jittor_pickle, save_neutral)
 
 SUFFIXES = TORCH_SUFFIXES + JITTOR_SUFFIXES + NEUTRAL_SUFFIXES
 
@@ -27,17 +26,17 @@ def expected_specs(variant: str, num_classes: int) -> dict[str, TensorSpec]:
 
 
 def read_any(path: str | Path) -> WeightSet:
-    """Reads a weight file of any supported kind, chosen by its suffix."""
-    path = Path(path)
-    if path.suffix in TORCH_SUFFIXES:
-        from torch_ref.checkpoint import read_weightset
+    """Reads a weight file of any supported kind, chosen by its suffix (the torch trainer's reader).
 
-        return read_weightset(path)
-    if path.suffix in JITTOR_SUFFIXES:
-        return load_jittor_pickle(path)
-    if path.suffix in NEUTRAL_SUFFIXES:
-        return load_neutral(path)
-    raise ValueError(f"{path}: unknown weight file suffix; use one of {SUFFIXES}")
+    Raises:
+        ValueError: For a suffix that names no supported kind.
+    """
+    from torch_ref.trainer import read_weights
+
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unknown weight file suffix; use one of {SUFFIXES}")
+    return read_weights(path)
 
 
 def write_any(ws: WeightSet, path: str | Path) -> None:
