@@ -3,13 +3,13 @@
 Differences from torch_ref/build.py:
 - Trainable parameters come from ``common.trainable_parameters`` (Jittor's ``named_parameters``
   also lists BatchNorm statistics, and its ``eval()`` marks every Var stop_grad).
-- ``jittor.optim.AdamW`` applies the same update as ``torch.optim.AdamW`` (decoupled decay
-  ``p *= 1 - lr*wd``, bias-corrected moments, ``eps`` added after the square root).
+- The optimizer is :class:`jittor_impl.engine.AdamW`: Jittor's AdamW update (decoupled decay
+  ``p *= 1 - lr*wd``, bias-corrected moments, ``eps`` added after the square root) with
+  torch's per-parameter step counts and skipping of parameters without a gradient.
 """
 
 from __future__ import annotations
 
-import jittor as jt
 from jittor import nn
 
 from rtdetr_common.configs import VariantConfig, get_variant
@@ -22,6 +22,7 @@ from .criterion import SetCriterion
 from .decoder import RTDETRTransformer
 from .ema import ModelEMA
 from .encoder import HybridEncoder
+from .engine import AdamW
 from .matcher import HungarianMatcher
 from .postprocessor import RTDETRPostProcessor
 from .rtdetr import RTDETR
@@ -72,7 +73,7 @@ def build_postprocessor(variant: str | VariantConfig, num_classes: int = 80, *,
 
 
 def build_optimizer(model: nn.Module, variant: str | VariantConfig,
-                    num_classes: int = 80) -> jt.optim.AdamW:
+                    num_classes: int = 80) -> AdamW:
     """AdamW over the official regex parameter groups (unmatched parameters form the last group)."""
     opt = _config(variant, num_classes).optimizer
     named = dict(trainable_parameters(model))
@@ -85,7 +86,7 @@ def build_optimizer(model: nn.Module, variant: str | VariantConfig,
         if group_cfg is not None and group_cfg.weight_decay is not None:
             group["weight_decay"] = group_cfg.weight_decay
         groups.append(group)
-    return jt.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+    return AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
 
 
 def build_ema(model: nn.Module, variant: str | VariantConfig, num_classes: int = 80) -> ModelEMA:

@@ -14,14 +14,136 @@ Differences from torch_ref/engine.py:
   updates, so without a sync each step's statistics would keep the previous step's graph
   alive and memory would grow without bound. The step ends with one ``jt.sync`` of the loss
   terms and the whole model state (the EMA syncs its own).
+- ``torch.optim.AdamW`` skips a parameter whose ``grad`` is None (the loss does not reach it:
+  ``denoising_class_embed`` on a batch without any target) and counts steps per parameter;
+  ``jittor.optim.AdamW`` gets zeros for such a parameter, still decays and moves it, and
+  bias-corrects every parameter with one global count. :class:`AdamW` here restores torch's
+  rule; :func:`gradient_probe` finds the parameters ``jt.grad`` does not reach.
 """
 
 from __future__ import annotations
+
+import itertools
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import jittor as jt
 from jittor import nn
 
 from .ema import ModelEMA
+
+# Jittor's grad.cc logs this warning for a target the loss does not reach, then returns zeros.
+_NO_GRADIENT = re.compile(r"grads\[(\d+)\] '([^']*)' doesn't have gradient")
+_PROBES = itertools.count()
+
+
+@contextmanager
+def gradient_probe(targets: list[jt.Var]) -> Iterator[set[int]]:
+    """Finds the ``targets`` that the ``jt.grad`` calls made inside the block do not reach.
+
+    PyTorch leaves ``p.grad`` at None for a parameter the loss does not depend on; Jittor has
+    no such marker. ``jt.grad`` (``src/grad.cc``) walks back from the loss through Vars that
+    are not stop-grad; a target it does not reach gets a constant zero (indistinguishable from
+    a computed zero gradient, e.g. an embedding's padding row) and the warning
+    ``grads[i] '<name>' doesn't have gradient`` is logged, once per Var name for the life of
+    the process. So each target is renamed to a name unique to this block, the warnings are
+    captured with ``jt.log_capture_scope`` and the original names are restored on exit.
+
+    Args:
+        targets: The Vars the block's ``jt.grad`` calls differentiate with respect to.
+
+    Yields:
+        A set that, when the block ends, holds the indices (into ``targets``) of the Vars
+        without a gradient.
+    """
+    probe = next(_PROBES)
+    old_names = [var.name() for var in targets]
+    probe_names = {f"{old}@gradprobe{probe}.{i}": i for i, old in enumerate(old_names)}
+    for var, name in zip(targets, probe_names):
+        var.name(name)
+    missing: set[int] = set()
+    try:
+        with jt.log_capture_scope() as logs:
+            yield missing
+    finally:
+        for var, name in zip(targets, old_names):
+            var.name(name)
+    found = (_NO_GRADIENT.search(entry["msg"]) for entry in logs)
+    missing.update(probe_names[f.group(2)] for f in found if f and f.group(2) in probe_names)
+
+
+class AdamW(jt.optim.AdamW):
+    """``jittor.optim.AdamW`` with ``torch.optim.AdamW``'s bookkeeping.
+
+    The update of a parameter is Jittor's (and torch's): ``p *= 1 - lr * wd``, bias-corrected
+    moments, ``eps`` added after the square root. As in torch, a parameter the last
+    ``backward`` did not reach is not touched at all (no decay, no moment update, no count),
+    and each parameter's bias correction uses its own update count.
+
+    Beside Jittor's ``m`` / ``values`` / ``grads``, every group holds:
+        steps: Each parameter's update count (torch's ``state[p]["step"]``).
+        reached: Whether the gradients in ``grads`` reached each parameter (torch:
+            ``p.grad is not None``). As ``grads``, it is replaced by the first ``backward``
+            after a ``zero_grad`` (``step`` ends with one) and accumulated by later ones.
+    """
+
+    def __init__(self, params: list, lr: float, eps: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr, eps=eps, betas=betas, weight_decay=weight_decay)
+        self._fresh = True
+        for group in self.param_groups:
+            self._add_counts(group)
+
+    @staticmethod
+    def _add_counts(group: dict) -> None:
+        group["steps"] = [0] * len(group["params"])
+        group["reached"] = [False] * len(group["params"])
+
+    def add_param_group(self, group: dict) -> None:
+        """Adds a group (Jittor's moments, plus this class's counts)."""
+        super().add_param_group(group)
+        self._add_counts(group)
+
+    def zero_grad(self) -> None:
+        """The next ``backward`` replaces the gradients instead of adding to them (Jittor's)."""
+        super().zero_grad()
+        self._fresh = True
+
+    def backward(self, loss: jt.Var, retain_graph: bool = False) -> None:
+        """Jittor's ``backward`` (gradients into ``grads``), recording what it reached."""
+        trainable = [p for g in self.param_groups for p in g["params"] if not p.is_stop_grad()]
+        with gradient_probe(trainable) as missing:
+            super().backward(loss, retain_graph)
+        unreached = {id(trainable[i]) for i in missing}
+        for group in self.param_groups:
+            group["reached"] = [(was and not self._fresh)
+                                or (not p.is_stop_grad() and id(p) not in unreached)
+                                for p, was in zip(group["params"], group["reached"])]
+        self._fresh = False
+
+    def step(self, loss: jt.Var | None = None, retain_graph: bool = False) -> None:
+        """One AdamW update of every reached parameter (``backward(loss)`` first when given)."""
+        self.pre_step(loss, retain_graph)
+        for group in self.param_groups:
+            lr = group.get("lr", self.lr)
+            eps = group.get("eps", self.eps)
+            weight_decay = group.get("weight_decay", self.weight_decay)
+            b0, b1 = group.get("betas", self.betas)
+            steps = group["steps"]
+            for i, (p, g, v, m) in enumerate(zip(group["params"], group["grads"],
+                                                 group["values"], group["m"])):
+                if not group["reached"][i]:
+                    continue
+                steps[i] += 1
+                bias_correction1 = 1 - b0 ** steps[i]
+                bias_correction2 = 1 - b1 ** steps[i]
+                p.update(p * (1 - lr * weight_decay))
+                m.update(b0 * m + (1 - b0) * g)
+                v.update(b1 * v + (1 - b1) * g * g)
+                denom = jt.sqrt(v) / (bias_correction2 ** 0.5) + eps
+                p.update(p - (lr / bias_correction1) * (m / denom))
+        self.post_step()
 
 
 def clip_grad_norm(optimizer: jt.optim.Optimizer, max_norm: float) -> float:
@@ -52,7 +174,7 @@ def train_step(model: nn.Module, criterion: nn.Module, optimizer: jt.optim.Optim
     Args:
         model: RTDETR in training mode.
         criterion: SetCriterion.
-        optimizer: AdamW (or any optimizer over the model's trainable Vars).
+        optimizer: :class:`AdamW` (or any optimizer over the model's trainable Vars).
         images: [bs, 3, h, w] in [0, 1].
         targets: Per-image ``labels`` / ``boxes`` (normalised cxcywh).
         clip_max_norm: Global gradient norm clip (official 0.1); 0 disables it.

@@ -16,10 +16,10 @@ Differences from torch_ref/trainer.py:
 - Checkpoints are pickles of numpy arrays and plain Python values (``last.pkl``), read back with
   a numpy-only unpickler (:func:`rtdetr_common.train_config.read_numpy_pickle`), so a file
   cannot run code. Weights are stored in the official layout (0-dim ``num_batches_tracked``).
-- ``jittor.optim.AdamW`` has no usable ``state_dict`` (it pickles the parameter Vars
-  themselves): :func:`optimizer_state` / :func:`load_optimizer_state` save and restore its step
-  count ``n_step`` and each group's rate and first/second moments (``m`` / ``values``) by
-  position. Groups without an explicit rate get one (``optimizer.lr``) so the schedule can set
+- Jittor's optimizers have no usable ``state_dict`` (it pickles the parameter Vars
+  themselves): :func:`optimizer_state` / :func:`load_optimizer_state` save and restore
+  :class:`jittor_impl.engine.AdamW`'s step count ``n_step`` and each group's rate, per-parameter
+  update counts (``steps``) and first/second moments (``m`` / ``values``) by position. Groups without an explicit rate get one (``optimizer.lr``) so the schedule can set
   it.
 - Jittor evaluates lazily: after each step the optimizer's moment Vars are synced with the
   weights, so every step starts from materialised values, as a resumed run does (without the
@@ -67,7 +67,7 @@ from rtdetr_common.weights import WeightSet, atomic_write
 
 from .build import build_criterion, build_ema, build_model, build_optimizer, build_postprocessor
 from .checkpoint import load_state_dict_strict, model_state_dict, read_weightset
-from .engine import train_step
+from .engine import AdamW, train_step
 
 FRAMEWORK = "jittor"
 CHECKPOINT_SUFFIX = ".pkl"
@@ -86,20 +86,21 @@ def to_tensors(batch: Batch) -> tuple[jt.Var, list[dict]]:
     return images, targets
 
 
-def optimizer_moments(optimizer: jt.optim.AdamW) -> list[jt.Var]:
+def optimizer_moments(optimizer: AdamW) -> list[jt.Var]:
     """Every first and second moment Var of AdamW (``m`` and ``values`` of each group)."""
     return [v for g in optimizer.param_groups for key in ("m", "values") for v in g[key]]
 
 
-def optimizer_state(optimizer: jt.optim.AdamW) -> dict:
-    """AdamW's step count and each group's rate and moments, as numpy arrays."""
+def optimizer_state(optimizer: AdamW) -> dict:
+    """AdamW's step count and each group's rate, update counts and moments (numpy arrays)."""
     return {"n_step": int(optimizer.n_step),
-            "groups": [{"lr": float(g["lr"]), "m": [v.numpy() for v in g["m"]],
+            "groups": [{"lr": float(g["lr"]), "steps": list(g["steps"]),
+                        "m": [v.numpy() for v in g["m"]],
                         "values": [v.numpy() for v in g["values"]]}
                        for g in optimizer.param_groups]}
 
 
-def load_optimizer_state(optimizer: jt.optim.AdamW, state: dict, source: str) -> None:
+def load_optimizer_state(optimizer: AdamW, state: dict, source: str) -> None:
     """Restores :func:`optimizer_state` output into an AdamW over the same parameter groups.
 
     Raises:
@@ -118,6 +119,13 @@ def load_optimizer_state(optimizer: jt.optim.AdamW, state: dict, source: str) ->
                                  f"the model's parameters")
             for var, value in zip(group[key], saved[key]):
                 var.update(jt.array(value))
+        # Checkpoints written before per-parameter counts: every parameter had taken every
+        # step (exact unless a batch without any target left the denoising embedding out).
+        steps = saved.get("steps", [int(state["n_step"])] * len(group["params"]))
+        if len(steps) != len(group["params"]):
+            raise ValueError(f"{source}: optimizer group {index} has {len(steps)} step counts "
+                             f"for {len(group['params'])} parameters")
+        group["steps"] = [int(n) for n in steps]
         group["lr"] = float(saved["lr"])
     optimizer.n_step = int(state["n_step"])
     jt.sync(optimizer_moments(optimizer))

@@ -6,7 +6,7 @@
     rtdetr-parity bench
     rtdetr-parity memory [--steps 200]
     rtdetr-parity make-dataset | train | eval | infer --framework {torch,jittor} ...
-    rtdetr-parity compare-runs runs/train-torch runs/train-jittor [--steps 20]
+    rtdetr-parity compare-runs runs/train-torch runs/train-jittor [--steps 20] [--control DIR]
 """
 
 from __future__ import annotations
@@ -252,9 +252,15 @@ def _parts(text: str) -> list[str]:
 def cmd_compare_runs(args: argparse.Namespace) -> int:
     from .runs import compare_runs, format_comparison
 
-    comparison = compare_runs(args.reference, args.test)
+    comparison = compare_runs(args.reference, args.test, args.control)
     print(format_comparison(comparison, args.steps))
     problems = comparison.problems(args.steps, args.loss_rtol, args.ap_points)
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_csv(out / "runs_steps.csv", comparison.steps)
+        _write_csv(out / "runs_epochs.csv", comparison.epochs)
+        print(f"wrote {out / 'runs_steps.csv'} and {out / 'runs_epochs.csv'}")
     for problem in problems:
         print(f"FAIL: {problem}")
     if not problems:
@@ -325,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allowed relative total-loss difference over those steps")
     runs.add_argument("--ap-points", type=float, default=1.0,
                       help="allowed final AP difference in points")
+    runs.add_argument("--control", default=None,
+                      help="a second reference run differing only in what must not matter (e.g. "
+                           "--threads): its distance from the reference is printed as the "
+                           "reference's own run-to-run spread; the verdict stays the targets")
+    runs.add_argument("--out", default=None,
+                      help="folder for runs_steps.csv (every common step) and runs_epochs.csv")
     runs.set_defaults(func=cmd_compare_runs)
 
     add_commands(sub)

@@ -4,6 +4,13 @@ The nightly train-both-and-compare job trains the same configuration (same data,
 initial weights) once with each trainer and compares the two ``log.jsonl`` files: the total
 loss of the first steps (where fp32 rounding has not yet compounded, the two runs must agree
 closely) and the AP after every evaluated epoch (the final APs must agree within a point).
+
+A third, optional *control* run is the reference framework again with something that must
+not matter changed (the thread count, hence the order of fp32 sums). Its distance from the
+reference is the reference's own run-to-run spread: decisions made on near-ties (Hungarian
+matches, top-k query selection) flip on rounding alone, so free-running trajectories part
+after a few steps even within one framework. It is printed beside the targets, never
+instead of them: the verdict stays the stated loss and AP targets.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ class RunComparison:
             ``<metric>_test`` for each of :data:`METRICS` (fractions, not points).
         train_seconds: Summed wall time of the common steps in each run (``reference``,
             ``test``).
+        control: Folder of the control run, or None. With one, ``steps`` rows also hold
+            ``control`` and ``control_rel_diff`` (control against reference), ``epochs`` rows
+            ``<metric>_control``, and only steps and epochs all three runs share are kept.
     """
 
     reference: str
@@ -36,15 +46,33 @@ class RunComparison:
     steps: list[dict] = field(default_factory=list)
     epochs: list[dict] = field(default_factory=list)
     train_seconds: dict[str, float] = field(default_factory=dict)
+    control: str | None = None
 
     def max_loss_rel_diff(self, first: int) -> float:
         """Largest relative total-loss difference over the first ``first`` steps."""
         return max(s["rel_diff"] for s in self.steps[:first])
 
-    def final_ap_points(self) -> float:
-        """``|AP_test - AP_reference|`` of the last common evaluation, in AP points."""
+    def final_ap_points(self, run: str = "test") -> float:
+        """``|AP_run - AP_reference|`` of the last common evaluation, in AP points.
+
+        Args:
+            run: ``test``, or ``control`` for the reference's own spread.
+        """
         last = self.epochs[-1]
-        return 100 * abs(last["AP_test"] - last["AP_reference"])
+        return 100 * abs(last[f"AP_{run}"] - last["AP_reference"])
+
+    def control_spread(self, first: int) -> str:
+        """The control run against the reference, in the targets' terms (empty without one)."""
+        if self.control is None:
+            return ""
+        worst = max(self.steps[:first], key=lambda s: s["control_rel_diff"])
+        over = sum(s["control_rel_diff"] > s["rel_diff"] for s in self.steps[:first])
+        text = (f"reference's own spread (control {self.control}): first {first} steps' worst "
+                f"total-loss rel diff {worst['control_rel_diff']:.2e} at step {worst['step']} "
+                f"(larger than the test's at {over} of {min(first, len(self.steps))} steps)")
+        if self.epochs:
+            text += f", final AP {self.final_ap_points('control'):.2f} points from the reference"
+        return text
 
     def problems(self, first: int, loss_rtol: float, ap_points: float) -> list[str]:
         """What breaks the targets: loss agreement over the first steps, final AP gap."""
@@ -70,46 +98,73 @@ def _split(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return train, evals
 
 
-def compare_runs(reference: str | Path, test: str | Path) -> RunComparison:
-    """Reads ``log.jsonl`` of two run folders and pairs their steps and evaluations.
+def _rel(value: float, reference: float) -> float:
+    if reference:
+        return abs(value - reference) / abs(reference)
+    return 0.0 if value == reference else math.inf
+
+
+def compare_runs(reference: str | Path, test: str | Path,
+                 control: str | Path | None = None) -> RunComparison:
+    """Reads ``log.jsonl`` of the run folders and pairs their steps and evaluations.
+
+    Args:
+        reference: The reference (torch) run.
+        test: The compared (Jittor) run.
+        control: Optional second reference run (see the module docstring).
 
     Raises:
         FileNotFoundError: If a folder has no ``log.jsonl``.
         ValueError: If the runs share no logged step.
     """
-    (ref_train, ref_eval), (test_train, test_eval) = (_split(Path(d) / "log.jsonl")
-                                                      for d in (reference, test))
-    common = sorted(set(ref_train) & set(test_train))
+    names = {"reference": reference, "test": test} | ({} if control is None else
+                                                        {"control": control})
+    logs = {name: _split(Path(d) / "log.jsonl") for name, d in names.items()}
+    common = sorted(set.intersection(*(set(train) for train, _ in logs.values())))
     if not common:
-        raise ValueError(f"{reference} and {test} share no logged training step")
-    result = RunComparison(str(reference), str(test))
+        raise ValueError(f"{' and '.join(str(d) for d in names.values())} share no logged "
+                         "training step")
+    result = RunComparison(str(reference), str(test),
+                           control=None if control is None else str(control))
     for step in common:
-        r, t = ref_train[step]["loss"], test_train[step]["loss"]
-        rel = abs(t - r) / abs(r) if r else (0.0 if t == r else math.inf)
-        result.steps.append({"step": step, "reference": r, "test": t, "rel_diff": rel})
-    for epoch in sorted(set(ref_eval) & set(test_eval)):
-        row = {"epoch": epoch}
-        for m in METRICS:
-            row[f"{m}_reference"] = ref_eval[epoch][m]
-            row[f"{m}_test"] = test_eval[epoch][m]
-        result.epochs.append(row)
+        row = {"step": step, **{name: train[step]["loss"] for name, (train, _) in logs.items()}}
+        row["rel_diff"] = _rel(row["test"], row["reference"])
+        if control is not None:
+            row["control_rel_diff"] = _rel(row["control"], row["reference"])
+        result.steps.append(row)
+    for epoch in sorted(set.intersection(*(set(evals) for _, evals in logs.values()))):
+        result.epochs.append({"epoch": epoch, **{f"{m}_{name}": evals[epoch][m]
+                                                 for name, (_, evals) in logs.items()
+                                                 for m in METRICS}})
+    ref_train, test_train = logs["reference"][0], logs["test"][0]
     result.train_seconds = {"reference": sum(ref_train[s]["seconds"] for s in common),
                             "test": sum(test_train[s]["seconds"] for s in common)}
     return result
 
 
 def format_comparison(c: RunComparison, first: int) -> str:
-    """The first steps' losses, every common evaluation and the summed step times."""
-    lines = [f"reference {c.reference}  vs  test {c.test}",
-             f"{'step':>5} {'reference loss':>15} {'test loss':>12} {'rel diff':>9}"]
-    lines += [f"{s['step']:>5} {s['reference']:>15.6f} {s['test']:>12.6f} {s['rel_diff']:>9.2e}"
-              for s in c.steps[:first]]
-    lines.append(f"{'epoch':>5} " + " ".join(f"{m + ' ref/test':>17}" for m in METRICS))
+    """The first steps' losses, every common evaluation, the summed step times and, with a
+    control run, the reference's own spread."""
+    runs = ["reference", "test"] + ([] if c.control is None else ["control"])
+    head = f"reference {c.reference}  vs  test {c.test}"
+    lines = [head if c.control is None else f"{head}  (control {c.control})",
+             f"{'step':>5} {'reference loss':>15} {'test loss':>12} {'rel diff':>9}"
+             + ("" if c.control is None else f" {'control loss':>13} {'rel diff':>9}")]
+    for s in c.steps[:first]:
+        line = f"{s['step']:>5} {s['reference']:>15.6f} {s['test']:>12.6f} {s['rel_diff']:>9.2e}"
+        if c.control is not None:
+            line += f" {s['control']:>13.6f} {s['control_rel_diff']:>9.2e}"
+        lines.append(line)
+    label = "/".join({"reference": "ref"}.get(r, r) for r in runs)
+    width = 9 * len(runs) - 1
+    lines.append(f"{'epoch':>5} " + " ".join(f"{m + ' ' + label:>{width}}" for m in METRICS))
     for e in c.epochs:
-        lines.append(f"{e['epoch'] + 1:>5} " + " ".join(
-            f"{100 * e[m + '_reference']:>8.2f}/{100 * e[m + '_test']:<8.2f}" for m in METRICS))
+        cells = ["/".join(f"{100 * e[f'{m}_{r}']:.2f}" for r in runs) for m in METRICS]
+        lines.append(f"{e['epoch'] + 1:>5} " + " ".join(f"{cell:>{width}}" for cell in cells))
     seconds = c.train_seconds
     lines.append(f"step time summed over the {len(c.steps)} common steps: reference "
                  f"{seconds['reference']:.0f} s, test {seconds['test']:.0f} s "
                  f"(test / reference {seconds['test'] / max(seconds['reference'], 1e-9):.2f})")
+    if c.control is not None:
+        lines.append(c.control_spread(first))
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -81,3 +82,26 @@ def test_compare_runs_checks_first_steps_and_final_ap(tmp_path, capsys) -> None:
     assert "FAIL: final AP differs by 1.50 points > 1" in printed
     assert main(["compare-runs", str(tmp_path / "torch"), str(tmp_path / "missing")]) == 2
     assert "training log not found" in capsys.readouterr().err
+
+
+def test_compare_runs_control_reports_the_reference_spread_without_changing_the_verdict(
+        tmp_path, capsys) -> None:
+    losses = [20.0 - 0.5 * i for i in range(25)]
+    _write_run(tmp_path / "torch", losses, [0.30, 0.60])
+    _write_run(tmp_path / "far", losses[:3] + [losses[3] * 1.01] + losses[4:], [0.30, 0.585])
+    control = losses[:5] + [losses[5] * 1.02] + losses[6:]
+    _write_run(tmp_path / "control", control[:22], [0.31, 0.58])
+    args = ["compare-runs", str(tmp_path / "torch"), str(tmp_path / "far"),
+            "--control", str(tmp_path / "control"), "--out", str(tmp_path / "report")]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL: total loss differs by more than 0.001 relative at steps [3]" in printed
+    assert ("first 20 steps' worst total-loss rel diff 2.00e-02 at step 5 (larger than the "
+            "test's at 1 of 20 steps), final AP 2.00 points from the reference") in printed
+    assert "60.00/58.50/58.00" in printed
+    assert "step time summed over the 22 common steps" in printed
+    with open(tmp_path / "report" / "runs_steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    assert len(steps) == 22 and float(steps[5]["control_rel_diff"]) == pytest.approx(0.02)
+    with open(tmp_path / "report" / "runs_epochs.csv") as f:
+        assert [float(e["AP_control"]) for e in csv.DictReader(f)] == [0.31, 0.58]

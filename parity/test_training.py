@@ -87,6 +87,26 @@ def test_every_parameter_gets_a_gradient_on_both_sides_or_neither() -> None:
     assert row.passed and row.reason == "no gradient on either side"
 
 
+def test_a_parameter_without_gradient_is_not_stepped_on_either_side() -> None:
+    """torch's AdamW skips a parameter whose ``grad`` is None: no decay, no moments, no count.
+    Jittor's own AdamW would decay and count it (its gradient is zeros); the port's
+    ``jittor_impl.engine.AdamW`` must skip it too. (The other rows of this unusual step are
+    the step tests' job: without any target the loss is all-negative VFL, whose gradients at
+    the decoder's sampling offsets are rounding-sensitive, see the tolerance table.)"""
+    pair = build_pair("r18vd", size=DEFAULT_SIZE)
+    images = training_batches(pair.cfg.num_classes, DEFAULT_SIZE)[0][0]
+    empty = [{"labels": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32)}] * 2
+    name = "decoder.denoising_class_embed.weight"
+    before = pair.jittor_model.state_dict()[name].numpy().copy()
+    rows = check_optimizer_step(pair, images, empty)
+    assert np.array_equal(pair.jittor_model.state_dict()[name].numpy(), before)
+    assert [f for f in _failures(rows) if name in f or "side only" in f] == []
+    row = next(c for c in rows if c.path == f"exp_avg.{name}")
+    assert row.reason == "AdamW state on neither side (no gradient: both skipped the parameter)"
+    counted = [c.path for c in rows if c.path.startswith("step_count.")]
+    assert f"step_count.{name}" not in counted and len(counted) > 100
+
+
 def _decoder_without_detach(self, tgt: jt.Var, ref_points_unact: jt.Var, memory: jt.Var,
                             memory_spatial_shapes: Sequence[Sequence[int]],
                             memory_level_start_index: Sequence[int], bbox_head, score_head,

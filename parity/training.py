@@ -29,9 +29,7 @@ loss_tolerance` does for loss terms. Rows note when that allowance was used.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -52,10 +50,6 @@ from .compare import Comparison, Tolerance, compare_arrays, compare_tree
 from .models import ModelPair, to_jittor, to_numpy, to_torch
 from .tolerances import tolerance
 
-# Jittor's grad.cc logs this warning for a target the loss does not reach, then returns zeros.
-_NO_GRADIENT = re.compile(r"grads\[(\d+)\] '([^']*)' doesn't have gradient")
-_PROBES = itertools.count()
-
 # Target counts of the images of the fixed training batches; batch i starts at offset 3 * i,
 # so the first batch of two images is (4, 0): one image without any target.
 _COUNTS = (4, 0, 7, 2, 1, 5, 3, 6)
@@ -70,16 +64,8 @@ def jittor_gradients(loss: jt.Var, named: list[tuple[str, jt.Var]]) -> dict[str,
     """Gradients of ``loss`` with respect to named Jittor Vars, ``None`` where there is none.
 
     PyTorch leaves ``p.grad`` at ``None`` for a parameter the loss does not depend on; Jittor
-    has no such marker. ``jt.grad`` (``src/grad.cc``) walks the graph back from the loss
-    through Vars that are not stop-grad; a target it does not reach gets a constant zero
-    (a broadcast ``number`` op, indistinguishable from a computed zero gradient) and a
-    warning ``grads[i] '<name>' doesn't have gradient`` is logged, once per Var name for the
-    life of the process. A computed gradient that happens to be zero everywhere (e.g. the
-    padding row of an embedding, or a head whose loss term is multiplied by zero) raises no
-    warning. So each target is renamed to a name unique to this call, the warnings are
-    captured with ``jt.log_capture_scope``, and the targets they name are the ones without a
-    gradient; the original names are restored afterwards. This is the same ``jt.grad`` call
-    the optimizer's ``backward`` makes over the same Vars.
+    returns zeros. :func:`jittor_impl.engine.gradient_probe` tells the two apart around the
+    same ``jt.grad`` call the optimizer's ``backward`` makes over the same Vars.
 
     Args:
         loss: Scalar loss ([1]).
@@ -88,22 +74,8 @@ def jittor_gradients(loss: jt.Var, named: list[tuple[str, jt.Var]]) -> dict[str,
     Returns:
         ``name -> gradient`` (numpy, computed) or ``None`` (the loss does not reach the Var).
     """
-    probe = next(_PROBES)
-    old_names = [var.name() for _, var in named]
-    probe_names = [f"{name}@gradprobe{probe}" for name, _ in named]
-    for (_, var), new in zip(named, probe_names):
-        var.name(new)
-    try:
-        with jt.log_capture_scope() as logs:
-            grads = jt.grad(loss, [var for _, var in named], retain_graph=False)
-    finally:
-        for (_, var), old in zip(named, old_names):
-            var.name(old)
-    missing = set()
-    for entry in logs:
-        found = _NO_GRADIENT.search(entry["msg"])
-        if found and found.group(2) == probe_names[int(found.group(1))]:
-            missing.add(int(found.group(1)))
+    with jittor_engine.gradient_probe([var for _, var in named]) as missing:
+        grads = jt.grad(loss, [var for _, var in named], retain_graph=False)
     jt.sync(grads)
     return {name: None if i in missing else grads[i].numpy()
             for i, (name, _) in enumerate(named)}
@@ -585,23 +557,27 @@ def _torch_optimizer_state(optimizer: torch.optim.Optimizer, named: list) -> dic
     return state
 
 
-def _jittor_optimizer_state(optimizer: jt.optim.Optimizer, named: list) -> dict:
-    """AdamW's moments by parameter name: Jittor keeps ``m`` (exp_avg) and ``values``
-    (exp_avg_sq) per group, and one step count ``n_step`` for the whole optimizer."""
+def _jittor_optimizer_state(optimizer: jittor_engine.AdamW, named: list) -> dict:
+    """AdamW's per-parameter state by name, as torch's: Jittor keeps ``m`` (exp_avg),
+    ``values`` (exp_avg_sq) and ``steps`` per group; a parameter never updated has none."""
     names = {id(var): name for name, var in named}
     state = {}
     for group in optimizer.param_groups:
-        for var, m, v in zip(group["params"], group["m"], group["values"]):
-            state[names[id(var)]] = {"exp_avg": m.numpy(), "exp_avg_sq": v.numpy(),
-                                     "step": np.int64(optimizer.n_step)}
+        for var, m, v, steps in zip(group["params"], group["m"], group["values"], group["steps"]):
+            if steps:
+                state[names[id(var)]] = {"exp_avg": m.numpy(), "exp_avg_sq": v.numpy(),
+                                         "step": np.int64(steps)}
     return state
 
 
-def _jittor_clipped_grads(optimizer: jt.optim.Optimizer, named: list) -> dict[str, np.ndarray]:
-    """The gradients Jittor's optimizer holds after clipping, by parameter name."""
+def _jittor_clipped_grads(optimizer: jittor_engine.AdamW,
+                          named: list) -> dict[str, np.ndarray | None]:
+    """The gradients Jittor's optimizer holds after clipping by parameter name, None for a
+    parameter the backward did not reach (torch's ``grad is None``)."""
     names = {id(var): name for name, var in named}
-    return {names[id(var)]: g.numpy() for group in optimizer.param_groups
-            for var, g in zip(group["params"], group["grads"])}
+    return {names[id(var)]: g.numpy() if reached else None
+            for group in optimizer.param_groups
+            for var, g, reached in zip(group["params"], group["grads"], group["reached"])}
 
 
 def _numerically_zero(ref: dict[str, np.ndarray | None],
@@ -614,7 +590,7 @@ def _numerically_zero(ref: dict[str, np.ndarray | None],
     floor = tolerance("grad.zero", "step").atol * _global_norm(ref)
     zero = {}
     for name, g in ref.items():
-        if g is None or name not in test:
+        if g is None or test.get(name) is None:
             continue
         norms = float(np.linalg.norm(g)), float(np.linalg.norm(test[name]))
         if max(norms) <= floor:
@@ -625,15 +601,17 @@ def _numerically_zero(ref: dict[str, np.ndarray | None],
 
 def _reference_update(optimizer: torch.optim.Optimizer, named: list,
                       before: dict[str, np.ndarray],
-                      grads: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+                      grads: dict[str, np.ndarray | None]) -> dict[str, dict[str, np.ndarray]]:
     """What the reference optimizer does with the port's gradients, per parameter.
 
     A fresh ``torch.optim.AdamW`` with the hyper-parameters of each group of ``optimizer``
     (fresh: its state starts empty, as the step checked is a first step) takes one step on
-    fp32 copies of ``before`` whose ``.grad`` are ``grads``.
+    fp32 copies of ``before`` whose ``.grad`` are ``grads`` (left None where ``grads`` has
+    None: torch then skips the parameter).
 
     Returns:
-        ``name -> {"update": after - before (float64), "exp_avg": ..., "exp_avg_sq": ...}``.
+        ``name -> {"update": after - before (float64), "exp_avg": ..., "exp_avg_sq": ...}``
+        (no moments for a skipped parameter).
     """
     names = {id(p): name for name, p in named}
     copies, groups = {}, []
@@ -642,14 +620,15 @@ def _reference_update(optimizer: torch.optim.Optimizer, named: list,
         for p in group["params"]:
             name = names[id(p)]
             copies[name] = torch.tensor(before[name], dtype=torch.float32, requires_grad=True)
-            copies[name].grad = torch.from_numpy(np.ascontiguousarray(grads[name], np.float32))
+            if grads[name] is not None:
+                copies[name].grad = torch.from_numpy(np.ascontiguousarray(grads[name], np.float32))
             params.append(copies[name])
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
     reference = torch.optim.AdamW(groups)
     reference.step()
     return {name: {"update": t.detach().numpy().astype(np.float64) - before[name],
-                   "exp_avg": reference.state[t]["exp_avg"].numpy(),
-                   "exp_avg_sq": reference.state[t]["exp_avg_sq"].numpy()}
+                   **{key: value.numpy() for key, value in reference.state[t].items()
+                      if key in ("exp_avg", "exp_avg_sq")}}
             for name, t in copies.items()}
 
 
@@ -885,10 +864,13 @@ def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict
                               before_j[name], path), zero.get(name), math.nan, "update"))
         path = f"param.{name}"
         rows.append(compare_arrays(after_j[name], after_t[name], _tolerance(path), path))
-        if name not in state_t:
-            rows.append(Comparison(f"exp_avg.{name}", (), (), "", "",
-                                   reason="AdamW state on the Jittor side only (torch skipped "
-                                          "the parameter: it had no gradient)"))
+        held = (name in state_t, name in state_j)
+        if held != (True, True):
+            sides = {(False, False): "neither side (no gradient: both skipped the parameter)",
+                     (False, True): "the Jittor side only (torch skipped it: no gradient)",
+                     (True, False): "the torch side only (Jittor skipped it)"}
+            rows.append(Comparison(f"exp_avg.{name}", (), (), "", "", passed=not any(held),
+                                   reason=f"AdamW state on {sides[held]}"))
             continue
         for key in ("exp_avg", "exp_avg_sq"):
             path = f"{key}.{name}"
