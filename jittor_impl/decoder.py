@@ -14,7 +14,10 @@ Differences from torch_ref/decoder.py:
 - ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`` is
   :func:`grid_sample_bilinear`, written here (Jittor's ``nn.grid_sample`` differs): it gathers
   the four corners of every point with one flat index and weights them with PyTorch's CPU
-  formulas, so it is differentiable with respect to the values and the grid.
+  formulas, so it is differentiable with respect to the values and the grid. It works on
+  channels-last maps, so :func:`deformable_attention_core_func` keeps each head's channels
+  innermost from the value projection to the output (Jittor's CPU transposes that move the
+  channel axis are slow: the channels-first round trip cost ~10% of an r18vd eval forward).
 - ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the
   PyTorch-semantics versions of ``jittor_impl.common`` (Jittor's own have other parameter
   names, store the biased running variance, compute the variance as ``E[x^2] - E[x]^2``, or
@@ -161,7 +164,8 @@ class MLP(nn.Module):
 
 
 def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
-    """PyTorch's ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``.
+    """PyTorch's ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``
+    on channels-last maps: ``F.grid_sample(value.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)``.
 
     Corners outside the map contribute zero. The weights are formed as in PyTorch's CPU kernel
     (``w = x - floor(x)``, ``e = 1 - w``, ...). One flat-index gather fetches the four corners
@@ -169,22 +173,22 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
     (through the gather) and to ``grid`` (through the weights; the corner indices are constants).
 
     Args:
-        value: ``[n, c, h, w]`` maps.
+        value: ``[n, h, w, c]`` maps.
         grid: ``[n, h_out, w_out, 2]`` normalised ``(x, y)`` locations, ``-1`` / ``1`` at the
             outer edges of the border pixels.
 
     Returns:
-        ``[n, c, h_out, w_out]`` sampled values.
+        ``[n, h_out, w_out, c]`` sampled values.
 
     Raises:
         ValueError: If the shapes do not fit together.
     """
     if value.ndim != 4 or grid.ndim != 4 or grid.shape[-1] != 2 or grid.shape[0] != value.shape[0]:
         raise ValueError(
-            f"grid_sample_bilinear expects value [n, c, h, w] and grid [n, h_out, w_out, 2], "
+            f"grid_sample_bilinear expects value [n, h, w, c] and grid [n, h_out, w_out, 2], "
             f"got {tuple(value.shape)} and {tuple(grid.shape)}"
         )
-    n, c, h, w = value.shape
+    n, h, w, c = value.shape
     _, h_out, w_out, _ = grid.shape
 
     # Pixel coordinates (align_corners=False): [n, h_out, w_out] each.
@@ -216,12 +220,12 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
         [(weights[k] * (in_y[i] & in_x[j]).cast(value.dtype)).flatten() for k, (i, j) in enumerate(corners)]
     ).unsqueeze(-1)
 
-    # [n, c, h, w] -> [n, h, w, c] -> [n*h*w, c]
-    rows = value.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    # [n, h, w, c] -> [n*h*w, c]
+    rows = value.reshape(n * h * w, c)
     # [4, n*h_out*w_out, c] -> [n*h_out*w_out, c]
     output = (rows[index] * corner_weights).sum(0)
-    # [n*h_out*w_out, c] -> [n, h_out, w_out, c] -> [n, c, h_out, w_out]
-    return output.reshape(n, h_out, w_out, c).permute(0, 3, 1, 2)
+    # [n*h_out*w_out, c] -> [n, h_out, w_out, c]
+    return output.reshape(n, h_out, w_out, c)
 
 
 def deformable_attention_core_func(
@@ -251,22 +255,21 @@ def deformable_attention_core_func(
     sampling_grids = 2 * sampling_locations - 1
     sampling_value_list = []
     for level, (h, w) in enumerate(value_spatial_shapes):
-        # [bs, h*w, n_head, c] -> [bs, h*w, n_head*c] -> [bs, n_head*c, h*w] -> [bs*n_head, c, h, w]
-        value_l = value_list[level].flatten(2).permute(0, 2, 1).reshape(bs * n_head, c, h, w)
+        # [bs, h*w, n_head, c] -> [bs, n_head, h*w, c] -> [bs*n_head, h, w, c]
+        value_l = value_list[level].permute(0, 2, 1, 3).reshape(bs * n_head, h, w, c)
         # [bs, len_q, n_head, n_points, 2] -> [bs, n_head, len_q, n_points, 2] -> [bs*n_head, len_q, n_points, 2]
         sampling_grid_l = sampling_grids[:, :, :, level].permute(0, 2, 1, 3, 4).flatten(0, 1)
-        # [bs*n_head, c, len_q, n_points]
-        sampling_value_l = grid_sample_bilinear(value_l, sampling_grid_l)
-        sampling_value_list.append(sampling_value_l)
+        # [bs*n_head, len_q, n_points, c]
+        sampling_value_list.append(grid_sample_bilinear(value_l, sampling_grid_l))
     # [bs, len_q, n_head, n_levels, n_points] -> [bs, n_head, len_q, n_levels, n_points]
-    # -> [bs*n_head, 1, len_q, n_levels*n_points]
-    attention_weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(bs * n_head, 1, len_q, n_levels * n_points)
-    # [bs*n_head, c, len_q, n_levels, n_points] -> [bs*n_head, c, len_q, n_levels*n_points]
-    sampled = jt.stack(sampling_value_list, dim=-2).flatten(-2)
-    # [bs*n_head, c, len_q] -> [bs, n_head*c, len_q]
-    output = (sampled * attention_weights).sum(-1).reshape(bs, n_head * c, len_q)
+    # -> [bs*n_head, len_q, n_levels*n_points, 1]
+    attention_weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(bs * n_head, len_q, n_levels * n_points, 1)
+    # [bs*n_head, len_q, n_levels, n_points, c] -> [bs*n_head, len_q, n_levels*n_points, c]
+    sampled = jt.stack(sampling_value_list, dim=2).reshape(bs * n_head, len_q, n_levels * n_points, c)
+    # [bs*n_head, len_q, c] -> [bs, n_head, len_q, c] -> [bs, len_q, n_head, c]
+    output = (sampled * attention_weights).sum(2).reshape(bs, n_head, len_q, c).permute(0, 2, 1, 3)
     # [bs, len_q, n_head*c]
-    return output.permute(0, 2, 1)
+    return output.reshape(bs, len_q, n_head * c)
 
 
 class MSDeformableAttention(nn.Module):
