@@ -21,9 +21,10 @@ Differences from torch_ref/common.py:
       :func:`named_modules`, :func:`named_buffers`, :func:`named_parameters`
       and :func:`count_parameters`.
     - :class:`MultiheadAttention` multiplies its per-head matrices with
-      :func:`batched_matmul` (written here): the gradient Jittor derives for
-      a batched CPU ``jt.matmul`` is several times slower than the product,
-      so the gradients are spelled out as batched products themselves.
+      :func:`batched_matmul` (written here): Jittor's CPU ``jt.matmul`` of
+      batched operands is a broadcast product and sum (its derived gradient
+      several times slower still), so the product and both gradients are
+      per-slice 2-D oneDNN products.
     - Jittor reduces an axis with one running float32 sum, so long reductions
       are less accurate than torch's; :class:`BatchNorm2d` sums its batch
       statistics one axis at a time to stay close to torch in training mode.

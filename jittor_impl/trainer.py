@@ -19,8 +19,8 @@ Differences from torch_ref/trainer.py:
 - Jittor's optimizers have no usable ``state_dict`` (it pickles the parameter Vars
   themselves): :func:`optimizer_state` / :func:`load_optimizer_state` save and restore
   :class:`jittor_impl.engine.AdamW`'s step count ``n_step`` and each group's rate, per-parameter
-  update counts (``steps``) and first/second moments (``m`` / ``values``) by position. Groups without an explicit rate get one (``optimizer.lr``) so the schedule can set
-  it.
+  update counts (``steps``) and first/second moments (``m`` / ``values``) by position.
+  Groups without an explicit rate get one (``optimizer.lr``) so the schedule can set it.
 - Jittor evaluates lazily: after each step the optimizer's moment Vars are synced with the
   weights, so every step starts from materialised values, as a resumed run does (without the
   sync a step could fuse the previous step's pending moment update into its own kernels and
