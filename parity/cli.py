@@ -135,12 +135,12 @@ def format_check(result, failures_per_kind: int = 20) -> str:
 def format_trajectory(trajectory) -> str:
     """Per-step total loss of both sides, their difference and the weight drift."""
     head = (f"{'step':>4} {'torch loss':>11} {'jittor loss':>11} {'rel diff':>9} {'fp32 floor':>10} "
-            f"{'weights rel L2':>14} {'worst param':>11} {'gate flips':>10}")
+            f"{'weights rel L2':>14} {'worst param':>11} {'tie flips':>10}")
     lines = [head, "-" * len(head)]
     for s in trajectory.steps:
         lines.append(f"{s.step:>4} {s.torch_loss:>11.5f} {s.jittor_loss:>11.5f} "
                      f"{s.loss_rel_diff:>9.2g} {s.loss_floor:>10.2g} {s.weights_rel_l2:>14.3g} "
-                     f"{s.max_param_rel_l2:>11.3g} {s.gate_flips:>10}")
+                     f"{s.max_param_rel_l2:>11.3g} {s.tie_flips:>10}")
     return "\n".join(lines)
 
 

@@ -15,14 +15,19 @@ from typing import Optional, Sequence
 import jittor as jt
 import numpy as np
 import pytest
+import torch
 
+import jittor_impl
+import torch_ref
 from jittor_impl.box_ops import inverse_sigmoid
 from parity.check import CheckResult
 from parity.compare import compare_tree
 from parity.models import ModelPair, build_pair
 from parity.tolerances import tolerance
-from parity.training import (add_rows, check_gradients, check_optimizer_step, compare_gradients,
-                             row_kind, run_trajectory, train_pass, training_batches)
+from parity.training import (ForcedL1Signs, add_rows, check_gradients, check_optimizer_step,
+                             compare_gradients, row_kind, run_trajectory, train_pass,
+                             training_batches)
+from rtdetr_common.configs import variant_at_size
 
 SLOW = pytest.mark.slow
 # r18vd's default-tier size: every gradient meets the issue targets there without the
@@ -153,3 +158,41 @@ def test_missing_detach_is_caught_by_gradients_not_by_forward() -> None:
     assert any(f.startswith("grad grad.decoder.decoder.layers.0.") for f in failures), failures
     assert all("rel L2" in f or "cosine" in f for f in failures)
     assert not any(f.startswith("grad grad.decoder.enc_") for f in failures), failures
+
+
+@pytest.mark.parametrize("gap, forced", [(1e-6, True), (1e-3, False)])
+def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
+    """One matched box whose cx lies ``gap`` right of its target in torch and ``gap`` left of
+    it in Jittor: within the ``train.l1_sign`` band the port takes the reference's sign (same
+    gradient, the decision row passes and counts the flip); beyond it the port keeps its own
+    sign (the gradient differs by 2 * weight / num_boxes) and the row fails."""
+    cfg = variant_at_size("r18vd", 80, 64)
+    target = np.array([[0.5, 0.5, 0.2, 0.2]], np.float32)
+    boxes = np.random.default_rng(0).uniform(0.2, 0.8, (1, 3, 4)).astype(np.float32)
+    boxes[0, 0] = target[0] + np.array([gap, 0.01, -0.02, 0.03], np.float32)
+    logits = np.random.default_rng(1).normal(size=(1, 3, 80)).astype(np.float32)
+    torch_boxes = torch.tensor(boxes, requires_grad=True)
+    jittor_boxes = boxes.copy()
+    jittor_boxes[0, 0, 0] = target[0, 0] - gap
+    jittor_boxes = jt.array(jittor_boxes)
+    labels = np.array([3], np.int64)
+    criterion_t = torch_ref.build_criterion(cfg)
+    criterion_j = jittor_impl.build_criterion(cfg)
+    with ForcedL1Signs(criterion_t, criterion_j) as ties:
+        losses_t = criterion_t({"pred_logits": torch.tensor(logits), "pred_boxes": torch_boxes},
+                               [{"labels": torch.tensor(labels), "boxes": torch.tensor(target)}])
+        criterion_j.forced_indices = dict(criterion_t.last_indices)
+        losses_j = criterion_j({"pred_logits": jt.array(logits), "pred_boxes": jittor_boxes},
+                               [{"labels": jt.array(labels), "boxes": jt.array(target)}])
+        grad_j = jt.grad(losses_j["loss_bbox"], jittor_boxes).numpy()
+    losses_t["loss_bbox"].backward()
+    grad_t = torch_boxes.grad.numpy()
+    weight = cfg.criterion.weight_dict["loss_bbox"]
+    assert grad_t[0, 0, 0] == pytest.approx(weight)
+    assert grad_j[0, 0, 0] == pytest.approx(weight if forced else -weight)
+    np.testing.assert_allclose(grad_j[0, 0, 1:], grad_t[0, 0, 1:], rtol=1e-6)
+    [row] = ties.decisions()
+    assert row.path == "train.l1_sign.loss_bbox" and row_kind(row.path) == "decision"
+    assert ties.flips == {row.path: 1}
+    assert row.max_abs == pytest.approx(gap, rel=5e-2)  # gap rounded at 0.5 in fp32
+    assert row.passed is forced

@@ -41,8 +41,16 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # largest flipped gate 1.6e-4 at 256, 8.7e-3 at 640 in the last decoder layer, where the
     # reference's own fp32 error is within 3x of it). An element closer to 0 than atol is a tie
     # that rounding opens or shuts: the port takes the reference's gate there (parity/
-    # training.py ForcedGates); a flip beyond it fails unless within the noise factor.
+    # training.py ForcedGates). With a float64 replay the band widens to the noise factor times
+    # the reference's own fp32 error of the module's pre-activations (~0.2 in r50vd's last
+    # decoder FFN at 640); a flip beyond the band is not forced, and fails.
     ("decision", "train.relu_gate", Tolerance(atol=1e-2), "ReLU gates: differ only within 1e-2 of 0"),
+    # L1 box-loss signs are decisions too (gradient sign(pred - target)): a denoising query
+    # starts at its noised target, and a coordinate can end within rounding of it (measured
+    # r50vd 640, seeded weights: +1.1e-5 in torch, -1.0e-5 in Jittor, decoder layer 3). Within
+    # atol of 0 the port takes the reference's sign (parity/training.py ForcedL1Signs); the
+    # band widens to the noise factor times the reference's own fp32 error of the differences.
+    ("decision", "train.l1_sign", Tolerance(atol=1e-4), "L1 signs: differ only within 1e-4 of 0"),
     ("decision", "", Tolerance(atol=0.0), "other decisions: identical"),
     # Per-module parity (parity/modules.py); paths are looked up as "<eval|train>:<module path>".
     # Isolated: each module fed the reference's inputs, its children answered with the
@@ -94,14 +102,30 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # 3.6x the reference's own fp32 loss error (which reaches 1.2% at step 10).
     ("noise", "].loss", Tolerance(atol=15.0), "trajectory loss: <= atol x the reference's own"),
     ("noise", "trajectory", Tolerance(atol=5.0), "trajectory: port drift <= atol x the reference's own"),
+    # One step's per-parameter gradients, AdamW moments and updates of the 6-layer decoders at
+    # 640 carry more of the port's rounding than 3x: measured r50vd 640, seeded weights, every
+    # ReLU gate and L1 sign within the noise forced, 32 of 387 gradients between 3x and 4.7x
+    # (Jittor's train-mode forward error against the float64 replay is 1.2-2.0x the
+    # reference's at every module, from the stem's second convolution on, with its default
+    # fast-math kernels and with -O3 ones alike: its oneDNN convolutions round differently;
+    # the backward through six deformable layers compounds it. With -O3 kernels,
+    # RTDETR_JITTOR_PRECISE=1: 8 rows, up to 4.3x), second moments (squared gradients) up to
+    # 5.2x. r18vd stays within 3x. The port defects these rows found were 20-65x (unforced
+    # ties), well outside 6x.
+    ("noise", "grad.", Tolerance(atol=6.0), "gradients: port error <= atol x the reference's fp32 error"),
+    ("noise", "exp_avg", Tolerance(atol=6.0), "AdamW moments: port error <= atol x the reference's"),
+    ("noise", "update.", Tolerance(atol=6.0), "updates: port error <= atol x the reference's"),
     ("noise", "", Tolerance(atol=3.0), "training: port error <= atol x the reference's fp32 error"),
     ("step", "", Tolerance(atol=float("inf"), max_rel_l2=1e-3), "optimizer step: rel L2 <= 1e-3"),
     # AdamW's first step moves each element by ~lr * sign(g) unless |g| is near eps: an element
     # whose gradient is within the gradient noise of 0 moves +lr on one side, -lr on the other,
     # 2 / sqrt(n) of a tensor's update norm (0.25 for n = 64; measured r18vd 640: 0.245 for a
     # 64-channel BatchNorm bias; 2.2e-2 for the 20736-element denoising embedding). Cross-
-    # framework updates may differ by max(atol, rtol * n) such flips (parity/training.py).
-    ("update.flips", "", Tolerance(atol=2.0, rtol=1e-3), "update: AdamW sign flips allowed (count, share)"),
+    # framework updates may differ by max(atol, rtol * n) such flips (parity/training.py). How
+    # many gradients lie that close to 0 grows with the gradient noise: r18vd 640 flipped up to
+    # 2 elements of a tensor, r50vd 640 (gradient errors up to 4.7x the reference's own, see
+    # the grad noise entry) up to 5 of 256 (decoder BatchNorm/attention biases).
+    ("update.flips", "", Tolerance(atol=6.0, rtol=1e-3), "update: AdamW sign flips allowed (count, share)"),
     # A parameter's update is after - before of fp32 weights, each side rounding the weight at
     # least twice per step (AdamW's decay, then its step): up to ~1 ulp of the weight per
     # element and side. Where lr is small against the weight (backbone BatchNorm weights ~1,

@@ -4,8 +4,9 @@ Both models see the same images and targets and draw the same denoising noise (t
 model's shared stream is set to the torch model's state before every pass). The reference's
 discrete decisions are forced into the port, so that rounding cannot send the two sides down
 different branches: the encoder top-k (``decoder.forced_topk_ind``), every Hungarian match
-(``SetCriterion.forced_indices``; :mod:`parity.check` compares both decisions) and every
-ReLU gate (:class:`ForcedGates`, reported as ``decision`` rows). Losses are summed as the
+(``SetCriterion.forced_indices``; :mod:`parity.check` compares both decisions), and every
+ReLU gate and L1 box-loss sign within the forward's noise of its kink (:class:`ForcedTies`,
+reported as ``decision`` rows). Losses are summed as the
 official engine sums them (``sum(losses.values())``).
 
 Train-mode forwards of random-weight models are ill-conditioned: BatchNorm batch statistics
@@ -28,10 +29,12 @@ loss_tolerance` does for loss terms. Rows note when that allowance was used.
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import jittor as jt
 import numpy as np
@@ -95,7 +98,137 @@ class _ForcedTopk:
         self.decoder.forced_topk_ind = None
 
 
-class ForcedGates:
+class _ForcedTies(abc.ABC):
+    """Forces the reference's side of a kink into the port where the two sides tie.
+
+    Base of :class:`ForcedGates` (ReLU) and :class:`ForcedL1Signs` (``|d|`` of the L1 box
+    loss). Each kinked call ``y = x * branch(x)`` (``branch`` is ``x > 0`` for a ReLU,
+    ``sign(x)`` for ``|x|``) is recorded on the reference side by name, in call order; the
+    port's call of the same name and index returns ``x * b`` where ``b`` is the reference's
+    ``branch`` within the name's tie band (:meth:`band`) of the kink and the port's own
+    ``branch(x)`` elsewhere, so that ``x * b`` is exactly the plain function there (and a
+    port that drifted away from the reference, as over a trajectory, keeps its own
+    decisions). Same gradient rule; the forward differs only at forced elements, by less
+    than ``2 |x|``. :meth:`decisions` reports per name how many elements the port put (or,
+    where forced, would have put) on the other side, and the largest reference ``|x|`` among
+    them (a ``decision`` row: flips are allowed only within the band, which is also where
+    they are forced).
+
+    The band is the decision entry's ``atol``, widened to the ``noise`` factor times the
+    reference's own fp32 error at that name's inputs when the reference's float64 replay has
+    measured it (:meth:`set_reference_error`, before the port runs): an element that the
+    decision row accepts as a tie must also be forced, or its gradient is charged to the port.
+
+    Attributes:
+        reference: ``path -> [reference fp32 input of each call]`` (paths are ``prefix.name``).
+        flips: ``path -> count`` of elements on the other side, set by :meth:`decisions`.
+        reference_error: ``path -> largest |fp32 - float64|`` of the reference's inputs.
+    """
+
+    prefix = ""
+    what = ""
+
+    def __init__(self) -> None:
+        self.reference: dict[str, list[np.ndarray]] = {}
+        self.test: dict[str, list[jt.Var]] = {}
+        self.flips: dict[str, int] = {}
+        self.reference_error: dict[str, float] = {}
+
+    @staticmethod
+    @abc.abstractmethod
+    def branch(x: np.ndarray) -> np.ndarray:
+        """The side of the kink of each element (numpy)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def jittor_branch(x: jt.Var) -> jt.Var:
+        """:meth:`branch` of a Jittor Var, as float32."""
+
+    def path(self, name: str) -> str:
+        """The decision path of kink ``name``."""
+        return f"{self.prefix}.{name}"
+
+    def set_reference_error(self, errors: dict[str, float] | None) -> None:
+        """Per path, the reference's largest ``|fp32 - float64|`` input
+        (:attr:`Float64Replay.tie_errors`); widens :meth:`band`. Call before the port runs."""
+        self.reference_error = dict(errors or {})
+
+    def band(self, path: str) -> float:
+        """The tie band of ``path``: ``|x|`` up to which an element is a tie (forced to the
+        reference's side, and a flip of it accepted)."""
+        band = tolerance("decision", path).atol
+        if path in self.reference_error:
+            band = max(band, tolerance("noise", path).atol * self.reference_error[path])
+        return band
+
+    def _record(self, name: str, x: np.ndarray) -> None:
+        self.reference.setdefault(self.path(name), []).append(x)
+
+    def _force(self, name: str, x: jt.Var) -> jt.Var:
+        path = self.path(name)
+        calls = self.test.setdefault(path, [])
+        recorded = self.reference.get(path, [])
+        if len(calls) >= len(recorded):
+            raise ValueError(f"Jittor {self.what} {name!r} called {len(calls) + 1} times, the "
+                             f"reference's only {len(recorded)} times")
+        reference = recorded[len(calls)]
+        if tuple(x.shape) != reference.shape:
+            raise ValueError(f"Jittor {self.what} {name!r} call {len(calls)}: input shape "
+                             f"{tuple(x.shape)} != reference {reference.shape}")
+        calls.append(x)
+        tie = np.abs(reference) <= self.band(path)
+        forced = jt.array(np.where(tie, self.branch(reference), 0).astype(np.float32))
+        own = jt.array((~tie).astype(np.float32)) * self.jittor_branch(x)
+        return x * (forced + own)
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Every kink name a decision row is reported for."""
+
+    def decisions(self) -> list[Comparison]:
+        """One ``decision`` row per kink name (``prefix.name``), all its calls pooled.
+
+        ``max_abs`` is the largest reference ``|x|`` among the elements the port put on the
+        other side (0 when none); the row passes when it is within the :meth:`band`: an
+        element that close to the kink is one the reference's own rounding could flip. The
+        number of flipped elements per path is left in :attr:`flips`.
+        """
+        rows = []
+        for name in self.names():
+            path = self.path(name)
+            ref = self.reference.get(path, [])
+            test = [x.numpy() for x in self.test.get(path, [])]
+            size = sum(r.size for r in ref)
+            c = Comparison(path, (size,), (sum(t.size for t in test),), "bool", "bool")
+            if len(ref) != len(test):
+                c.reason = f"called {len(test)} times in Jittor, {len(ref)} times in torch"
+                rows.append(c)
+                continue
+            flipped = [np.abs(r[self.branch(r) != self.branch(t)]) for r, t in zip(ref, test)]
+            count = sum(f.size for f in flipped)
+            self.flips[path] = count
+            c.max_abs = max((float(f.max()) for f in flipped if f.size), default=0.0)
+            limit = self.band(path)
+            c.passed = c.max_abs <= limit
+            c.within = 1.0 - count / max(size, 1)
+            verdict = "ties within" if c.passed else "exceeds"
+            c.reason = "" if not count else (f"{count} of {size} elements differ in side; "
+                                             f"largest reference |x| {c.max_abs:.3g} {verdict} "
+                                             f"{limit:.3g} (reference's side forced)")
+            rows.append(c)
+        return rows
+
+    @classmethod
+    def replay(cls, path: str, x: torch.Tensor, reference: np.ndarray) -> torch.Tensor:
+        """The float64 replay's kinked call: the fp32 reference's side within the decision
+        entry's ``atol`` (the replay's own error is not known before it runs), its own
+        elsewhere."""
+        tie = np.abs(reference) <= tolerance("decision", path).atol
+        own = x.detach().numpy()
+        return x * torch.from_numpy(np.where(tie, cls.branch(reference), cls.branch(own)))
+
+
+class ForcedGates(_ForcedTies):
     """Forces the reference's ReLU decisions into the port, as the top-k decision is forced.
 
     A ReLU's gradient is a step function of its input: an element whose pre-activation lies
@@ -107,19 +240,17 @@ class ForcedGates:
     flip at decoder layer 0's FFN with pre-activation -2e-5 moved the gradients of that layer,
     the encoder and the backbone by 1.5-4% relative L2, while every parameter downstream of
     it agreed within 3e-4). That is a tie decided by rounding, not a difference of the port.
+    Deep in the decoder of a 6-layer model at 640 the reference's own fp32 error reaches ~0.2
+    at the pre-activations (measured r50vd, seeded weights, last decoder FFN), so the band
+    widens with it (see :class:`_ForcedTies`): forcing only within the fixed ``atol`` left
+    702 flips there, which moved gradients of the layers above by up to 22x the reference's
+    own error.
 
     Inside the ``with`` block every ``ReLU`` module of the torch model records its inputs
     (forward hooks, in call order; a module called several times, such as an MLP's shared
     activation, records each call), and the same-named ``ReLU`` of the Jittor model, called
-    afterwards, returns ``x * gate`` instead of ``relu(x)``: where the reference's input of
-    the same call lies within the tie band (the ``train.relu_gate`` decision entry's
-    ``atol``) of 0, ``gate`` is the reference's ``input > 0``; elsewhere it is the port's own
-    ``x > 0``, so that ``x * gate`` is exactly ``relu(x)`` there (and a port that drifted
-    away from the reference, as over a trajectory, keeps its own decisions). Same gradient
-    rule; the forward differs only at forced gates, by less than ``|x|``. :meth:`decisions`
-    then reports, per module, how many gates the port set (or would have set) differently
-    and the largest reference pre-activation among them (a ``decision`` row: flips are
-    allowed only within the forward's noise).
+    afterwards, returns ``x * gate`` (see :class:`_ForcedTies`). Paths are
+    ``train.relu_gate.<module name>``.
 
     Args:
         pair: The model pair; the torch forward must run before the Jittor one inside the
@@ -129,7 +260,11 @@ class ForcedGates:
         ValueError: When the two models' ReLU modules have different names.
     """
 
+    prefix = "train.relu_gate"
+    what = "ReLU"
+
     def __init__(self, pair: ModelPair) -> None:
+        super().__init__()
         self.torch_modules = {name: m for name, m in pair.torch_model.named_modules()
                               if isinstance(m, torch.nn.ReLU)}
         self.jittor_modules = {name: m for name, m in named_modules(pair.jittor_model)
@@ -138,41 +273,28 @@ class ForcedGates:
             only_t = sorted(set(self.torch_modules) - set(self.jittor_modules))
             only_j = sorted(set(self.jittor_modules) - set(self.torch_modules))
             raise ValueError(f"ReLU modules differ: torch only {only_t}, Jittor only {only_j}")
-        self.reference: dict[str, list[np.ndarray]] = {}
-        self.test: dict[str, list[jt.Var]] = {}
-        self.flips: dict[str, int] = {}
         self._handles: list = []
 
-    def _record(self, name: str):
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.reference.setdefault(name, []).append(inputs[0].detach().numpy().copy())
-        return hook
+    @staticmethod
+    def branch(x: np.ndarray) -> np.ndarray:
+        return x > 0
 
-    def _forced_relu(self, name: str):
-        def execute(x: jt.Var) -> jt.Var:
-            calls = self.test.setdefault(name, [])
-            recorded = self.reference.get(name, [])
-            if len(calls) >= len(recorded):
-                raise ValueError(f"Jittor ReLU {name!r} called {len(calls) + 1} times, the "
-                                 f"reference's only {len(recorded)} times")
-            reference = recorded[len(calls)]
-            if tuple(x.shape) != reference.shape:
-                raise ValueError(f"Jittor ReLU {name!r} call {len(calls)}: input shape "
-                                 f"{tuple(x.shape)} != reference {reference.shape}")
-            calls.append(x)
-            tie = np.abs(reference) <= tolerance("decision", f"train.relu_gate.{name}").atol
-            forced = jt.array((tie & (reference > 0)).astype(np.float32))
-            own = jt.array((~tie).astype(np.float32)) * (x > 0).float32()
-            return x * (forced + own)
-        return execute
+    @staticmethod
+    def jittor_branch(x: jt.Var) -> jt.Var:
+        return (x > 0).float32()
+
+    def names(self) -> list[str]:
+        return list(self.torch_modules)
 
     def __enter__(self) -> "ForcedGates":
         self.reference.clear()
         self.test.clear()
         for name, module in self.torch_modules.items():
-            self._handles.append(module.register_forward_hook(self._record(name)))
+            self._handles.append(module.register_forward_hook(
+                lambda m, inputs, output, name=name:
+                self._record(name, inputs[0].detach().numpy().copy())))
         for name, module in self.jittor_modules.items():
-            module.execute = self._forced_relu(name)
+            module.execute = lambda x, name=name: self._force(name, x)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,42 +305,101 @@ class ForcedGates:
             del module.execute
 
 
-    def decisions(self, reference_error: dict[str, float] | None = None) -> list[Comparison]:
-        """One ``decision`` row per ReLU module (``train.relu_gate.<name>``), all calls pooled.
+class ForcedL1Signs(_ForcedTies):
+    """Forces the reference's sign of each L1 box-loss difference into the port at ties.
 
-        ``max_abs`` is the largest ``|reference pre-activation|`` among the gates the port set
-        differently (0 when none); the row passes when it is within the tolerance's ``atol``
-        or, given ``reference_error`` (per module, the largest ``|fp32 - float64|`` of the
-        reference's pre-activations, from :class:`Float64Replay`), within the ``noise``
-        factor of it: a gate that close to 0 is one the reference's own rounding could flip.
-        The number of differing gates per module is left in :attr:`flips`.
-        """
-        rows = []
-        for name in self.torch_modules:
-            path = f"train.relu_gate.{name}"
-            ref = self.reference.get(name, [])
-            test = [x.numpy() for x in self.test.get(name, [])]
-            size = sum(r.size for r in ref)
-            c = Comparison(path, (size,), (sum(t.size for t in test),), "bool", "bool")
-            if len(ref) != len(test):
-                c.reason = f"called {len(test)} times in Jittor, {len(ref)} times in torch"
-                rows.append(c)
-                continue
-            flipped = [np.abs(r[(r > 0) != (t > 0)]) for r, t in zip(ref, test)]
-            count = sum(f.size for f in flipped)
-            self.flips[name] = count
-            c.max_abs = max((float(f.max()) for f in flipped if f.size), default=0.0)
-            limit = tolerance("decision", path).atol
-            if reference_error is not None and name in reference_error:
-                limit = max(limit, tolerance("noise", path).atol * reference_error[name])
-            c.passed = c.max_abs <= limit
-            c.within = 1.0 - count / max(size, 1)
-            verdict = "ties within" if c.passed else "exceeds"
-            c.reason = "" if not count else (f"{count} of {size} gates differ; largest reference "
-                                             f"|pre-activation| {c.max_abs:.3g} {verdict} "
-                                             f"{limit:.3g} (reference gates forced)")
-            rows.append(c)
-        return rows
+    The L1 box loss ``|pred - target|`` has gradient ``sign(pred - target)``: a matched box
+    coordinate that lies within the forward's rounding of its target gets ``+1`` on one side
+    and ``-1`` on the other. Denoising queries start at their (noised) targets, so such
+    coordinates occur (measured r50vd at 640, seeded weights: a denoising query of decoder
+    layer 3 at ``+1.1e-5`` in torch, ``-1.0e-5`` in Jittor, which alone put that layer's box
+    head gradients 65x the reference's own error apart). Both criteria compute the difference
+    through ``SetCriterion.l1_distance``; inside the ``with`` block the torch criterion's
+    records ``pred - target`` of each call (one per output: final, auxiliary, denoising) and
+    the Jittor criterion's returns ``d * sign`` with the reference's sign within the band
+    (see :class:`_ForcedTies`). The path is ``train.l1_sign.loss_bbox``.
+
+    Args:
+        torch_criterion: The reference's ``SetCriterion``; it must run before the port's.
+        jittor_criterion: The port's ``SetCriterion``.
+    """
+
+    prefix = "train.l1_sign"
+    what = "L1 box loss"
+    name = "loss_bbox"
+
+    def __init__(self, torch_criterion: torch.nn.Module, jittor_criterion: Any) -> None:
+        super().__init__()
+        self.criteria = (torch_criterion, jittor_criterion)
+
+    @staticmethod
+    def branch(x: np.ndarray) -> np.ndarray:
+        return np.sign(x)
+
+    @staticmethod
+    def jittor_branch(x: jt.Var) -> jt.Var:
+        return (x > 0).float32() - (x < 0).float32()
+
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def _torch_l1(self, src: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._record(self.name, (src - target).detach().numpy().copy())
+        return type(self.criteria[0]).l1_distance(self.criteria[0], src, target)
+
+    def __enter__(self) -> "ForcedL1Signs":
+        self.reference.clear()
+        self.test.clear()
+        self.criteria[0].l1_distance = self._torch_l1
+        self.criteria[1].l1_distance = lambda src, target: self._force(self.name, src - target)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for criterion in self.criteria:
+            del criterion.l1_distance
+
+
+class ForcedTies:
+    """Both tie forcings of a training pass, as one ``with`` block: :class:`ForcedGates` over
+    the models and :class:`ForcedL1Signs` over the two criteria (same interface, merged).
+
+    Args:
+        pair: The model pair.
+        torch_criterion: The reference's criterion of the pass.
+        jittor_criterion: The port's criterion of the pass.
+    """
+
+    def __init__(self, pair: ModelPair, torch_criterion: torch.nn.Module,
+                 jittor_criterion: Any) -> None:
+        self.parts = (ForcedGates(pair), ForcedL1Signs(torch_criterion, jittor_criterion))
+
+    def __enter__(self) -> "ForcedTies":
+        for part in self.parts:
+            part.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for part in self.parts:
+            part.__exit__(*exc)
+
+    @property
+    def reference(self) -> dict[str, list[np.ndarray]]:
+        """Every part's :attr:`_ForcedTies.reference`, merged (paths are distinct)."""
+        return {k: v for part in self.parts for k, v in part.reference.items()}
+
+    @property
+    def flips(self) -> dict[str, int]:
+        """Every part's :attr:`_ForcedTies.flips`, merged."""
+        return {k: v for part in self.parts for k, v in part.flips.items()}
+
+    def set_reference_error(self, errors: dict[str, float] | None) -> None:
+        """See :meth:`_ForcedTies.set_reference_error`."""
+        for part in self.parts:
+            part.set_reference_error(errors)
+
+    def decisions(self) -> list[Comparison]:
+        """Every part's ``decision`` rows."""
+        return [row for part in self.parts for row in part.decisions()]
 
 
 def _align_streams(pair: ModelPair) -> None:
@@ -250,22 +431,23 @@ class Decisions:
         rng_state: The torch model's shared stream before the forward (denoising noise).
         topk: Encoder top-k indices ``[bs, num_queries]``.
         matches: ``SetCriterion.last_indices`` of the reference criterion.
-        pre_activations: ReLU module name -> the reference's fp32 input of each call, in call
-            order (its gate is ``input > 0``).
+        ties: Kink path (``train.relu_gate.<module>``, ``train.l1_sign.loss_bbox``) -> the
+            reference's fp32 input of each call, in call order (see :class:`_ForcedTies`).
     """
 
     rng_state: dict
     topk: np.ndarray
     matches: dict
-    pre_activations: dict[str, list[np.ndarray]]
+    ties: dict[str, list[np.ndarray]]
 
 
 class Float64Replay:
     """A float64 copy of the reference model that replays the fp32 reference's steps.
 
     Same weights (copied when the replay is created), same denoising noise, and the fp32
-    run's decisions forced in (top-k, matches, and the ReLU gates within the tie band, as
-    :class:`ForcedGates` forces them into the port; outside it the replay decides itself), so
+    run's decisions forced in (top-k, matches, and the sides of the ReLU gates and L1 signs
+    within their decision entries' ``atol``; outside it the replay decides itself, and the
+    ``tie_errors`` it measures then widen the port's bands, see :class:`_ForcedTies`), so
     the only difference from the fp32 reference is rounding: comparing the two gives the
     reference's precision floor, and over a trajectory how far its own rounding carries it.
 
@@ -273,8 +455,8 @@ class Float64Replay:
         pair: The model pair; its torch model is copied now (before any step to replay).
 
     Attributes:
-        gate_errors: Per ReLU module, the largest ``|float64 - fp32|`` of the reference's
-            pre-activations in the last replayed forward.
+        tie_errors: Per kink path, the largest ``|float64 - fp32|`` of the reference's
+            inputs to it (pre-activations, box differences) in the last replayed forward.
     """
 
     def __init__(self, pair: ModelPair) -> None:
@@ -283,27 +465,29 @@ class Float64Replay:
         self.criterion = torch_ref.build_criterion(pair.cfg).double()
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema: torch_ref.ema.ModelEMA | None = None
-        self.gate_errors: dict[str, float] = {}
+        self.tie_errors: dict[str, float] = {}
+        self._calls: dict[str, Any] = {}
+
+    def _forced(self, path: str, kind: type[_ForcedTies], x: torch.Tensor) -> torch.Tensor:
+        reference = next(self._calls[path])
+        error = float(np.abs(x.detach().numpy() - reference).max(initial=0.0))
+        self.tie_errors[path] = max(self.tie_errors.get(path, 0.0), error)
+        return kind.replay(path, x, reference)
 
     def _forward_backward(self, images: np.ndarray, targets: list[dict],
                           decisions: Decisions) -> dict[str, float]:
         model = self.model
         model.rng.load_state_dict(decisions.rng_state)
         model.decoder.forced_topk_ind = torch.from_numpy(decisions.topk)
-        calls = {name: iter(pre) for name, pre in decisions.pre_activations.items()}
-        self.gate_errors = {}
-
-        def forced(name: str, inputs: tuple) -> torch.Tensor:
-            reference = next(calls[name])
-            x = inputs[0].detach().numpy()
-            self.gate_errors[name] = max(self.gate_errors.get(name, 0.0),
-                                         float(np.abs(x - reference).max(initial=0.0)))
-            tie = np.abs(reference) <= tolerance("decision", f"train.relu_gate.{name}").atol
-            return inputs[0] * torch.from_numpy(np.where(tie, reference > 0, x > 0))
-
+        self._calls = {path: iter(calls) for path, calls in decisions.ties.items()}
+        self.tie_errors = {}
+        l1_path = f"{ForcedL1Signs.prefix}.{ForcedL1Signs.name}"
         handles = [module.register_forward_hook(
-            lambda m, inputs, output, name=name: forced(name, inputs))
+            lambda m, inputs, output, path=f"{ForcedGates.prefix}.{name}":
+            self._forced(path, ForcedGates, inputs[0]))
             for name, module in model.named_modules() if isinstance(module, torch.nn.ReLU)]
+        self.criterion.l1_distance = lambda src, target: self._forced(
+            l1_path, ForcedL1Signs, src - target)
         try:
             tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
             out = model(torch.from_numpy(images).double(), tg)
@@ -312,6 +496,7 @@ class Float64Replay:
         finally:
             for handle in handles:
                 handle.remove()
+            del self.criterion.l1_distance
             model.decoder.forced_topk_ind = None
         loss = sum(losses.values())
         model.zero_grad(set_to_none=True)
@@ -384,7 +569,7 @@ class TrainPass:
         jittor_grads: ``name -> gradient`` or ``None`` (see :func:`jittor_gradients`).
         float64_grads: The reference's float64 replay's gradients (empty when not run).
         decisions: The reference's decisions, forced into the port.
-        gates: ``decision`` rows of the forced ReLU gates.
+        gates: ``decision`` rows of the forced ties (ReLU gates, L1 signs).
         seconds: Wall time of each side's forward + backward (and of the replay).
     """
 
@@ -420,11 +605,12 @@ def train_pass(pair: ModelPair, images: np.ndarray, targets: list[dict],
         p.grad = None
     replay = Float64Replay(pair) if float64 else None
     rng_state = model.rng.state_dict()
-    with ForcedGates(pair) as gates:
+    criterion_t = torch_ref.build_criterion(pair.cfg)
+    criterion_j = jittor_impl.build_criterion(pair.cfg)
+    with ForcedTies(pair, criterion_t, criterion_j) as ties:
         start = time.perf_counter()
         targets_t = to_torch(targets)
         out_t = model(torch.from_numpy(images), targets_t)
-        criterion_t = torch_ref.build_criterion(pair.cfg)
         losses_t = criterion_t(out_t, targets_t)
         loss_t = sum(losses_t.values())
         loss_t.backward()
@@ -435,30 +621,28 @@ def train_pass(pair: ModelPair, images: np.ndarray, targets: list[dict],
             p.grad = None
         topk = model.decoder.last_topk_ind.numpy()
         matches = dict(criterion_t.last_indices)
+        decisions = Decisions(rng_state, topk, matches, ties.reference)
+        float64_grads = {}
+        if replay is not None:
+            start = time.perf_counter()
+            float64_grads = replay.gradients(images, targets, decisions)
+            ties.set_reference_error(replay.tie_errors)
+            seconds["float64"] = time.perf_counter() - start
 
         start = time.perf_counter()
         targets_j = to_jittor(targets)
         with _ForcedTopk(pair, topk):
             out_j = pair.jittor_model(jt.array(images), targets_j)
-        criterion_j = jittor_impl.build_criterion(pair.cfg)
         criterion_j.forced_indices = matches
         losses_j = criterion_j(out_j, targets_j)
         loss_j = sum(losses_j.values())
         grads_j = jittor_gradients(loss_j, trainable_parameters(pair.jittor_model))
         jittor_losses = to_numpy({**losses_j, "loss": loss_j})
         seconds["jittor"] = time.perf_counter() - start
-    decisions = Decisions(rng_state, topk, matches, dict(gates.reference))
-    float64_grads = {}
-    gate_errors = None
-    if replay is not None:
-        start = time.perf_counter()
-        float64_grads = replay.gradients(images, targets, decisions)
-        gate_errors = replay.gate_errors
-        seconds["float64"] = time.perf_counter() - start
     return TrainPass(
         torch_losses=to_numpy({**losses_t, "loss": loss_t}), jittor_losses=jittor_losses,
         torch_grads=grads_t, jittor_grads=grads_j, float64_grads=float64_grads,
-        decisions=decisions, gates=gates.decisions(gate_errors), seconds=seconds)
+        decisions=decisions, gates=ties.decisions(), seconds=seconds)
 
 
 def _one_sided(path: str, side: str, what: str) -> Comparison:
@@ -525,11 +709,11 @@ def _check_batch(images: np.ndarray, what: str) -> None:
 def check_gradients(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> list[Comparison]:
     """Compares the gradient of every trainable parameter after one train-mode backward.
 
-    Same inputs, denoising noise and decisions (top-k, matches, ReLU gates) on both sides;
-    the loss is the official sum of all weighted terms. Each gradient must satisfy the
-    ``grad`` tolerance (relative L2 and cosine), or stay within the ``noise`` factor of the
-    reference's own fp32 error; a gradient present on one side only fails naming the
-    parameter.
+    Same inputs, denoising noise and decisions (top-k, matches, ReLU gates, L1 signs) on
+    both sides; the loss is the official sum of all weighted terms. Each gradient must
+    satisfy the ``grad`` tolerance (relative L2 and cosine), or stay within the ``noise``
+    factor of the reference's own fp32 error; a gradient present on one side only fails
+    naming the parameter.
 
     Args:
         pair: The model pair.
@@ -538,7 +722,8 @@ def check_gradients(pair: ModelPair, images: np.ndarray, targets: list[dict]) ->
 
     Returns:
         One ``grad.<param>`` row per trainable parameter in torch registration order, then one
-        ``train.relu_gate.<module>`` decision row per ReLU module (see :func:`row_kind`).
+        ``train.relu_gate.<module>`` decision row per ReLU module and the
+        ``train.l1_sign.loss_bbox`` row (see :func:`row_kind`).
     """
     _check_batch(images, "gradient")
     tp = train_pass(pair, images, targets)
@@ -710,7 +895,8 @@ def _cross_update(test: np.ndarray, ref: np.ndarray, zero: str | None, floor: fl
 
 
 # The row kind of a path of this module's checks: the first prefix that matches.
-_KINDS = (("grad.", "grad"), ("train.relu_gate.", "decision"), ("ema.", "ema"),
+_KINDS = (("grad.", "grad"), ("train.relu_gate.", "decision"), ("train.l1_sign.", "decision"),
+          ("ema.", "ema"),
           ("buffer.", "buffer.step"), ("trajectory.", "trajectory"), ("", "step"))
 
 
@@ -733,13 +919,14 @@ class _TwoSteps:
     """One official training step of both sides (and the float64 replay), decisions forced.
 
     Both engines' ``train_step`` run with the official clipping; the reference's top-k,
-    matches and ReLU gates are forced into the port, and, when a replay is given, into it.
+    matches, ReLU gates and L1 signs are forced into the port, and, when a replay is given,
+    into it.
 
     Attributes:
         optimizers: ``(torch AdamW, Jittor AdamW)`` over the official groups.
         emas: ``(torch EMA, Jittor EMA)`` or ``(None, None)``.
         seconds: ``(torch, Jittor)`` wall time of the last step.
-        flips: ReLU gates per module the port set differently in the last step.
+        flips: ReLU gates per module and L1 signs the port set differently in the last step.
     """
 
     def __init__(self, pair: ModelPair, replay: Float64Replay | None, ema: bool) -> None:
@@ -761,13 +948,13 @@ class _TwoSteps:
 
     def __call__(self, images: np.ndarray, targets: list[dict]) -> tuple[float, float, float,
                                                                           list[Comparison]]:
-        """Returns the total losses (torch, Jittor, float64 replay or nan) and the gate rows."""
+        """Returns the total losses (torch, Jittor, float64 replay or nan) and the tie rows."""
         pair, cfg = self.pair, self.pair.cfg
         _align_streams(pair)
         rng_state = pair.torch_model.rng.state_dict()
         criterion_t = torch_ref.build_criterion(cfg)
         criterion_j = jittor_impl.build_criterion(cfg)
-        with ForcedGates(pair) as gates:
+        with ForcedTies(pair, criterion_t, criterion_j) as ties:
             start = time.perf_counter()
             loss_t = torch_engine.train_step(pair.torch_model, criterion_t, self.optimizers[0],
                                              torch.from_numpy(images), to_torch(targets),
@@ -775,23 +962,23 @@ class _TwoSteps:
             middle = time.perf_counter()
             topk = pair.torch_model.decoder.last_topk_ind.numpy()
             matches = dict(criterion_t.last_indices)
+            loss_64 = math.nan
+            if self.replay is not None:
+                decisions = Decisions(rng_state, topk, matches, ties.reference)
+                loss_64 = self.replay.train_step(images, targets, decisions, self.clip,
+                                                 self.ema)["loss"]
+                ties.set_reference_error(self.replay.tie_errors)
             criterion_j.forced_indices = matches
+            start_j = time.perf_counter()
             with _ForcedTopk(pair, topk):
                 loss_j = jittor_engine.train_step(pair.jittor_model, criterion_j,
                                                   self.optimizers[1], jt.array(images),
                                                   to_jittor(targets), self.clip,
                                                   self.emas[1])["loss"]
-            self.seconds = (middle - start, time.perf_counter() - middle)
-        loss_64 = math.nan
-        gate_errors = None
-        if self.replay is not None:
-            decisions = Decisions(rng_state, topk, matches, dict(gates.reference))
-            loss_64 = self.replay.train_step(images, targets, decisions, self.clip,
-                                             self.ema)["loss"]
-            gate_errors = self.replay.gate_errors
-        gate_rows = gates.decisions(gate_errors)
-        self.flips = dict(gates.flips)
-        return loss_t, loss_j, loss_64, gate_rows
+            self.seconds = (middle - start, time.perf_counter() - start_j)
+        tie_rows = ties.decisions()
+        self.flips = ties.flips
+        return loss_t, loss_j, loss_64, tie_rows
 
 
 def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> list[Comparison]:
@@ -815,8 +1002,8 @@ def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict
     ``exp_avg.<param>`` / ``exp_avg_sq.<param>`` (AdamW moments, noise-aware like the
     gradients they hold), ``exp_avg_same_grad.<param>`` / ``exp_avg_sq_same_grad.<param>``,
     ``step_count.<param>``, ``ema.<key>`` (every EMA state entry), ``buffer.<key>``
-    (BatchNorm running statistics and ``num_batches_tracked``), and the ReLU gate decisions
-    (``train.relu_gate.<module>``). :func:`row_kind` gives each row's kind.
+    (BatchNorm running statistics and ``num_batches_tracked``), and the tie decisions
+    (``train.relu_gate.<module>``, ``train.l1_sign.loss_bbox``). :func:`row_kind` gives each row's kind.
 
     Args:
         pair: The model pair; both models take one step (their weights change).
@@ -833,7 +1020,7 @@ def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict
     before_t, before_j = _numpy_params(named_t), _numpy_params(named_j)
     replay = Float64Replay(pair)
     step = _TwoSteps(pair, replay, ema=True)
-    gate_rows = step(images, targets)[3]
+    tie_rows = step(images, targets)[3]
     opt_t, opt_j = step.optimizers
 
     after_t, after_j = _numpy_params(named_t), _numpy_params(named_j)
@@ -893,7 +1080,7 @@ def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict
     rows += compare_tree({"buffer": to_numpy(dict(named_buffers(pair.jittor_model)))},
                          {"buffer": to_numpy(dict(pair.torch_model.named_buffers()))},
                          _tolerance)
-    return rows + gate_rows
+    return rows + tie_rows
 
 
 def training_batches(num_classes: int, size: int, batch: int = 2,
@@ -936,9 +1123,9 @@ class TrajectoryStep:
         worst_excess: Largest ratio of a parameter's drift to its floor among the parameters
             whose drift exceeds the ``trajectory.weights`` entry (0 when none): the ``noise``
             factor bounds it.
-        gate_flips: ReLU gates of the step's forward the port set differently (forced to
-            the reference's, see :class:`ForcedGates`).
-        gate_max_gap: Largest reference ``|pre-activation|`` among them (0 when none).
+        tie_flips: ReLU gates and L1 signs of the step's forward the port set differently
+            (forced to the reference's, see :class:`ForcedTies`).
+        tie_max_gap: Largest reference ``|x|`` among them (0 when none).
         seconds_torch: Wall time of the reference step.
         seconds_jittor: Wall time of the port step.
     """
@@ -954,8 +1141,8 @@ class TrajectoryStep:
     max_param: str
     max_param_floor: float
     worst_excess: float
-    gate_flips: int
-    gate_max_gap: float
+    tie_flips: int
+    tie_max_gap: float
     seconds_torch: float
     seconds_jittor: float
 
@@ -982,7 +1169,7 @@ class Trajectory:
         parameter's drift (relative L2 between the sides) is within the ``trajectory.weights``
         entry or the ``noise`` factor of that parameter's reference fp32 error.
 
-        The ReLU gate flips of each step are in the table (:meth:`rows`), not judged: after
+        The ReLU gate and L1 sign flips of each step are in the table (:meth:`rows`), not judged: after
         the first step the two sides' weights differ by that step's rounding, the forwards
         drift apart and the gaps of flipped gates grow with them; the trajectory replays the
         reference's decisions on purpose, to measure how the continuous part of training
@@ -1053,7 +1240,7 @@ def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]]
     traj = Trajectory(pair.cfg.name, int(batches[0][0].shape[-1]), int(batches[0][0].shape[0]))
     for i in range(steps):
         images, targets = batches[i % len(batches)]
-        loss_t, loss_j, loss_64, gate_rows = two_steps(images, targets)
+        loss_t, loss_j, loss_64, tie_rows = two_steps(images, targets)
         w_t, w_j, w_64 = _numpy_params(named_t), _numpy_params(named_j), replay.weights()
         drift = {n: (_rel_l2(w_j[n], w_t[n]), _rel_l2(w_t[n], w_64[n])) for n in w_t}
         worst = max(drift, key=lambda n: drift[n][0])
@@ -1068,8 +1255,8 @@ def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]]
             max_param=worst, max_param_floor=drift[worst][1],
             worst_excess=max((d / max(f, 1e-300) for d, f in drift.values()
                               if d > tolerance("trajectory", "weights").max_rel_l2), default=0.0),
-            gate_flips=sum(two_steps.flips.values()),
-            gate_max_gap=max((c.max_abs for c in gate_rows), default=0.0),
+            tie_flips=sum(two_steps.flips.values()),
+            tie_max_gap=max((c.max_abs for c in tie_rows), default=0.0),
             seconds_torch=two_steps.seconds[0], seconds_jittor=two_steps.seconds[1]))
     return traj
 
