@@ -144,9 +144,10 @@ class _ForcedTies(abc.ABC):
     def jittor_branch(x: jt.Var) -> jt.Var:
         """:meth:`branch` of a Jittor Var, as float32."""
 
-    def path(self, name: str) -> str:
+    @classmethod
+    def path(cls, name: str) -> str:
         """The decision path of kink ``name``."""
-        return f"{self.prefix}.{name}"
+        return f"{cls.prefix}.{name}"
 
     def set_reference_error(self, errors: dict[str, float] | None) -> None:
         """Per path, the reference's largest ``|fp32 - float64|`` input
@@ -160,6 +161,11 @@ class _ForcedTies(abc.ABC):
         if path in self.reference_error:
             band = max(band, tolerance("noise", path).atol * self.reference_error[path])
         return band
+
+    def _clear(self) -> None:
+        """Forgets the calls of an earlier block."""
+        self.reference.clear()
+        self.test.clear()
 
     def _record(self, name: str, x: np.ndarray) -> None:
         self.reference.setdefault(self.path(name), []).append(x)
@@ -287,8 +293,7 @@ class ForcedGates(_ForcedTies):
         return list(self.torch_modules)
 
     def __enter__(self) -> "ForcedGates":
-        self.reference.clear()
-        self.test.clear()
+        self._clear()
         for name, module in self.torch_modules.items():
             self._handles.append(module.register_forward_hook(
                 lambda m, inputs, output, name=name:
@@ -348,8 +353,7 @@ class ForcedL1Signs(_ForcedTies):
         return type(self.criteria[0]).l1_distance(self.criteria[0], src, target)
 
     def __enter__(self) -> "ForcedL1Signs":
-        self.reference.clear()
-        self.test.clear()
+        self._clear()
         self.criteria[0].l1_distance = self._torch_l1
         self.criteria[1].l1_distance = lambda src, target: self._force(self.name, src - target)
         return self
@@ -481,13 +485,12 @@ class Float64Replay:
         model.decoder.forced_topk_ind = torch.from_numpy(decisions.topk)
         self._calls = {path: iter(calls) for path, calls in decisions.ties.items()}
         self.tie_errors = {}
-        l1_path = f"{ForcedL1Signs.prefix}.{ForcedL1Signs.name}"
         handles = [module.register_forward_hook(
-            lambda m, inputs, output, path=f"{ForcedGates.prefix}.{name}":
+            lambda m, inputs, output, path=ForcedGates.path(name):
             self._forced(path, ForcedGates, inputs[0]))
             for name, module in model.named_modules() if isinstance(module, torch.nn.ReLU)]
         self.criterion.l1_distance = lambda src, target: self._forced(
-            l1_path, ForcedL1Signs, src - target)
+            ForcedL1Signs.path(ForcedL1Signs.name), ForcedL1Signs, src - target)
         try:
             tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
             out = model(torch.from_numpy(images).double(), tg)
