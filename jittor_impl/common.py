@@ -7,8 +7,9 @@ convolution / batch-norm / activation block with attributes ``conv``,
 Differences from torch_ref/common.py:
     - Modules define ``execute`` (Jittor's name for ``forward``).
     - Jittor has no Hardsigmoid module; :class:`Hardsigmoid` is defined here.
-      Jittor's ``nn.ReLU``/``nn.SiLU``/``nn.GELU`` (exact erf form) and
-      ``nn.LeakyReLU`` (slope 0.01) compute what torch's modules compute.
+      Jittor's ``nn.SiLU``/``nn.GELU`` (exact erf form) and ``nn.LeakyReLU``
+      (slope 0.01) compute what torch's modules compute; :class:`ReLU` is
+      Jittor's ``nn.ReLU`` computed by a multi-threaded kernel.
     - ``ConvNormLayer.norm`` is :class:`BatchNorm2d` defined here, not
       Jittor's ``nn.BatchNorm`` (which keeps the biased running variance and
       has no ``num_batches_tracked``).
@@ -25,9 +26,10 @@ Differences from torch_ref/common.py:
       batched operands is a broadcast product and sum (its derived gradient
       several times slower still), so the product and both gradients are
       per-slice 2-D oneDNN products.
-    - Jittor reduces an axis with one running float32 sum, so long reductions
-      are less accurate than torch's; :class:`BatchNorm2d` sums its batch
-      statistics one axis at a time to stay close to torch in training mode.
+    - Jittor's fused CPU kernels run on one thread, torch's operators on all:
+      training-mode :class:`BatchNorm2d`, :class:`ReLU` and the attention
+      softmax of :class:`MultiheadAttention` call the OpenMP kernels of
+      :mod:`jittor_impl._kernels` on CPU (Jittor ops on CUDA).
     - Jittor's ``Module.eval()`` also marks every parameter ``stop_grad`` and
       ``train()`` restores the flags it saw at the first ``eval()``.
     - Buffer convention: Jittor's ``state_dict``/``parameters`` collect every
@@ -46,10 +48,13 @@ from typing import List, Optional, Tuple
 import jittor as jt
 from jittor import init, nn
 
+from ._kernels import batch_norm_train, relu, softmax_last
+
 __all__ = [
     "Hardsigmoid",
     "get_activation",
     "BatchNorm2d",
+    "ReLU",
     "LayerNorm",
     "Dropout",
     "MultiheadAttention",
@@ -79,8 +84,26 @@ class Hardsigmoid(nn.Module):
         return jt.minimum(jt.maximum(x + 3.0, 0.0), 6.0) / 6.0
 
 
+class ReLU(nn.ReLU):
+    """``max(x, 0)`` through :func:`jittor_impl._kernels.relu` (OpenMP kernels on CPU).
+
+    A subclass of Jittor's ``nn.ReLU``, which computes the same values on one thread.
+    """
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Applies the activation.
+
+        Args:
+            x: Float32 input of any shape.
+
+        Returns:
+            ``max(x, 0)``, same shape as ``x``.
+        """
+        return relu(x)
+
+
 _ACTIVATIONS = {
-    "relu": nn.ReLU,
+    "relu": ReLU,
     "silu": nn.SiLU,
     "gelu": nn.GELU,
     "leaky_relu": nn.LeakyReLU,
@@ -112,24 +135,6 @@ def get_activation(act: Optional[str]) -> nn.Module:
     if key not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {sorted(_ACTIVATIONS)} or None")
     return _ACTIVATIONS[key]()
-
-
-def _channel_mean(x: jt.Var) -> jt.Var:
-    """Averages ``[bs, c, h, w]`` over all axes but the channel one.
-
-    Jittor reduces an axis by a plain running sum, whose float32 rounding
-    error grows with the number of terms (about 5e-6 relative for 25600
-    terms, against 1e-7 for torch's pairwise sums). Summing one axis at a
-    time keeps each running sum short.
-
-    Args:
-        x: Input of shape ``[bs, c, h, w]``.
-
-    Returns:
-        The per-channel mean, shape ``[1, c, 1, 1]``.
-    """
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    return x.sum(dim=3, keepdims=True).sum(dim=2, keepdims=True).sum(dim=0, keepdims=True) / n
 
 
 class BatchNorm2d(nn.Module):
@@ -190,18 +195,14 @@ class BatchNorm2d(nn.Module):
             if n <= 1:
                 raise ValueError(f"expected more than 1 value per channel when training, got input "
                                  f"of shape {list(x.shape)}")
-            mean = _channel_mean(x)  # [1, c, 1, 1]
-            centered = x - mean
-            var = _channel_mean(centered * centered)  # [1, c, 1, 1], biased
+            y, batch_mean, batch_var = batch_norm_train(x, self.weight, self.bias, self.eps)
             with jt.no_grad():
                 m = self.momentum
-                batch_mean = mean.reshape(-1).detach()  # [c]
-                batch_var = var.reshape(-1).detach() * (n / (n - 1))  # [c], unbiased
+                unbiased = batch_var * (n / (n - 1))  # [c]
                 self.running_mean.update((1.0 - m) * self.running_mean + m * batch_mean)
-                self.running_var.update((1.0 - m) * self.running_var + m * batch_var)
+                self.running_var.update((1.0 - m) * self.running_var + m * unbiased)
                 self.num_batches_tracked.update(self.num_batches_tracked + 1)
-            scale = self.weight.reshape(1, -1, 1, 1) / jt.sqrt(var + self.eps)  # [1, c, 1, 1]
-            return centered * scale + self.bias.reshape(1, -1, 1, 1)
+            return y
         scale = self.weight / jt.sqrt(self.running_var + self.eps)  # [c]
         shift = self.bias - self.running_mean * scale  # [c]
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
@@ -318,9 +319,47 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def _slice_matmul(a: jt.Var, b: jt.Var) -> jt.Var:
-    """``[n, m, k] @ [n, k, p] -> [n, m, p]`` as ``n`` 2-D products stacked (oneDNN on CPU)."""
-    return jt.stack([jt.matmul(a[i], b[i]) for i in range(a.shape[0])])  # [n, m, p]
+def _matmul_2d(x: jt.Var, y: jt.Var, transpose_x: bool = False, transpose_y: bool = False) -> jt.Var:
+    """One 2-D product ``op(x) @ op(y)``, where ``op`` transposes when asked.
+
+    Written as the broadcast product and sum that Jittor hands to oneDNN, with the transpose
+    as oneDNN's flag: transposing first costs a separate single-threaded copy (measured, 2
+    threads: both gradients of ``[16, 400, 400] @ [16, 400, 32]``, the attention of r18vd's
+    encoder at 640, took 4.6 ms through transposed copies and 2.6 ms this way).
+
+    Args:
+        x: ``[m, k]``, or ``[k, m]`` with ``transpose_x``.
+        y: ``[k, p]``, or ``[p, k]`` with ``transpose_y``.
+
+    Returns:
+        ``[m, p]``.
+    """
+    if transpose_x and transpose_y:
+        raise ValueError("_matmul_2d transposes one operand at most")
+    if transpose_x:
+        k, m = x.shape
+        p = y.shape[1]
+        # [k, m, p] products summed over k
+        return (x.broadcast([k, m, p], [2]) * y.broadcast([k, m, p], [1])).sum(0)
+    if transpose_y:
+        m, k = x.shape
+        p = y.shape[0]
+        # [m, p, k] products summed over k
+        return (x.broadcast([m, p, k], [1]) * y.broadcast([m, p, k], [0])).sum(2)
+    return jt.matmul(x, y)
+
+
+def _slice_matmul(a: jt.Var, b: jt.Var, transpose_a: bool = False, transpose_b: bool = False) -> jt.Var:
+    """``op(a[i]) @ op(b[i])`` for every ``i``, stacked: ``n`` 2-D oneDNN products.
+
+    Args:
+        a: ``[n, m, k]``, or ``[n, k, m]`` with ``transpose_a``.
+        b: ``[n, k, p]``, or ``[n, p, k]`` with ``transpose_b``.
+
+    Returns:
+        ``[n, m, p]``.
+    """
+    return jt.stack([_matmul_2d(a[i], b[i], transpose_a, transpose_b) for i in range(a.shape[0])])
 
 
 class _BatchedMatmul(jt.Function):
@@ -342,8 +381,8 @@ class _BatchedMatmul(jt.Function):
 
     def grad(self, grad_out: jt.Var) -> Tuple[jt.Var, jt.Var]:
         """Gradients ``grad_out @ b^T`` and ``a^T @ grad_out``."""
-        grad_a = _slice_matmul(grad_out, self.b.transpose(0, 2, 1))  # [n, m, k]
-        grad_b = _slice_matmul(self.a.transpose(0, 2, 1), grad_out)  # [n, k, p]
+        grad_a = _slice_matmul(grad_out, self.b, transpose_b=True)  # [n, m, k]
+        grad_b = _slice_matmul(self.a, grad_out, transpose_a=True)  # [n, k, p]
         return grad_a, grad_b
 
 
@@ -465,7 +504,7 @@ class MultiheadAttention(nn.Module):
             if mask.dtype == jt.bool:
                 mask = jt.zeros(mask.shape, logits.dtype).masked_fill(mask, float("-inf"))
             logits = logits + mask
-        attn = nn.softmax(logits, dim=-1)  # [bs, h, Lq, Lk]
+        attn = softmax_last(logits)  # [bs, h, Lq, Lk]
         if self.training and self.dropout > 0.0:
             keep = (jt.rand(attn.shape) >= self.dropout).cast(attn.dtype)
             attn = attn * keep / (1.0 - self.dropout)

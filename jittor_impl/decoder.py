@@ -18,6 +18,10 @@ Differences from torch_ref/decoder.py:
   channels-last maps, so :func:`deformable_attention_core_func` keeps each head's channels
   innermost from the value projection to the output (Jittor's CPU transposes that move the
   channel axis are slow: the channels-first round trip cost ~10% of an r18vd eval forward).
+  That composition runs on CUDA; on CPU :class:`MSDeformableAttention` calls
+  :func:`~jittor_impl._kernels.ms_deform_attn`, OpenMP kernels with the same arithmetic
+  (Jittor's fused CPU kernels run on one thread). Both take the Jittor-only argument
+  ``cells`` of ``MSDeformableAttention.sample`` (the bilinear cells a parity check forces).
 - ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the
   PyTorch-semantics versions of ``jittor_impl.common`` (Jittor's own have other parameter
   names, store the biased running variance, compute the variance as ``E[x^2] - E[x]^2``, or
@@ -28,8 +32,9 @@ Differences from torch_ref/decoder.py:
   ``_``-prefixed attributes: Jittor puts every public ``Var`` attribute in the state dict.
 - ``torch.topk`` is ``jt.topk`` (an argsort: the order of exactly tied scores may differ;
   ``forced_topk_ind`` removes that freedom); its int32 indices are cast to int64.
-- ``torch.Tensor.gather`` / ``torch.split`` / ``tile`` / ``F.sigmoid`` / ``F.softmax`` are
-  ``jt.gather`` / ``jt.split`` / ``repeat`` / ``jt.sigmoid`` / ``nn.softmax``.
+- ``torch.Tensor.gather`` / ``torch.split`` / ``tile`` / ``F.sigmoid`` are
+  ``jt.gather`` / ``jt.split`` / ``repeat`` / ``jt.sigmoid``; the attention weights'
+  ``F.softmax`` is :func:`~jittor_impl._kernels.softmax_last` (an OpenMP kernel on CPU).
 - ``_generate_anchors`` computes the anchors with numpy (IEEE float32 arithmetic as in PyTorch,
   the log rounded once from float64) and returns them as Vars; it has no ``device`` argument
   and takes ``dtype`` as a Jittor dtype name. Jittor's CPU kernels use fast math (division by
@@ -50,6 +55,7 @@ from jittor import init, nn
 
 from rtdetr_common.random import SharedRandom
 
+from ._kernels import ms_deform_attn, softmax_last
 from .box_ops import inverse_sigmoid
 from .common import BatchNorm2d, Dropout, LayerNorm, MultiheadAttention, get_activation
 from .denoising import get_contrastive_denoising_training_group
@@ -163,7 +169,7 @@ class MLP(nn.Module):
         return x
 
 
-def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
+def grid_sample_bilinear(value: jt.Var, grid: jt.Var, cells: Optional[jt.Var] = None) -> jt.Var:
     """PyTorch's ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``
     on channels-last maps: ``F.grid_sample(value.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)``.
 
@@ -176,6 +182,8 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
         value: ``[n, h, w, c]`` maps.
         grid: ``[n, h_out, w_out, 2]`` normalised ``(x, y)`` locations, ``-1`` / ``1`` at the
             outer edges of the border pixels.
+        cells: Jittor-only: optional int32 ``[n, h_out, w_out, 2]`` column and row of each
+            point's top-left corner, used instead of ``floor`` of its pixel coordinate.
 
     Returns:
         ``[n, h_out, w_out, c]`` sampled values.
@@ -194,8 +202,12 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var) -> jt.Var:
     # Pixel coordinates (align_corners=False): [n, h_out, w_out] each.
     x = ((grid[..., 0] + 1) * w - 1) / 2
     y = ((grid[..., 1] + 1) * h - 1) / 2
-    x_w = x.detach().floor()
-    y_n = y.detach().floor()
+    if cells is None:
+        x_w = x.detach().floor()
+        y_n = y.detach().floor()
+    else:
+        x_w = cells[..., 0].cast(x.dtype)
+        y_n = cells[..., 1].cast(y.dtype)
     x_e = x_w + 1
     y_s = y_n + 1
 
@@ -233,6 +245,7 @@ def deformable_attention_core_func(
     value_spatial_shapes: Sequence[Sequence[int]],
     sampling_locations: jt.Var,
     attention_weights: jt.Var,
+    cells: Optional[jt.Var] = None,
 ) -> jt.Var:
     """Multi-scale deformable attention with bilinear ``grid_sample`` (pure Jittor form).
 
@@ -242,6 +255,8 @@ def deformable_attention_core_func(
         sampling_locations: Normalised ``(x, y)`` locations
             ``[bs, len_q, n_head, n_levels, n_points, 2]``, in ``[0, 1]`` inside the map.
         attention_weights: ``[bs, len_q, n_head, n_levels, n_points]``.
+        cells: Jittor-only: optional int32 ``[bs, len_q, n_head, n_levels, n_points, 2]``
+            top-left corners to use (see :func:`grid_sample_bilinear`).
 
     Returns:
         Attended features ``[bs, len_q, n_head * head_dim]``.
@@ -259,8 +274,10 @@ def deformable_attention_core_func(
         value_l = value_list[level].permute(0, 2, 1, 3).reshape(bs * n_head, h, w, c)
         # [bs, len_q, n_head, n_points, 2] -> [bs, n_head, len_q, n_points, 2] -> [bs*n_head, len_q, n_points, 2]
         sampling_grid_l = sampling_grids[:, :, :, level].permute(0, 2, 1, 3, 4).flatten(0, 1)
+        # [bs*n_head, len_q, n_points, 2], as the grid
+        cells_l = None if cells is None else cells[:, :, :, level].permute(0, 2, 1, 3, 4).flatten(0, 1)
         # [bs*n_head, len_q, n_points, c]
-        sampling_value_list.append(grid_sample_bilinear(value_l, sampling_grid_l))
+        sampling_value_list.append(grid_sample_bilinear(value_l, sampling_grid_l, cells_l))
     # [bs, len_q, n_head, n_levels, n_points] -> [bs, n_head, len_q, n_levels, n_points]
     # -> [bs*n_head, len_q, n_levels*n_points, 1]
     attention_weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(bs * n_head, len_q, n_levels * n_points, 1)
@@ -365,7 +382,7 @@ class MSDeformableAttention(nn.Module):
             bs, len_q, self.num_heads, self.num_levels * self.num_points
         )
         # [bs, len_q, num_heads, num_levels, num_points]
-        attention_weights = nn.softmax(attention_weights, dim=-1).reshape(
+        attention_weights = softmax_last(attention_weights).reshape(
             bs, len_q, self.num_heads, self.num_levels, self.num_points
         )
 
@@ -386,8 +403,37 @@ class MSDeformableAttention(nn.Module):
                 f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
             )
 
-        output = deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights)
+        output = self.sample(value, value_spatial_shapes, sampling_locations, attention_weights)
         return self.output_proj(output)
+
+    def sample(self, value: jt.Var, value_spatial_shapes: Sequence[Sequence[int]],
+               sampling_locations: jt.Var, attention_weights: jt.Var,
+               cells: Optional[jt.Var] = None) -> jt.Var:
+        """Bilinear sampling of the values and their weighted sum (the attention core).
+
+        A method, so that a parity check can see and force each layer's sampling locations.
+        On CPU it is :func:`~jittor_impl._kernels.ms_deform_attn`, on CUDA
+        :func:`deformable_attention_core_func`.
+
+        Args:
+            value: ``[bs, len_v, num_heads, head_dim]``, levels concatenated.
+            value_spatial_shapes: ``[(h_0, w_0), ...]``.
+            sampling_locations: ``[bs, len_q, num_heads, num_levels, num_points, 2]``.
+            attention_weights: ``[bs, len_q, num_heads, num_levels, num_points]``.
+            cells: Jittor-only: optional int32 ``[bs, len_q, num_heads, num_levels,
+                num_points, 2]`` column and row of each point's top-left corner, used instead
+                of ``floor`` of its pixel coordinate (a parity check forces the reference's
+                cells where a point lies on a cell edge; the bilinear weights stay those of
+                the point's coordinate, so the sampled value is continuous there and only
+                the location gradient takes the forced cell's slope).
+
+        Returns:
+            ``[bs, len_q, embed_dim]``.
+        """
+        if jt.flags.use_cuda:
+            return deformable_attention_core_func(value, value_spatial_shapes, sampling_locations,
+                                                  attention_weights, cells)
+        return ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights, cells)
 
 
 class TransformerDecoderLayer(nn.Module):

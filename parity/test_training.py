@@ -18,15 +18,17 @@ import pytest
 import torch
 
 import jittor_impl
+import jittor_impl.decoder
 import torch_ref
+import torch_ref.decoder
 from jittor_impl.box_ops import inverse_sigmoid
 from parity.check import CheckResult
 from parity.compare import compare_tree
 from parity.models import ModelPair, build_pair
 from parity.tolerances import tolerance
-from parity.training import (ForcedL1Signs, add_rows, check_gradients, check_optimizer_step,
-                             compare_gradients, row_kind, run_trajectory, train_pass,
-                             training_batches)
+from parity.training import (ForcedCells, ForcedL1Signs, add_rows, cell_offsets,
+                             check_gradients, check_optimizer_step, compare_gradients, row_kind,
+                             run_trajectory, train_pass, training_batches)
 from rtdetr_common.configs import variant_at_size
 
 SLOW = pytest.mark.slow
@@ -195,4 +197,66 @@ def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) 
     assert row.path == "train.l1_sign.loss_bbox" and row_kind(row.path) == "decision"
     assert ties.flips == {row.path: 1}
     assert row.max_abs == pytest.approx(gap, rel=5e-2)  # gap rounded at 0.5 in fp32
+    assert row.passed is forced
+
+
+def test_cell_offsets_pick_grid_samples_own_cells() -> None:
+    """``cell_offsets`` must pick the cell torch's ``grid_sample`` samples from, also for
+    coordinates a few ulp from a cell edge. The cell is read off ``grid_sample``'s gradient on
+    a map ``v[r, c] = c^2``: inside cell ``c0`` the slope ``dv/dx`` is ``2 c0 + 1``."""
+    width = 40
+    rng = np.random.default_rng(5)
+    edges = rng.integers(1, width - 2, 20000).astype(np.float64)
+    # Locations that map to pixel coordinates within a few ulp of an edge, both sides.
+    loc = ((edges + 0.5) / width).astype(np.float32)
+    ulps = rng.integers(-4, 5, loc.shape)
+    for step in range(4):
+        move = np.abs(ulps) > step
+        loc = np.where(move, np.nextafter(loc, np.where(ulps > 0, np.float32(2), np.float32(-2))), loc)
+    loc = loc.astype(np.float32)
+    locations = np.stack([loc, np.full_like(loc, 0.5)], -1).reshape(1, -1, 1, 1, 1, 2)
+    offsets, edge = cell_offsets(locations, [(4, width)])
+    cells = (edge - 1 + (offsets >= 0))[..., 0].ravel()
+    grid = torch.tensor(2 * locations.reshape(1, 1, -1, 2) - 1, requires_grad=True)
+    squares = torch.arange(width, dtype=torch.float32).square().expand(1, 1, 4, width)
+    torch.nn.functional.grid_sample(squares, grid, align_corners=False).sum().backward()
+    slope = grid.grad[0, 0, :, 0].numpy() / (width / 2)  # d out / d pos = 2 * cell + 1
+    np.testing.assert_array_equal(np.round((slope - 1) / 2), cells)
+    assert (np.abs(offsets[..., 0]) < 1e-4).all() and len(set(cells - edges.astype(int))) == 2
+
+
+@pytest.mark.parametrize("gap, forced", [(1e-5, True), (1e-2, False)])
+def test_sampling_cells_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
+    """One sampling point ``gap`` px right of a cell edge in torch and ``gap`` left of it in
+    Jittor: within the ``train.sample_cell`` band the port samples from the reference's cell
+    (the location gradient agrees, the decision row passes and counts the flip); beyond it
+    the port keeps its own cell (the slope of the cell on the other side) and the row fails."""
+    shapes = [(5, 6)]
+    rng = np.random.default_rng(6)
+    value = rng.standard_normal((1, 30, 2, 4)).astype(np.float32)
+    locations = rng.uniform(0.2, 0.8, (1, 3, 2, 1, 2, 2)).astype(np.float32)
+    weights = rng.uniform(0.2, 1.0, (1, 3, 2, 1, 2)).astype(np.float32)
+    torch_loc, jittor_loc = locations.copy(), locations.copy()
+    torch_loc[0, 0, 0, 0, 0, 0] = (3 + gap + 0.5) / 6  # pixel x = 3 + gap
+    jittor_loc[0, 0, 0, 0, 0, 0] = (3 - gap + 0.5) / 6  # pixel x = 3 - gap
+    pair = types.SimpleNamespace(torch_model=torch_ref.decoder.MSDeformableAttention(8, 2, 1, 2),
+                                 jittor_model=jittor_impl.decoder.MSDeformableAttention(8, 2, 1, 2))
+    loc_t = torch.tensor(torch_loc, requires_grad=True)
+    loc_j = jt.array(jittor_loc)
+    with ForcedCells(pair) as ties:
+        out_t = pair.torch_model.sample(torch.tensor(value), shapes, loc_t, torch.tensor(weights))
+        out_j = pair.jittor_model.sample(jt.array(value), shapes, loc_j, jt.array(weights))
+        grad_j = jt.grad(out_j.sum(), loc_j).numpy()
+    out_t.sum().backward()
+    grad_t = loc_t.grad.numpy()
+    np.testing.assert_allclose(out_j.numpy(), out_t.detach().numpy(), rtol=0, atol=10 * gap)
+    same = np.isclose(grad_j[0, 0, 0, 0, 0, 0], grad_t[0, 0, 0, 0, 0, 0], rtol=1e-3, atol=1e-4)
+    assert same is np.bool_(forced)
+    # The point's y gradient moves with its x weights (by ~gap), the other points' not at all.
+    grad_j[0, 0, 0, 0, 0] = grad_t[0, 0, 0, 0, 0] = 0
+    np.testing.assert_allclose(grad_j, grad_t, rtol=1e-5, atol=1e-5)
+    [row] = ties.decisions()
+    assert row.path == "train.sample_cell." and row_kind(row.path) == "decision"
+    assert ties.flips == {row.path: 1}
+    assert row.max_abs == pytest.approx(gap, rel=5e-2)
     assert row.passed is forced

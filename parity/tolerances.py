@@ -51,6 +51,10 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # atol of 0 the port takes the reference's sign (parity/training.py ForcedL1Signs); the
     # band widens to the noise factor times the reference's own fp32 error of the differences.
     ("decision", "train.l1_sign", Tolerance(atol=1e-4), "L1 signs: differ only within 1e-4 of 0"),
+    # Bilinear sampling cells (pixels of the point's level): a point within 1e-3 px of a cell
+    # edge may be sampled from either cell (measured r18vd at 256: torch and Jittor locations
+    # up to 1.3e-3 px apart in the last decoder layer); widened by the reference's own error.
+    ("decision", "train.sample_cell", Tolerance(atol=1e-3), "sampling cells: differ only within 1e-3 px of an edge"),
     ("decision", "", Tolerance(atol=0.0), "other decisions: identical"),
     # Per-module parity (parity/modules.py); paths are looked up as "<eval|train>:<module path>".
     # Isolated: each module fed the reference's inputs, its children answered with the

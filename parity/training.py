@@ -5,8 +5,8 @@ model's shared stream is set to the torch model's state before every pass). The 
 discrete decisions are forced into the port, so that rounding cannot send the two sides down
 different branches: the encoder top-k (``decoder.forced_topk_ind``), every Hungarian match
 (``SetCriterion.forced_indices``; :mod:`parity.check` compares both decisions), and every
-ReLU gate and L1 box-loss sign within the forward's noise of its kink (:class:`ForcedTies`,
-reported as ``decision`` rows). Losses are summed as the
+ReLU gate, L1 box-loss sign and bilinear sampling cell within the forward's noise of its kink
+(:class:`ForcedTies`, reported as ``decision`` rows). Losses are summed as the
 official engine sums them (``sum(losses.values())``).
 
 Train-mode forwards of random-weight models are ill-conditioned: BatchNorm batch statistics
@@ -42,8 +42,10 @@ import torch
 
 import jittor_impl
 import jittor_impl.checkpoint as jt_checkpoint
+import jittor_impl.decoder as jittor_decoder
 import jittor_impl.engine as jittor_engine
 import torch_ref
+import torch_ref.decoder as torch_decoder
 import torch_ref.engine as torch_engine
 from jittor_impl.common import named_buffers, named_modules, trainable_parameters
 from rtdetr_common.seeded import seeded_images, seeded_targets
@@ -101,8 +103,9 @@ class _ForcedTopk:
 class _ForcedTies(abc.ABC):
     """Forces the reference's side of a kink into the port where the two sides tie.
 
-    Base of :class:`ForcedGates` (ReLU) and :class:`ForcedL1Signs` (``|d|`` of the L1 box
-    loss). Each kinked call ``y = x * branch(x)`` (``branch`` is ``x > 0`` for a ReLU,
+    Base of :class:`ForcedGates` (ReLU), :class:`ForcedL1Signs` (``|d|`` of the L1 box
+    loss) and :class:`ForcedCells` (the cell of a bilinear sample, which applies the branch
+    its own way). Each kinked call ``y = x * branch(x)`` (``branch`` is ``x > 0`` for a ReLU,
     ``sign(x)`` for ``|x|``) is recorded on the reference side by name, in call order; the
     port's call of the same name and index returns ``x * b`` where ``b`` is the reference's
     ``branch`` within the name's tie band (:meth:`band`) of the kink and the port's own
@@ -171,6 +174,12 @@ class _ForcedTies(abc.ABC):
         self.reference.setdefault(self.path(name), []).append(x)
 
     def _force(self, name: str, x: jt.Var) -> jt.Var:
+        """The port's kinked call: ``x`` times :meth:`_forced_branch`."""
+        return x * self._forced_branch(name, x)
+
+    def _forced_branch(self, name: str, x: jt.Var) -> jt.Var:
+        """The branch of each element of the port's call: the reference's within the band,
+        the port's own elsewhere (float32); records ``x`` for :meth:`decisions`."""
         path = self.path(name)
         calls = self.test.setdefault(path, [])
         recorded = self.reference.get(path, [])
@@ -185,11 +194,15 @@ class _ForcedTies(abc.ABC):
         tie = np.abs(reference) <= self.band(path)
         forced = jt.array(np.where(tie, self.branch(reference), 0).astype(np.float32))
         own = jt.array((~tie).astype(np.float32)) * self.jittor_branch(x)
-        return x * (forced + own)
+        return forced + own
 
     @abc.abstractmethod
     def names(self) -> list[str]:
         """Every kink name a decision row is reported for."""
+
+    def _flipped(self, reference: np.ndarray, test: np.ndarray) -> np.ndarray:
+        """Which elements the port put on the other side of the kink than the reference."""
+        return self.branch(reference) != self.branch(test)
 
     def decisions(self) -> list[Comparison]:
         """One ``decision`` row per kink name (``prefix.name``), all its calls pooled.
@@ -210,7 +223,7 @@ class _ForcedTies(abc.ABC):
                 c.reason = f"called {len(test)} times in Jittor, {len(ref)} times in torch"
                 rows.append(c)
                 continue
-            flipped = [np.abs(r[self.branch(r) != self.branch(t)]) for r, t in zip(ref, test)]
+            flipped = [np.abs(r[self._flipped(r, t)]) for r, t in zip(ref, test)]
             count = sum(f.size for f in flipped)
             self.flips[path] = count
             c.max_abs = max((float(f.max()) for f in flipped if f.size), default=0.0)
@@ -363,9 +376,147 @@ class ForcedL1Signs(_ForcedTies):
             del criterion.l1_distance
 
 
+def cell_offsets(locations: np.ndarray,
+                 spatial_shapes: list) -> tuple[np.ndarray, np.ndarray]:
+    """Where each deformable-attention sampling point lies against the nearest cell edge.
+
+    The pixel coordinate is computed as torch's ``grid_sample`` computes it
+    (``align_corners=False``) from the grid ``2 * loc - 1`` the reference builds, in the
+    locations' own precision: ``pos = ((grid + 1) * size - 1) / 2`` (checked against
+    ``grid_sample``'s own cell choice in ``parity/test_training.py``). Its ``floor`` picks the
+    bilinear cell, so the gradient with respect to the location jumps at integer ``pos``.
+
+    Args:
+        locations: ``[bs, len_q, n_head, n_levels, n_points, 2]`` normalised ``(x, y)``.
+        spatial_shapes: ``[(h, w), ...]`` of the levels.
+
+    Returns:
+        ``pos - edge`` and ``edge = round(pos)`` (same shape as ``locations``): the cell is
+        ``edge`` where the offset is ``>= 0``, ``edge - 1`` where it is negative.
+    """
+    dtype = locations.dtype.type
+    sizes = np.array([[w, h] for h, w in spatial_shapes], dtype=dtype)  # [n_levels, 2]
+    sizes = sizes.reshape(1, 1, 1, len(spatial_shapes), 1, 2)
+    grid = dtype(2) * locations - dtype(1)
+    pos = ((grid + dtype(1)) * sizes - dtype(1)) / dtype(2)
+    edge = np.round(pos)
+    return pos - edge, edge
+
+
+class ForcedCells(_ForcedTies):
+    """Forces the reference's bilinear sampling cells into the port at cell edges.
+
+    Deformable attention samples each point bilinearly from the four pixels around it; the
+    cell is ``floor`` of its pixel coordinate, and the gradient with respect to the location
+    is the slope within that cell, so it jumps at a cell edge while the sampled value is
+    continuous there. Locations are outputs of a deep train-mode forward, so a point within
+    the fp32 noise of an edge can sit in one cell in torch and the next in Jittor (measured
+    r18vd at 256, seeded weights: 13 such points over 3 decoder layers, up to 1.3e-3 px from
+    the edge, which put the last layer's ``sampling_offsets`` gradients 12x the reference's
+    own error apart; forcing them brought every gradient within it).
+
+    Inside the ``with`` block every ``MSDeformableAttention.sample`` of the torch model
+    records the offsets of its points from the nearest edge (:func:`cell_offsets`), and the
+    same-named module of the Jittor model, called afterwards, samples with explicit cells:
+    the reference's side of the edge within the band (see :class:`_ForcedTies`), its own
+    elsewhere; the bilinear weights stay those of its own coordinate. Paths are
+    ``train.sample_cell.<module name>``; the offsets are in pixels of the point's level.
+
+    Args:
+        pair: The model pair; the torch forward must run before the Jittor one inside the
+            block, and each side exactly once.
+
+    Raises:
+        ValueError: When the two models' deformable-attention modules have different names.
+    """
+
+    prefix = "train.sample_cell"
+    what = "deformable attention"
+
+    def __init__(self, pair: ModelPair) -> None:
+        super().__init__()
+        self.torch_modules = {name: m for name, m in pair.torch_model.named_modules()
+                              if isinstance(m, torch_decoder.MSDeformableAttention)}
+        self.jittor_modules = {name: m for name, m in named_modules(pair.jittor_model)
+                               if isinstance(m, jittor_decoder.MSDeformableAttention)}
+        if set(self.torch_modules) != set(self.jittor_modules):
+            only_t = sorted(set(self.torch_modules) - set(self.jittor_modules))
+            only_j = sorted(set(self.jittor_modules) - set(self.torch_modules))
+            raise ValueError(f"deformable attention modules differ: torch only {only_t}, "
+                             f"Jittor only {only_j}")
+
+    @staticmethod
+    def branch(x: np.ndarray) -> np.ndarray:
+        return x >= 0
+
+    @staticmethod
+    def jittor_branch(x: jt.Var) -> jt.Var:
+        return (x >= 0).float32()
+
+    def names(self) -> list[str]:
+        return list(self.torch_modules)
+
+    def _flipped(self, reference: np.ndarray, test: np.ndarray) -> np.ndarray:
+        """Other side of the same edge. Offsets are from each side's nearest edge: a point
+        near a pixel centre has offset ~+0.5 on one side and ~-0.5 on the other (nearest edges
+        one apart) while both sample the same cell, so only sides of offsets less than half a
+        pixel apart (the same edge) are compared."""
+        return (self.branch(reference) != self.branch(test)) & (np.abs(reference - test) < 0.5)
+
+    def _torch_sample(self, name: str, module: torch.nn.Module, value: torch.Tensor,
+                      shapes: list, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self._record(name, cell_offsets(locations.detach().numpy(), shapes)[0])
+        return type(module).sample(module, value, shapes, locations, weights)
+
+    def _jittor_sample(self, name: str, module: Any, value: jt.Var, shapes: list,
+                       locations: jt.Var, weights: jt.Var) -> jt.Var:
+        offsets, edge = cell_offsets(locations.numpy(), shapes)
+        side = self._forced_branch(name, jt.array(offsets)).numpy()  # 1: cell edge, 0: edge - 1
+        cells = jt.array((edge - 1 + side).astype(np.int32))
+        return type(module).sample(module, value, shapes, locations, weights, cells)
+
+    def __enter__(self) -> "ForcedCells":
+        self._clear()
+        for name, module in self.torch_modules.items():
+            module.sample = (lambda value, shapes, loc, weights, name=name, m=module:
+                             self._torch_sample(name, m, value, shapes, loc, weights))
+        for name, module in self.jittor_modules.items():
+            module.sample = (lambda value, shapes, loc, weights, name=name, m=module:
+                             self._jittor_sample(name, m, value, shapes, loc, weights))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in [*self.torch_modules.values(), *self.jittor_modules.values()]:
+            del module.sample
+
+    @classmethod
+    def replay_locations(cls, path: str, locations: torch.Tensor, shapes: list,
+                         reference: np.ndarray) -> tuple[torch.Tensor, float]:
+        """The float64 replay's locations: within the decision entry's ``atol`` of an edge,
+        a point on the other side than the fp32 reference's is moved 1e-9 px across it
+        (the gradient is unchanged: the shift is a constant); elsewhere they are its own.
+
+        Returns:
+            The locations to sample, and the largest distance between their pixel
+            coordinates and the fp32 reference's (the reference's own error at this path).
+        """
+        own = locations.detach().numpy()
+        offsets, edge = cell_offsets(own, shapes)
+        # Offsets from nearest edges that are one apart (a point near a pixel centre) differ
+        # by ~1; the positions differ by the distance modulo one pixel.
+        error = float(np.abs((offsets - reference + 0.5) % 1.0 - 0.5).max(initial=0.0))
+        tie = np.abs(reference) <= tolerance("decision", path).atol
+        wrong = tie & (cls.branch(reference) != cls.branch(offsets))
+        target = edge + np.where(cls.branch(reference), 1e-9, -1e-9)
+        sizes = np.array([[w, h] for h, w in shapes], np.float64).reshape(1, 1, 1, len(shapes), 1, 2)
+        shift = np.where(wrong, (target - (offsets + edge)) / sizes, 0.0)  # pos = loc * size - 1/2
+        return locations + torch.from_numpy(shift), error
+
+
 class ForcedTies:
-    """Both tie forcings of a training pass, as one ``with`` block: :class:`ForcedGates` over
-    the models and :class:`ForcedL1Signs` over the two criteria (same interface, merged).
+    """Every tie forcing of a training pass, as one ``with`` block: :class:`ForcedGates` and
+    :class:`ForcedCells` over the models and :class:`ForcedL1Signs` over the two criteria (same
+    interface, merged).
 
     Args:
         pair: The model pair.
@@ -375,7 +526,8 @@ class ForcedTies:
 
     def __init__(self, pair: ModelPair, torch_criterion: torch.nn.Module,
                  jittor_criterion: Any) -> None:
-        self.parts = (ForcedGates(pair), ForcedL1Signs(torch_criterion, jittor_criterion))
+        self.parts = (ForcedGates(pair), ForcedCells(pair),
+                      ForcedL1Signs(torch_criterion, jittor_criterion))
 
     def __enter__(self) -> "ForcedTies":
         for part in self.parts:
@@ -435,8 +587,8 @@ class Decisions:
         rng_state: The torch model's shared stream before the forward (denoising noise).
         topk: Encoder top-k indices ``[bs, num_queries]``.
         matches: ``SetCriterion.last_indices`` of the reference criterion.
-        ties: Kink path (``train.relu_gate.<module>``, ``train.l1_sign.loss_bbox``) -> the
-            reference's fp32 input of each call, in call order (see :class:`_ForcedTies`).
+        ties: Kink path (``train.relu_gate.<module>``, ``train.sample_cell.<module>``,
+            ``train.l1_sign.loss_bbox``) -> the reference's fp32 input of each call, in call order (see :class:`_ForcedTies`).
     """
 
     rng_state: dict
@@ -449,8 +601,8 @@ class Float64Replay:
     """A float64 copy of the reference model that replays the fp32 reference's steps.
 
     Same weights (copied when the replay is created), same denoising noise, and the fp32
-    run's decisions forced in (top-k, matches, and the sides of the ReLU gates and L1 signs
-    within their decision entries' ``atol``; outside it the replay decides itself, and the
+    run's decisions forced in (top-k, matches, and the sides of the ReLU gates, sampling
+    cells and L1 signs within their decision entries' ``atol``; outside it the replay decides itself, and the
     ``tie_errors`` it measures then widen the port's bands, see :class:`_ForcedTies`), so
     the only difference from the fp32 reference is rounding: comparing the two gives the
     reference's precision floor, and over a trajectory how far its own rounding carries it.
@@ -478,6 +630,11 @@ class Float64Replay:
         self.tie_errors[path] = max(self.tie_errors.get(path, 0.0), error)
         return kind.replay(path, x, reference)
 
+    def _forced_locations(self, path: str, shapes: list, locations: torch.Tensor) -> torch.Tensor:
+        forced, error = ForcedCells.replay_locations(path, locations, shapes, next(self._calls[path]))
+        self.tie_errors[path] = max(self.tie_errors.get(path, 0.0), error)
+        return forced
+
     def _forward_backward(self, images: np.ndarray, targets: list[dict],
                           decisions: Decisions) -> dict[str, float]:
         model = self.model
@@ -491,6 +648,12 @@ class Float64Replay:
             for name, module in model.named_modules() if isinstance(module, torch.nn.ReLU)]
         self.criterion.l1_distance = lambda src, target: self._forced(
             ForcedL1Signs.path(ForcedL1Signs.name), ForcedL1Signs, src - target)
+        samplers = {name: module for name, module in model.named_modules()
+                    if isinstance(module, torch_decoder.MSDeformableAttention)}
+        for name, module in samplers.items():
+            module.sample = (lambda value, shapes, loc, weights, path=ForcedCells.path(name), m=module:
+                             type(m).sample(m, value, shapes, self._forced_locations(path, shapes, loc),
+                                            weights))
         try:
             tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
             out = model(torch.from_numpy(images).double(), tg)
@@ -499,6 +662,8 @@ class Float64Replay:
         finally:
             for handle in handles:
                 handle.remove()
+            for module in samplers.values():
+                del module.sample
             del self.criterion.l1_distance
             model.decoder.forced_topk_ind = None
         loss = sum(losses.values())
@@ -572,7 +737,7 @@ class TrainPass:
         jittor_grads: ``name -> gradient`` or ``None`` (see :func:`jittor_gradients`).
         float64_grads: The reference's float64 replay's gradients (empty when not run).
         decisions: The reference's decisions, forced into the port.
-        gates: ``decision`` rows of the forced ties (ReLU gates, L1 signs).
+        gates: ``decision`` rows of the forced ties (ReLU gates, sampling cells, L1 signs).
         seconds: Wall time of each side's forward + backward (and of the replay).
     """
 
@@ -712,7 +877,8 @@ def _check_batch(images: np.ndarray, what: str) -> None:
 def check_gradients(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> list[Comparison]:
     """Compares the gradient of every trainable parameter after one train-mode backward.
 
-    Same inputs, denoising noise and decisions (top-k, matches, ReLU gates, L1 signs) on
+    Same inputs, denoising noise and decisions (top-k, matches, ReLU gates, sampling cells,
+    L1 signs) on
     both sides; the loss is the official sum of all weighted terms. Each gradient must
     satisfy the ``grad`` tolerance (relative L2 and cosine), or stay within the ``noise``
     factor of the reference's own fp32 error; a gradient present on one side only fails
@@ -725,7 +891,8 @@ def check_gradients(pair: ModelPair, images: np.ndarray, targets: list[dict]) ->
 
     Returns:
         One ``grad.<param>`` row per trainable parameter in torch registration order, then one
-        ``train.relu_gate.<module>`` decision row per ReLU module and the
+        ``train.relu_gate.<module>`` decision row per ReLU module, a
+        ``train.sample_cell.<module>`` row per deformable attention module and the
         ``train.l1_sign.loss_bbox`` row (see :func:`row_kind`).
     """
     _check_batch(images, "gradient")
@@ -899,6 +1066,7 @@ def _cross_update(test: np.ndarray, ref: np.ndarray, zero: str | None, floor: fl
 
 # The row kind of a path of this module's checks: the first prefix that matches.
 _KINDS = (("grad.", "grad"), ("train.relu_gate.", "decision"), ("train.l1_sign.", "decision"),
+          ("train.sample_cell.", "decision"),
           ("ema.", "ema"),
           ("buffer.", "buffer.step"), ("trajectory.", "trajectory"), ("", "step"))
 
@@ -922,14 +1090,16 @@ class _TwoSteps:
     """One official training step of both sides (and the float64 replay), decisions forced.
 
     Both engines' ``train_step`` run with the official clipping; the reference's top-k,
-    matches, ReLU gates and L1 signs are forced into the port, and, when a replay is given,
+    matches, ReLU gates, sampling cells and L1 signs are forced into the port, and, when a
+    replay is given,
     into it.
 
     Attributes:
         optimizers: ``(torch AdamW, Jittor AdamW)`` over the official groups.
         emas: ``(torch EMA, Jittor EMA)`` or ``(None, None)``.
         seconds: ``(torch, Jittor)`` wall time of the last step.
-        flips: ReLU gates per module and L1 signs the port set differently in the last step.
+        flips: ReLU gates and sampling cells per module and L1 signs the port set differently
+            in the last step.
     """
 
     def __init__(self, pair: ModelPair, replay: Float64Replay | None, ema: bool) -> None:
@@ -1006,7 +1176,8 @@ def check_optimizer_step(pair: ModelPair, images: np.ndarray, targets: list[dict
     gradients they hold), ``exp_avg_same_grad.<param>`` / ``exp_avg_sq_same_grad.<param>``,
     ``step_count.<param>``, ``ema.<key>`` (every EMA state entry), ``buffer.<key>``
     (BatchNorm running statistics and ``num_batches_tracked``), and the tie decisions
-    (``train.relu_gate.<module>``, ``train.l1_sign.loss_bbox``). :func:`row_kind` gives each row's kind.
+    (``train.relu_gate.<module>``, ``train.sample_cell.<module>``, ``train.l1_sign.loss_bbox``).
+    :func:`row_kind` gives each row's kind.
 
     Args:
         pair: The model pair; both models take one step (their weights change).
@@ -1126,7 +1297,8 @@ class TrajectoryStep:
         worst_excess: Largest ratio of a parameter's drift to its floor among the parameters
             whose drift exceeds the ``trajectory.weights`` entry (0 when none): the ``noise``
             factor bounds it.
-        tie_flips: ReLU gates and L1 signs of the step's forward the port set differently
+        tie_flips: ReLU gates, sampling cells and L1 signs of the step's forward the port set
+            differently
             (forced to the reference's, see :class:`ForcedTies`).
         tie_max_gap: Largest reference ``|x|`` among them (0 when none).
         seconds_torch: Wall time of the reference step.
@@ -1172,7 +1344,7 @@ class Trajectory:
         parameter's drift (relative L2 between the sides) is within the ``trajectory.weights``
         entry or the ``noise`` factor of that parameter's reference fp32 error.
 
-        The ReLU gate and L1 sign flips of each step are in the table (:meth:`rows`), not judged: after
+        The ReLU gate, sampling cell and L1 sign flips of each step are in the table (:meth:`rows`), not judged: after
         the first step the two sides' weights differ by that step's rounding, the forwards
         drift apart and the gaps of flipped gates grow with them; the trajectory replays the
         reference's decisions on purpose, to measure how the continuous part of training

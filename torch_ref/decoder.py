@@ -253,8 +253,26 @@ class MSDeformableAttention(nn.Module):
                 f"Last dim of reference_points must be 2 or 4, got {reference_points.shape[-1]}"
             )
 
-        output = deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights)
+        output = self.sample(value, value_spatial_shapes, sampling_locations, attention_weights)
         return self.output_proj(output)
+
+    def sample(self, value: torch.Tensor, value_spatial_shapes: Sequence[Sequence[int]],
+               sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+        """Bilinear sampling of the values and their weighted sum (the attention core).
+
+        A method, so that a parity check can see (and, in the port, force) each layer's
+        sampling locations.
+
+        Args:
+            value: ``[bs, len_v, num_heads, head_dim]``, levels concatenated.
+            value_spatial_shapes: ``[(h_0, w_0), ...]``.
+            sampling_locations: ``[bs, len_q, num_heads, num_levels, num_points, 2]``.
+            attention_weights: ``[bs, len_q, num_heads, num_levels, num_points]``.
+
+        Returns:
+            ``[bs, len_q, embed_dim]``.
+        """
+        return deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights)
 
 
 class TransformerDecoderLayer(nn.Module):
