@@ -54,18 +54,8 @@ def _channel_mean(x: jt.Var) -> jt.Var:
 
 def _batch_norm_train_ops(x: jt.Var, weight: jt.Var, bias: jt.Var,
                           eps: float) -> Tuple[jt.Var, jt.Var, jt.Var]:
-    """Training-mode batch normalisation composed of Jittor ops (the CUDA path).
-
-    Args:
-        x: Input ``[bs, c, h, w]``.
-        weight: Scale ``[c]``.
-        bias: Shift ``[c]``.
-        eps: Value added to the variance before the square root.
-
-    Returns:
-        The output ``[bs, c, h, w]``, the batch mean ``[c]`` and the biased batch variance
-        ``[c]``; the statistics carry no gradient.
-    """
+    """Training-mode batch normalisation composed of Jittor ops (the CUDA path); arguments
+    and results as :func:`batch_norm_train`'s."""
     mean = _channel_mean(x)  # [1, c, 1, 1]
     centered = x - mean
     var = _channel_mean(centered * centered)  # [1, c, 1, 1], biased
@@ -163,18 +153,8 @@ class _BatchNormTrain(jt.Function):
 
     def execute(self, x: jt.Var, weight: jt.Var, bias: jt.Var,
                 eps: float) -> Tuple[jt.Var, jt.Var, jt.Var]:
-        """Normalises ``x`` with its batch statistics.
-
-        Args:
-            x: Input ``[bs, c, h, w]``, float32.
-            weight: Scale ``[c]``, float32.
-            bias: Shift ``[c]``, float32.
-            eps: Value added to the variance before the square root.
-
-        Returns:
-            The output ``[bs, c, h, w]``, the batch mean ``[c]`` and the biased batch
-            variance ``[c]`` (:func:`batch_norm_train` detaches the statistics).
-        """
+        """Normalises ``x`` with its batch statistics; arguments and results as
+        :func:`batch_norm_train`'s (which detaches the statistics)."""
         c = x.shape[1]
         header = _BN_KERNEL_HEADER.format(eps=float(eps))
         y, mean, var = jt.code([x.shape, (c,), (c,)], ["float32"] * 3, [x, weight, bias],
@@ -377,30 +357,43 @@ def softmax_last(x: jt.Var) -> jt.Var:
 _MSDA_HEADER = """
 #include <cmath>
 #define MSDA_CELLS {cells}
+// The sizes of the inputs: value [B, V, H, C], locations [B, Q, H, L, P, 2].
+#define MSDA_SIZES const int B = in0_shape0, V = in0_shape1, H = in0_shape2, C = in0_shape3; \\
+                   const int Q = in1_shape1, L = in1_shape3, P = in1_shape4;
 static const int MSDA_LEVELS[][3] = {levels};
 struct MsdaPoint {{
+    int h, wd, start;     // its level's size and first row in V
     int row[2], col[2];   // north/south rows, west/east columns
     bool in_row[2], in_col[2];
     float n, s, w, e;     // distances to the north, south, west and east sides
 }};
-static inline MsdaPoint msda_point(float lx, float ly, int h, int wd, const int* cell) {{
-    const float x = ((2.f * lx - 1.f + 1.f) * wd - 1.f) / 2.f;
-    const float y = ((2.f * ly - 1.f + 1.f) * h - 1.f) / 2.f;
+// Point lp = ((b * Q + q) * H + head) * L * P + l * P + point of level l.
+static inline MsdaPoint msda_point(const float* locations, const int* cells, long lp, int l) {{
     MsdaPoint p;
-    const float xw = cell ? (float)cell[0] : std::floor(x);
-    const float yn = cell ? (float)cell[1] : std::floor(y);
+    p.h = MSDA_LEVELS[l][0]; p.wd = MSDA_LEVELS[l][1]; p.start = MSDA_LEVELS[l][2];
+    const float x = ((2.f * locations[lp * 2] - 1.f + 1.f) * p.wd - 1.f) / 2.f;
+    const float y = ((2.f * locations[lp * 2 + 1] - 1.f + 1.f) * p.h - 1.f) / 2.f;
+    const float xw = cells ? (float)cells[lp * 2] : std::floor(x);
+    const float yn = cells ? (float)cells[lp * 2 + 1] : std::floor(y);
     p.w = x - xw; p.e = 1.f - p.w; p.n = y - yn; p.s = 1.f - p.n;
     for (int k = 0; k < 2; k++) {{
         const float cx = xw + k, cy = yn + k;
-        p.in_col[k] = cx >= 0.f && cx <= wd - 1;
-        p.in_row[k] = cy >= 0.f && cy <= h - 1;
+        p.in_col[k] = cx >= 0.f && cx <= p.wd - 1;
+        p.in_row[k] = cy >= 0.f && cy <= p.h - 1;
         p.col[k] = (int)cx; p.row[k] = (int)cy;
     }}
     return p;
 }}
 // Corner k = 2 * i + j (i: north/south row, j: west/east column): nw, ne, sw, se.
+static inline bool msda_inside(const MsdaPoint& p, int i, int j) {{
+    return p.in_row[i] && p.in_col[j];
+}}
 static inline float msda_corner_weight(const MsdaPoint& p, int i, int j) {{
     return (i ? p.n : p.s) * (j ? p.w : p.e);
+}}
+// Offset of corner (i, j)'s channels of head hd of image b in value [B, V, H, C].
+static inline long msda_offset(const MsdaPoint& p, int i, int j, int b, int hd, int V, int H, int C) {{
+    return (((long)b * V + p.start + (long)p.row[i] * p.wd + p.col[j]) * H + hd) * C;
 }}
 """
 
@@ -408,32 +401,25 @@ _NO_CELLS = "((const int*)nullptr)"  # MSDA_CELLS without forced cells
 
 # in0 value, in1 locations, in2 weights[, in3 cells] -> out0 output
 _MSDA_FORWARD_SRC = """
-const int B = in0_shape0, V = in0_shape1, H = in0_shape2, C = in0_shape3;
-const int Q = in1_shape1, L = in1_shape3, P = in1_shape4;
+MSDA_SIZES
 #pragma omp parallel for schedule(static)
 for (long u = 0; u < (long)B * Q * H; u++) {
     const int b = u / ((long)Q * H), hd = u % H;
     float* out = out0_p + u * C;
     for (int c = 0; c < C; c++) out[c] = 0.f;
-    for (int l = 0; l < L; l++) {
-        const int h = MSDA_LEVELS[l][0], wd = MSDA_LEVELS[l][1], start = MSDA_LEVELS[l][2];
-        for (int pt = 0; pt < P; pt++) {
-            const long lp = (u * L + l) * P + pt;
-            const MsdaPoint p = msda_point(in1_p[lp * 2], in1_p[lp * 2 + 1], h, wd,
-                                           MSDA_CELLS ? MSDA_CELLS + lp * 2 : nullptr);
-            const float aw = in2_p[lp];
-            const float* corner[4]; float cw[4];
-            for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) {
-                const bool inside = p.in_row[i] && p.in_col[j];
-                const long v = start + (long)p.row[i] * wd + p.col[j];
-                corner[2 * i + j] = inside ? in0_p + (((long)b * V + v) * H + hd) * C : nullptr;
-                cw[2 * i + j] = msda_corner_weight(p, i, j);
-            }
-            for (int c = 0; c < C; c++) {
-                float val = 0.f;
-                for (int k = 0; k < 4; k++) if (corner[k]) val += corner[k][c] * cw[k];
-                out[c] += val * aw;
-            }
+    for (int l = 0; l < L; l++) for (int pt = 0; pt < P; pt++) {
+        const long lp = (u * L + l) * P + pt;
+        const MsdaPoint p = msda_point(in1_p, MSDA_CELLS, lp, l);
+        const float aw = in2_p[lp];
+        const float* corner[4]; float cw[4];
+        for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) {
+            corner[2 * i + j] = msda_inside(p, i, j) ? in0_p + msda_offset(p, i, j, b, hd, V, H, C) : nullptr;
+            cw[2 * i + j] = msda_corner_weight(p, i, j);
+        }
+        for (int c = 0; c < C; c++) {
+            float val = 0.f;
+            for (int k = 0; k < 4; k++) if (corner[k]) val += corner[k][c] * cw[k];
+            out[c] += val * aw;
         }
     }
 }
@@ -443,8 +429,7 @@ for (long u = 0; u < (long)B * Q * H; u++) {
 #   -> out0 grad_value, out1 grad_locations, out2 grad_weights
 # One thread per (b, head): the rows of grad_value it adds to are that head's alone.
 _MSDA_BACKWARD_SRC = """
-const int B = in0_shape0, V = in0_shape1, H = in0_shape2, C = in0_shape3;
-const int Q = in1_shape1, L = in1_shape3, P = in1_shape4;
+MSDA_SIZES
 #pragma omp parallel for schedule(static)
 for (int bh = 0; bh < B * H; bh++) {
     const int b = bh / H, hd = bh % H;
@@ -455,38 +440,33 @@ for (int bh = 0; bh < B * H; bh++) {
     for (int q = 0; q < Q; q++) {
         const long u = ((long)b * Q + q) * H + hd;
         const float* gout = in3_p + u * C;
-        for (int l = 0; l < L; l++) {
-            const int h = MSDA_LEVELS[l][0], wd = MSDA_LEVELS[l][1], start = MSDA_LEVELS[l][2];
-            for (int pt = 0; pt < P; pt++) {
-                const long lp = (u * L + l) * P + pt;
-                const MsdaPoint p = msda_point(in1_p[lp * 2], in1_p[lp * 2 + 1], h, wd,
-                                               MSDA_CELLS ? MSDA_CELLS + lp * 2 : nullptr);
-                const float aw = in2_p[lp];
-                // d(corner weight)/dx and /dy for nw, ne, sw, se
-                const float dwx[4] = {-p.s, p.s, -p.n, p.n};
-                const float dwy[4] = {-p.e, -p.w, p.e, p.w};
-                float grad_aw = 0.f, grad_x = 0.f, grad_y = 0.f;
-                for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) {
-                    if (!(p.in_row[i] && p.in_col[j])) continue;
-                    const int k = 2 * i + j;
-                    const long off = (((long)b * V + start + (long)p.row[i] * wd + p.col[j]) * H + hd) * C;
-                    const float* val = in0_p + off;
-                    float* gv = out0_p + off;
-                    const float cw = msda_corner_weight(p, i, j);
-                    float dot = 0.f;
-                    for (int c = 0; c < C; c++) {
-                        dot += gout[c] * val[c];
-                        gv[c] += gout[c] * aw * cw;
-                    }
-                    grad_aw += dot * cw;
-                    grad_x += dot * dwx[k];
-                    grad_y += dot * dwy[k];
+        for (int l = 0; l < L; l++) for (int pt = 0; pt < P; pt++) {
+            const long lp = (u * L + l) * P + pt;
+            const MsdaPoint p = msda_point(in1_p, MSDA_CELLS, lp, l);
+            const float aw = in2_p[lp];
+            // d(corner weight)/dx and /dy for nw, ne, sw, se
+            const float dwx[4] = {-p.s, p.s, -p.n, p.n};
+            const float dwy[4] = {-p.e, -p.w, p.e, p.w};
+            float grad_aw = 0.f, grad_x = 0.f, grad_y = 0.f;
+            for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) {
+                if (!msda_inside(p, i, j)) continue;
+                const long off = msda_offset(p, i, j, b, hd, V, H, C);
+                const float* val = in0_p + off;
+                float* gv = out0_p + off;
+                const float cw = msda_corner_weight(p, i, j);
+                float dot = 0.f;
+                for (int c = 0; c < C; c++) {
+                    dot += gout[c] * val[c];
+                    gv[c] += gout[c] * aw * cw;
                 }
-                out2_p[lp] = grad_aw;
-                // x = ((2 * lx - 1 + 1) * w - 1) / 2, so dx/dlx = w (and dy/dly = h)
-                out1_p[lp * 2] = grad_x * aw * wd;
-                out1_p[lp * 2 + 1] = grad_y * aw * h;
+                grad_aw += dot * cw;
+                grad_x += dot * dwx[2 * i + j];
+                grad_y += dot * dwy[2 * i + j];
             }
+            out2_p[lp] = grad_aw;
+            // x = ((2 * lx - 1 + 1) * w - 1) / 2, so dx/dlx = w (and dy/dly = h)
+            out1_p[lp * 2] = grad_x * aw * p.wd;
+            out1_p[lp * 2 + 1] = grad_y * aw * p.h;
         }
     }
 }
