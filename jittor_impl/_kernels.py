@@ -9,6 +9,7 @@ operators that dominated are written here as ``jt.code`` CPU kernels, each with 
 as a second kernel (a ``jt.Function``), parallel over channels, elements, rows or heads:
 
 - :func:`batch_norm_train`: training-mode BatchNorm (batch statistics in float64);
+- :func:`channel_affine`: eval-mode and frozen BatchNorm (a scale and shift per channel);
 - :func:`relu`: ReLU;
 - :func:`softmax_last`: softmax over the last axis (row sums in float64);
 - :func:`ms_deform_attn`: the decoder's multi-scale deformable attention (bilinear
@@ -24,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 import jittor as jt
 from jittor import nn
 
-__all__ = ["batch_norm_train", "relu", "softmax_last", "ms_deform_attn"]
+__all__ = ["batch_norm_train", "channel_affine", "relu", "softmax_last", "ms_deform_attn"]
 
 
 def _require_float32(caller: str, **tensors: jt.Var) -> None:
@@ -32,6 +33,17 @@ def _require_float32(caller: str, **tensors: jt.Var) -> None:
     for name, v in tensors.items():
         if v.dtype != "float32":
             raise TypeError(f"{caller}: {name} is {v.dtype}, expected float32")
+
+
+def _check_channel_vectors(caller: str, x: jt.Var, **vectors: jt.Var) -> None:
+    """Checks that ``x`` is a float32 ``[bs, c, h, w]`` and each vector a float32 ``[c]``."""
+    if x.ndim != 4:
+        raise ValueError(f"{caller} expects [bs, c, h, w], got shape {list(x.shape)}")
+    for name, v in vectors.items():
+        if list(v.shape) != [x.shape[1]]:
+            raise ValueError(f"{caller}: {name} has shape {list(v.shape)}, expected "
+                             f"[{x.shape[1]}] for input {list(x.shape)}")
+    _require_float32(caller, x=x, **vectors)
 
 
 def _channel_mean(x: jt.Var) -> jt.Var:
@@ -69,11 +81,11 @@ def _batch_norm_train_ops(x: jt.Var, weight: jt.Var, bias: jt.Var,
 # sum is one thread's float64 running sum. The formulas are torch's CPU BatchNorm ones:
 # forward y = x * a + b with a = weight * invstd, b = bias - mean * a; backward
 # dx = (dy - sum(dy) / M - (x - mean) * sum(dy * (x - mean)) * invstd^2 / M) * weight * invstd.
-_BN_KERNEL_HEADER = """
+_CHANNEL_HEADER = """
 #include <cmath>
-#define BN_EPS ({eps!r})
 #define BN_CHANNEL(ptr, n) ((ptr) + ((size_t)(n) * C + c) * HW)
 """
+_BN_KERNEL_HEADER = _CHANNEL_HEADER + "#define BN_EPS ({eps!r})\n"
 
 # in0 x [N, C, H, W], in1 weight [C], in2 bias [C] -> out0 y, out1 mean [C], out2 var [C]
 _BN_FORWARD_SRC = """
@@ -198,17 +210,87 @@ def batch_norm_train(x: jt.Var, weight: jt.Var, bias: jt.Var,
         ValueError: If ``x`` is not 4-D or ``weight``/``bias`` do not have its channel count.
         TypeError: If ``x``, ``weight`` or ``bias`` is not float32.
     """
-    if x.ndim != 4:
-        raise ValueError(f"batch_norm_train expects [bs, c, h, w], got shape {list(x.shape)}")
-    for name, v in (("weight", weight), ("bias", bias)):
-        if list(v.shape) != [x.shape[1]]:
-            raise ValueError(f"batch_norm_train: {name} has shape {list(v.shape)}, expected "
-                             f"[{x.shape[1]}] for input {list(x.shape)}")
-    _require_float32("batch_norm_train", x=x, weight=weight, bias=bias)
+    _check_channel_vectors("batch_norm_train", x, weight=weight, bias=bias)
     if jt.flags.use_cuda:
         return _batch_norm_train_ops(x, weight, bias, eps)
     y, mean, var = _BatchNormTrain.apply(x, weight, bias, eps)
     return y, mean.detach(), var.detach()  # the Function tapes its outputs anew
+
+
+# in0 x [N, C, H, W], in1 scale [C], in2 shift [C] -> out0 y = x * scale + shift per channel.
+_AFFINE_FORWARD_SRC = """
+const int N = in0_shape0, C = in0_shape1;
+const size_t HW = (size_t)in0_shape2 * in0_shape3;
+#pragma omp parallel for schedule(static)
+for (int c = 0; c < C; c++) {
+    const float a = in1_p[c], b = in2_p[c];
+    for (int n = 0; n < N; n++) {
+        const float* x = BN_CHANNEL(in0_p, n);
+        float* y = BN_CHANNEL(out0_p, n);
+        for (size_t i = 0; i < HW; i++) y[i] = x[i] * a + b;
+    }
+}
+"""
+
+# in0 x, in1 dy [N, C, H, W], in2 scale [C] -> out0 dx, out1 dscale [C], out2 dshift [C]
+_AFFINE_BACKWARD_SRC = """
+const int N = in0_shape0, C = in0_shape1;
+const size_t HW = (size_t)in0_shape2 * in0_shape3;
+#pragma omp parallel for schedule(static)
+for (int c = 0; c < C; c++) {
+    const float a = in2_p[c];
+    double sum_dy = 0, sum_dy_x = 0;
+    for (int n = 0; n < N; n++) {
+        const float* x = BN_CHANNEL(in0_p, n);
+        const float* dy = BN_CHANNEL(in1_p, n);
+        float* dx = BN_CHANNEL(out0_p, n);
+        for (size_t i = 0; i < HW; i++) { dx[i] = dy[i] * a; sum_dy += dy[i]; sum_dy_x += dy[i] * x[i]; }
+    }
+    out1_p[c] = (float)sum_dy_x;
+    out2_p[c] = (float)sum_dy;
+}
+"""
+
+
+class _ChannelAffine(jt.Function):
+    """``x * scale[c] + shift[c]`` over ``[bs, c, h, w]`` on CPU as two OpenMP kernels (the
+    eval-mode and frozen BatchNorms; Jittor's fused kernel of it runs on one thread)."""
+
+    def execute(self, x: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
+        """Returns ``x * scale + shift`` per channel."""
+        self.saved = (x, scale)
+        return jt.code(x.shape, "float32", [x, scale, shift],
+                       cpu_header=_CHANNEL_HEADER, cpu_src=_AFFINE_FORWARD_SRC)
+
+    def grad(self, grad_y: jt.Var) -> Tuple[jt.Var, jt.Var, jt.Var]:
+        """Gradients with respect to ``x``, ``scale`` and ``shift``."""
+        x, scale = self.saved
+        c = x.shape[1]
+        return tuple(jt.code([x.shape, (c,), (c,)], ["float32"] * 3, [x, grad_y, scale],
+                             cpu_header=_CHANNEL_HEADER, cpu_src=_AFFINE_BACKWARD_SRC))
+
+
+def channel_affine(x: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
+    """``x * scale + shift`` with one scale and shift per channel of ``[bs, c, h, w]``.
+
+    On CPU an OpenMP kernel (sums of its gradient in float64), on CUDA Jittor ops.
+
+    Args:
+        x: Input ``[bs, c, h, w]``, float32.
+        scale: ``[c]``, float32.
+        shift: ``[c]``, float32.
+
+    Returns:
+        A tensor of the shape of ``x``.
+
+    Raises:
+        ValueError: If ``x`` is not 4-D or ``scale``/``shift`` do not have its channel count.
+        TypeError: If a tensor is not float32.
+    """
+    _check_channel_vectors("channel_affine", x, scale=scale, shift=shift)
+    if jt.flags.use_cuda:
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    return _ChannelAffine.apply(x, scale, shift)
 
 
 # in0 x -> out0 y, element by element over the flat tensor.

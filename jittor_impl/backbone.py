@@ -11,6 +11,8 @@ Differences from torch_ref/backbone.py:
     - :class:`FrozenBatchNorm2d` has no ``_load_from_state_dict`` hook; its
       state dict has no ``num_batches_tracked`` key, and the project's strict
       loader (``jittor_impl.checkpoint``) works on whole state dicts.
+    - :class:`FrozenBatchNorm2d` scales and shifts through
+      :func:`~jittor_impl._kernels.channel_affine` (an OpenMP kernel on CPU).
     - Freezing (``freeze_at``) calls ``stop_grad`` on the parameters instead of
       ``requires_grad_(False)``; they stay parameters (in the state dict and
       counted) and each owning module lists their names in ``_frozen_names``.
@@ -30,6 +32,7 @@ from typing import List, Sequence
 import jittor as jt
 from jittor import nn
 
+from ._kernels import channel_affine
 from .common import BatchNorm2d, ConvNormLayer, get_activation, named_children, named_modules, set_child
 
 __all__ = ["FrozenBatchNorm2d", "BasicBlock", "BottleNeck", "Blocks", "PResNet"]
@@ -83,13 +86,9 @@ class FrozenBatchNorm2d(nn.Module):
             ``x * scale + shift`` with ``scale = w / sqrt(rv + eps)`` and
             ``shift = b - rm * scale``, same shape as ``x``.
         """
-        w = self.weight.reshape(1, -1, 1, 1)  # [1, c, 1, 1]
-        b = self.bias.reshape(1, -1, 1, 1)  # [1, c, 1, 1]
-        rv = self.running_var.reshape(1, -1, 1, 1)  # [1, c, 1, 1]
-        rm = self.running_mean.reshape(1, -1, 1, 1)  # [1, c, 1, 1]
-        scale = w / jt.sqrt(rv + self.eps)
-        shift = b - rm * scale
-        return x * scale + shift
+        scale = self.weight / jt.sqrt(self.running_var + self.eps)  # [c]
+        shift = self.bias - self.running_mean * scale  # [c]
+        return channel_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
         """Returns the printable configuration."""

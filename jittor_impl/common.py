@@ -27,7 +27,7 @@ Differences from torch_ref/common.py:
       several times slower still), so the product and both gradients are
       per-slice 2-D oneDNN products.
     - Jittor's fused CPU kernels run on one thread, torch's operators on all:
-      training-mode :class:`BatchNorm2d`, :class:`ReLU` and the attention
+      :class:`BatchNorm2d` (both modes), :class:`ReLU` and the attention
       softmax of :class:`MultiheadAttention` call the OpenMP kernels of
       :mod:`jittor_impl._kernels` on CPU (Jittor ops on CUDA).
     - Jittor's ``Module.eval()`` also marks every parameter ``stop_grad`` and
@@ -48,7 +48,7 @@ from typing import List, Optional, Tuple
 import jittor as jt
 from jittor import init, nn
 
-from ._kernels import batch_norm_train, relu, softmax_last
+from ._kernels import batch_norm_train, channel_affine, relu, softmax_last
 
 __all__ = [
     "Hardsigmoid",
@@ -205,7 +205,7 @@ class BatchNorm2d(nn.Module):
             return y
         scale = self.weight / jt.sqrt(self.running_var + self.eps)  # [c]
         shift = self.bias - self.running_mean * scale  # [c]
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        return channel_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
         """Returns the printable configuration."""

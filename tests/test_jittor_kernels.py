@@ -1,7 +1,8 @@
 """The CPU kernels of the Jittor port against torch: values and gradients.
 
-Training-mode BatchNorm (outputs, gradients, running statistics), ReLU and the last-axis
-softmax of ``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor implementations of each are checked: the CPU kernels and the
+Training-mode BatchNorm (outputs, gradients, running statistics), the per-channel affine of
+eval-mode BatchNorm, ReLU, the last-axis softmax and the deformable attention of
+``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor implementations of each are checked: the CPU kernels and the
 composition of Jittor ops that CUDA runs, on shapes with odd sizes, a single image, a 1x1
 map, and masked softmax rows.
 """
@@ -15,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jittor_impl._kernels import _batch_norm_train_ops, batch_norm_train, relu, softmax_last
+from jittor_impl._kernels import (_batch_norm_train_ops, batch_norm_train, channel_affine, relu,
+                                  softmax_last)
 from jittor_impl.common import BatchNorm2d, ReLU, batched_matmul
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 2), (3, 16, 33, 17), (2, 4, 1, 1)]
@@ -198,7 +200,9 @@ def test_softmax_last_masks_minus_infinity_like_torch(impl: str) -> None:
     (lambda: relu(jt.zeros((2, 3), "float64")), TypeError, "relu: x is float64, expected float32"),
     (lambda: softmax_last(jt.zeros((2, 0))), ValueError, "non-empty last axis, got shape \\[2, 0\\]"),
     (lambda: softmax_last(jt.zeros((2, 3), "int32")), TypeError, "x is int32, expected float32"),
-], ids=["relu-float64", "softmax-empty", "softmax-int"])
+    (lambda: channel_affine(jt.zeros((2, 3, 4, 4)), jt.ones((3,)), jt.zeros((2,))), ValueError,
+     "shift has shape \\[2\\], expected \\[3\\]"),
+], ids=["relu-float64", "softmax-empty", "softmax-int", "affine-shift-shape"])
 def test_bad_kernel_input_is_refused_clearly(call, error, message) -> None:
     with pytest.raises(error, match=message):
         call()
@@ -308,3 +312,36 @@ def test_forced_cells_move_only_the_location_gradient_of_an_edge_point() -> None
     assert change.max() < 0.01 * jump  # the rest moves by the 2e-4 px overlap only
     for got, ref in zip(forced, run(jittor_ops, other)):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # the ops form forces alike
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_channel_affine_and_its_gradients_match_torch(shape: tuple[int, ...]) -> None:
+    x, scale, shift, grad_y = _inputs(shape, seed=7)
+    xj, sj, bj = jt.array(x), jt.array(scale), jt.array(shift)
+    y = channel_affine(xj, sj, bj)
+    grads = jt.grad((y * jt.array(grad_y)).sum(), [xj, sj, bj])
+    ref = {}
+    for dtype in (torch.float32, torch.float64):
+        xt, st, bt = (torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x, scale, shift))
+        yt = xt * st.reshape(1, -1, 1, 1) + bt.reshape(1, -1, 1, 1)
+        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
+        ref[dtype] = [yt.detach().numpy(), xt.grad.numpy(), st.grad.numpy(), bt.grad.numpy()]
+    for i, got in enumerate([y] + list(grads)):
+        err, torch_err = _relative_errors(got.numpy(), ref[torch.float32][i], ref[torch.float64][i])
+        # One product and sum per element, float64 sums: measured within torch's own error.
+        assert err <= max(2 * torch_err, 1e-7), f"output {i}: {err:.2e} (torch {torch_err:.2e})"
+
+
+def test_eval_and_frozen_batchnorm_use_the_running_statistics() -> None:
+    from jittor_impl.backbone import FrozenBatchNorm2d
+
+    x, weight, bias, _ = _inputs((2, 6, 5, 4), seed=8)
+    mean = np.linspace(-1, 1, 6).astype(np.float32)
+    var = np.linspace(0.5, 2, 6).astype(np.float32)
+    expected = (x - mean.reshape(1, -1, 1, 1)) / np.sqrt(var.reshape(1, -1, 1, 1) + 1e-5)
+    expected = expected * weight.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+    for module in (BatchNorm2d(6), FrozenBatchNorm2d(6)):
+        for name, v in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+            getattr(module, name).update(jt.array(v))
+        module.eval()
+        np.testing.assert_allclose(module(jt.array(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
