@@ -225,31 +225,38 @@ def test_cell_offsets_pick_grid_samples_own_cells() -> None:
     assert (np.abs(offsets[..., 0]) < 1e-4).all() and len(set(cells - edges.astype(int))) == 2
 
 
-@pytest.mark.parametrize("gap, forced", [(1e-5, True), (1e-2, False)])
-def test_sampling_cells_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
-    """One sampling point ``gap`` px right of a cell edge in torch and ``gap`` left of it in
-    Jittor: within the ``train.sample_cell`` band the port samples from the reference's cell
-    (the location gradient agrees, the decision row passes and counts the flip); beyond it
-    the port keeps its own cell (the slope of the cell on the other side) and the row fails."""
+def _sample_both(torch_x: float, jittor_x: float, reference_error: float = 0.0):
+    """One deformable sampling call on each side, point 0's pixel x set per side; returns the
+    forcing, both outputs and both location gradients."""
     shapes = [(5, 6)]
     rng = np.random.default_rng(6)
     value = rng.standard_normal((1, 30, 2, 4)).astype(np.float32)
     locations = rng.uniform(0.2, 0.8, (1, 3, 2, 1, 2, 2)).astype(np.float32)
     weights = rng.uniform(0.2, 1.0, (1, 3, 2, 1, 2)).astype(np.float32)
     torch_loc, jittor_loc = locations.copy(), locations.copy()
-    torch_loc[0, 0, 0, 0, 0, 0] = (3 + gap + 0.5) / 6  # pixel x = 3 + gap
-    jittor_loc[0, 0, 0, 0, 0, 0] = (3 - gap + 0.5) / 6  # pixel x = 3 - gap
+    torch_loc[0, 0, 0, 0, 0, 0] = (torch_x + 0.5) / 6
+    jittor_loc[0, 0, 0, 0, 0, 0] = (jittor_x + 0.5) / 6
     pair = types.SimpleNamespace(torch_model=torch_ref.decoder.MSDeformableAttention(8, 2, 1, 2),
                                  jittor_model=jittor_impl.decoder.MSDeformableAttention(8, 2, 1, 2))
     loc_t = torch.tensor(torch_loc, requires_grad=True)
     loc_j = jt.array(jittor_loc)
     with ForcedCells(pair) as ties:
+        ties.set_reference_error({"train.sample_cell.": reference_error})
         out_t = pair.torch_model.sample(torch.tensor(value), shapes, loc_t, torch.tensor(weights))
         out_j = pair.jittor_model.sample(jt.array(value), shapes, loc_j, jt.array(weights))
         grad_j = jt.grad(out_j.sum(), loc_j).numpy()
     out_t.sum().backward()
-    grad_t = loc_t.grad.numpy()
-    np.testing.assert_allclose(out_j.numpy(), out_t.detach().numpy(), rtol=0, atol=10 * gap)
+    return ties, out_t.detach().numpy(), out_j.numpy(), loc_t.grad.numpy(), grad_j
+
+
+@pytest.mark.parametrize("gap, forced", [(1e-5, True), (1e-2, False)])
+def test_sampling_cells_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
+    """One sampling point ``gap`` px right of a cell edge in torch and ``gap`` left of it in
+    Jittor: within the ``train.sample_cell`` band the port samples from the reference's cell
+    (the location gradient agrees, the decision row passes and counts the flip); beyond it
+    the port keeps its own cell (the slope of the cell on the other side) and the row fails."""
+    ties, out_t, out_j, grad_t, grad_j = _sample_both(3 + gap, 3 - gap)
+    np.testing.assert_allclose(out_j, out_t, rtol=0, atol=10 * gap)
     same = np.isclose(grad_j[0, 0, 0, 0, 0, 0], grad_t[0, 0, 0, 0, 0, 0], rtol=1e-3, atol=1e-4)
     assert same is np.bool_(forced)
     # The point's y gradient moves with its x weights (by ~gap), the other points' not at all.
@@ -260,3 +267,17 @@ def test_sampling_cells_are_forced_within_the_band_only(gap: float, forced: bool
     assert ties.flips == {row.path: 1}
     assert row.max_abs == pytest.approx(gap, rel=5e-2)
     assert row.passed is forced
+
+
+def test_a_wide_band_forces_the_reference_cell_not_the_nearest_edges_side() -> None:
+    """With the band wider than half a pixel (the reference's own error large, as in deep
+    decoder layers at 640) a point near a pixel centre is a tie of both its edges: x = 3.49 in
+    torch (nearest edge 3, offset +0.49) and 3.51 in Jittor (nearest edge 4, offset -0.49)
+    sample the same cell 3, and forcing keeps it there (no flip, same gradient)."""
+    ties, out_t, out_j, grad_t, grad_j = _sample_both(3.49, 3.51, reference_error=0.3)
+    assert ties.band("train.sample_cell.") > 0.5
+    np.testing.assert_allclose(out_j, out_t, rtol=0, atol=0.1)
+    # The same cell's slope in x (the y gradient moves with the 0.02 px of x weights).
+    assert grad_j[0, 0, 0, 0, 0, 0] == pytest.approx(grad_t[0, 0, 0, 0, 0, 0], rel=1e-4)
+    [row] = ties.decisions()
+    assert row.passed and ties.flips == {row.path: 0}

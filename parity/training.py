@@ -181,6 +181,16 @@ class _ForcedTies(abc.ABC):
         """The branch of each element of the port's call: the reference's within the band,
         the port's own elsewhere (float32); records ``x`` for :meth:`decisions`."""
         path = self.path(name)
+        reference = self._take_call(name, x)
+        tie = np.abs(reference) <= self.band(path)
+        forced = jt.array(np.where(tie, self.branch(reference), 0).astype(np.float32))
+        own = jt.array((~tie).astype(np.float32)) * self.jittor_branch(x)
+        return forced + own
+
+    def _take_call(self, name: str, x: jt.Var) -> np.ndarray:
+        """Records the port's next call of kink ``name`` and returns the reference's input
+        of the same call."""
+        path = self.path(name)
         calls = self.test.setdefault(path, [])
         recorded = self.reference.get(path, [])
         if len(calls) >= len(recorded):
@@ -191,10 +201,7 @@ class _ForcedTies(abc.ABC):
             raise ValueError(f"Jittor {self.what} {name!r} call {len(calls)}: input shape "
                              f"{tuple(x.shape)} != reference {reference.shape}")
         calls.append(x)
-        tie = np.abs(reference) <= self.band(path)
-        forced = jt.array(np.where(tie, self.branch(reference), 0).astype(np.float32))
-        own = jt.array((~tie).astype(np.float32)) * self.jittor_branch(x)
-        return forced + own
+        return reference
 
     @abc.abstractmethod
     def names(self) -> list[str]:
@@ -418,9 +425,14 @@ class ForcedCells(_ForcedTies):
     Inside the ``with`` block every ``MSDeformableAttention.sample`` of the torch model
     records the offsets of its points from the nearest edge (:func:`cell_offsets`), and the
     same-named module of the Jittor model, called afterwards, samples with explicit cells:
-    the reference's side of the edge within the band (see :class:`_ForcedTies`), its own
-    elsewhere; the bilinear weights stay those of its own coordinate. Paths are
-    ``train.sample_cell.<module name>``; the offsets are in pixels of the point's level.
+    the reference's cell within the band (see :class:`_ForcedTies`), its own elsewhere, with
+    the bilinear weights of its own coordinate (so a forced sample is the reference cell's
+    bilinear plane extended past its edge by the port's offset, as a forced ReLU extends its
+    branch). Offsets are from each side's own nearest edge, so the reference's cell is taken
+    from the reference's edge (:meth:`_reference_edge`): the band reaches 0.6 px in r50vd's
+    last decoder layer at 640, where a point near a pixel centre is "within the band" of
+    both its edges. Paths are ``train.sample_cell.<module name>``; the offsets are in
+    pixels of the point's level.
 
     Args:
         pair: The model pair; the torch forward must run before the Jittor one inside the
@@ -456,12 +468,17 @@ class ForcedCells(_ForcedTies):
     def names(self) -> list[str]:
         return list(self.torch_modules)
 
+    @staticmethod
+    def _reference_edge(reference: np.ndarray, offsets: np.ndarray, edge: np.ndarray) -> np.ndarray:
+        """The reference's nearest edge, from the port's: offsets are from each side's own
+        nearest edge, and a point near a pixel centre has offset ~+0.5 on one side and ~-0.5
+        on the other, nearest edges one apart (the positions themselves differ by far less
+        than half a pixel)."""
+        return edge + np.round(offsets - reference)
+
     def _flipped(self, reference: np.ndarray, test: np.ndarray) -> np.ndarray:
-        """Other side of the same edge. Offsets are from each side's nearest edge: a point
-        near a pixel centre has offset ~+0.5 on one side and ~-0.5 on the other (nearest edges
-        one apart) while both sample the same cell, so only sides of offsets less than half a
-        pixel apart (the same edge) are compared."""
-        return (self.branch(reference) != self.branch(test)) & (np.abs(reference - test) < 0.5)
+        """Other cell: ``edge - 1 + branch`` differs, each from its own nearest edge."""
+        return np.round(test - reference) + self.branch(reference) != self.branch(test)
 
     def _torch_sample(self, name: str, module: torch.nn.Module, value: torch.Tensor,
                       shapes: list, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -471,8 +488,12 @@ class ForcedCells(_ForcedTies):
     def _jittor_sample(self, name: str, module: Any, value: jt.Var, shapes: list,
                        locations: jt.Var, weights: jt.Var) -> jt.Var:
         offsets, edge = cell_offsets(locations.numpy(), shapes)
-        side = self._forced_branch(name, jt.array(offsets)).numpy()  # 1: cell edge, 0: edge - 1
-        cells = jt.array((edge - 1 + side).astype(np.int32))
+        reference = self._take_call(name, jt.array(offsets))
+        tie = np.abs(reference) <= self.band(self.path(name))
+        # The cell is edge - 1 + branch: the reference's within the band, the port's own elsewhere.
+        cells = np.where(tie, self._reference_edge(reference, offsets, edge) - 1 + self.branch(reference),
+                         edge - 1 + self.branch(offsets))
+        cells = jt.array(cells.astype(np.int32))
         return type(module).sample(module, value, shapes, locations, weights, cells)
 
     def __enter__(self) -> "ForcedCells":
@@ -500,16 +521,16 @@ class ForcedCells(_ForcedTies):
             The locations to sample, and the largest distance between their pixel
             coordinates and the fp32 reference's (the reference's own error at this path).
         """
-        own = locations.detach().numpy()
-        offsets, edge = cell_offsets(own, shapes)
-        # Offsets from nearest edges that are one apart (a point near a pixel centre) differ
-        # by ~1; the positions differ by the distance modulo one pixel.
-        error = float(np.abs((offsets - reference + 0.5) % 1.0 - 0.5).max(initial=0.0))
+        offsets, edge = cell_offsets(locations.detach().numpy(), shapes)
+        reference_edge = cls._reference_edge(reference, offsets, edge)
+        position = offsets + edge
+        own = position - reference_edge  # this replay's offset from the reference's edge
+        error = float(np.abs(own - reference).max(initial=0.0))
         tie = np.abs(reference) <= tolerance("decision", path).atol
-        wrong = tie & (cls.branch(reference) != cls.branch(offsets))
-        target = edge + np.where(cls.branch(reference), 1e-9, -1e-9)
+        wrong = tie & (cls.branch(reference) != cls.branch(own))
+        target = reference_edge + np.where(cls.branch(reference), 1e-9, -1e-9)
         sizes = np.array([[w, h] for h, w in shapes], np.float64).reshape(1, 1, 1, len(shapes), 1, 2)
-        shift = np.where(wrong, (target - (offsets + edge)) / sizes, 0.0)  # pos = loc * size - 1/2
+        shift = np.where(wrong, (target - position) / sizes, 0.0)  # position = loc * size - 1/2
         return locations + torch.from_numpy(shift), error
 
 
