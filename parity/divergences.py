@@ -28,7 +28,7 @@ from .tolerances import table_rows
 DEFAULT_PATH = Path(__file__).with_name("known_divergences.json")
 
 # The checks a divergence can belong to (parity/check.py).
-CHECKS = ("eval", "train_losses")
+CHECKS = ("eval", "train_losses", "train_step")
 _REQUIRED = {"id": str, "variant": str, "check": str, "kind": str, "path": str, "reason": str,
              "measured": dict, "resolution": (str, dict)}
 _OPTIONAL = {"conditions": dict}
@@ -49,7 +49,7 @@ class Divergence:
     Attributes:
         id: Unique name.
         variant: Official variant name.
-        check: ``eval`` or ``train_losses``.
+        check: ``eval``, ``train_losses`` or ``train_step`` (``parity.training.check_optimizer_step``).
         kind: Row kind it shows in (``loss``, ``decision``, ...).
         path: Glob (``fnmatch``) of the row paths it covers.
         reason: Why it happens.

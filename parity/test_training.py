@@ -24,6 +24,7 @@ import torch_ref.decoder
 from jittor_impl.box_ops import inverse_sigmoid
 from parity.check import CheckResult
 from parity.compare import compare_tree
+from parity.divergences import KnownDivergence, jittor_kernels, unexpected_failures, xfail_reason
 from parity.models import ModelPair, build_pair
 from parity.tolerances import tolerance
 from parity.training import (ForcedCells, ForcedL1Signs, add_rows, cell_offsets,
@@ -62,8 +63,23 @@ def _run(check: str, pair: ModelPair, size: int, steps: int) -> list:
     return run_trajectory(pair, batches, steps).comparisons()
 
 
-@pytest.mark.parametrize("check", ["gradients", "step", "trajectory"])
-@pytest.mark.parametrize("variant, size, steps", CASES)
+def _cases() -> list:
+    """Every (case, check), the optimizer step strictly xfailed where a known ``train_step``
+    divergence applies (parity/known_divergences.json)."""
+    params = []
+    for case in CASES:
+        variant, size, steps = case.values
+        for check in ("gradients", "step", "trajectory"):
+            marks = list(case.marks)
+            reason = (xfail_reason(variant, "train_step", size=size, weights="seeded:0",
+                                   jittor_kernels=jittor_kernels()) if check == "step" else None)
+            if reason is not None:
+                marks.append(pytest.mark.xfail(strict=True, raises=KnownDivergence, reason=reason))
+            params.append(pytest.param(variant, size, steps, check, marks=marks, id=f"{case.id}-{check}"))
+    return params
+
+
+@pytest.mark.parametrize("variant, size, steps, check", _cases())
 def test_training_parity(variant: str, size: int, steps: int, check: str) -> None:
     pair = build_pair(variant, size=size)
     rows = _run(check, pair, size, steps)
@@ -74,7 +90,13 @@ def test_training_parity(variant: str, size: int, steps: int, check: str) -> Non
     expected = {"gradients": {"grad", "decision"}, "trajectory": {"trajectory"},
                 "step": {"step", "ema", "buffer.step", "decision"}}[check]
     assert kinds == expected
-    assert _failures(rows) == []
+    if check != "step":
+        assert _failures(rows) == []
+        return
+    unexpected, known = unexpected_failures(result, check="train_step", size=size)
+    assert unexpected == []
+    if known:
+        raise KnownDivergence("; ".join(known))
 
 
 def test_every_parameter_gets_a_gradient_on_both_sides_or_neither() -> None:
