@@ -232,7 +232,9 @@ for (int c = 0; c < C; c++) {
 }
 """
 
-# in0 x, in1 dy [N, C, H, W], in2 scale [C] -> out0 dx, out1 dscale [C], out2 dshift [C]
+# in0 x, in1 dy [N, C, H, W], in2 scale [C] -> out0 dx, out1 dscale [C], out2 dshift [C];
+# AFFINE_PARAM_GRADS 0 (scale and shift without gradient, as in frozen and eval-mode
+# BatchNorm) skips the sums and their read of x, and writes zeros.
 _AFFINE_BACKWARD_SRC = """
 const int N = in0_shape0, C = in0_shape1;
 const size_t HW = (size_t)in0_shape2 * in0_shape3;
@@ -244,7 +246,11 @@ for (int c = 0; c < C; c++) {
         const float* x = BN_CHANNEL(in0_p, n);
         const float* dy = BN_CHANNEL(in1_p, n);
         float* dx = BN_CHANNEL(out0_p, n);
-        for (size_t i = 0; i < HW; i++) { dx[i] = dy[i] * a; sum_dy += dy[i]; sum_dy_x += dy[i] * x[i]; }
+        if (AFFINE_PARAM_GRADS) {
+            for (size_t i = 0; i < HW; i++) { dx[i] = dy[i] * a; sum_dy += dy[i]; sum_dy_x += dy[i] * x[i]; }
+        } else {
+            for (size_t i = 0; i < HW; i++) dx[i] = dy[i] * a;
+        }
     }
     out1_p[c] = (float)sum_dy_x;
     out2_p[c] = (float)sum_dy;
@@ -258,16 +264,17 @@ class _ChannelAffine(jt.Function):
 
     def execute(self, x: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:
         """Returns ``x * scale + shift`` per channel."""
-        self.saved = (x, scale)
+        self.saved = (x, scale, not (scale.is_stop_grad() and shift.is_stop_grad()))
         return jt.code(x.shape, "float32", [x, scale, shift],
                        cpu_header=_CHANNEL_HEADER, cpu_src=_AFFINE_FORWARD_SRC)
 
     def grad(self, grad_y: jt.Var) -> Tuple[jt.Var, jt.Var, jt.Var]:
         """Gradients with respect to ``x``, ``scale`` and ``shift``."""
-        x, scale = self.saved
+        x, scale, param_grads = self.saved
         c = x.shape[1]
+        header = _CHANNEL_HEADER + f"#define AFFINE_PARAM_GRADS {int(param_grads)}\n"
         return tuple(jt.code([x.shape, (c,), (c,)], ["float32"] * 3, [x, grad_y, scale],
-                             cpu_header=_CHANNEL_HEADER, cpu_src=_AFFINE_BACKWARD_SRC))
+                             cpu_header=header, cpu_src=_AFFINE_BACKWARD_SRC))
 
 
 def channel_affine(x: jt.Var, scale: jt.Var, shift: jt.Var) -> jt.Var:

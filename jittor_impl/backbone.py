@@ -86,8 +86,9 @@ class FrozenBatchNorm2d(nn.Module):
             ``x * scale + shift`` with ``scale = w / sqrt(rv + eps)`` and
             ``shift = b - rm * scale``, same shape as ``x``.
         """
-        scale = self.weight / jt.sqrt(self.running_var + self.eps)  # [c]
-        shift = self.bias - self.running_mean * scale  # [c]
+        # [c] each; all four are buffers, so the kernel skips the scale and shift gradients
+        scale = (self.weight / jt.sqrt(self.running_var + self.eps)).stop_grad()
+        shift = (self.bias - self.running_mean * scale).stop_grad()
         return channel_affine(x, scale, shift)
 
     def extra_repr(self) -> str:

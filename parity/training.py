@@ -180,12 +180,15 @@ class _ForcedTies(abc.ABC):
     def _forced_branch(self, name: str, x: jt.Var) -> jt.Var:
         """The branch of each element of the port's call: the reference's within the band,
         the port's own elsewhere (float32); records ``x`` for :meth:`decisions`."""
-        path = self.path(name)
         reference = self._take_call(name, x)
-        tie = np.abs(reference) <= self.band(path)
+        tie = self._ties(name, reference)
         forced = jt.array(np.where(tie, self.branch(reference), 0).astype(np.float32))
         own = jt.array((~tie).astype(np.float32)) * self.jittor_branch(x)
         return forced + own
+
+    def _ties(self, name: str, reference: np.ndarray) -> np.ndarray:
+        """Which elements of a reference call lie within the band of kink ``name``."""
+        return np.abs(reference) <= self.band(self.path(name))
 
     def _take_call(self, name: str, x: jt.Var) -> np.ndarray:
         """Records the port's next call of kink ``name`` and returns the reference's input
@@ -489,7 +492,7 @@ class ForcedCells(_ForcedTies):
                        locations: jt.Var, weights: jt.Var) -> jt.Var:
         offsets, edge = cell_offsets(locations.numpy(), shapes)
         reference = self._take_call(name, jt.array(offsets))
-        tie = np.abs(reference) <= self.band(self.path(name))
+        tie = self._ties(name, reference)
         # The cell is edge - 1 + branch: the reference's within the band, the port's own elsewhere.
         cells = np.where(tie, self._reference_edge(reference, offsets, edge) - 1 + self.branch(reference),
                          edge - 1 + self.branch(offsets))

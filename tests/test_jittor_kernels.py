@@ -332,6 +332,14 @@ def test_channel_affine_and_its_gradients_match_torch(shape: tuple[int, ...]) ->
         assert err <= max(2 * torch_err, 1e-7), f"output {i}: {err:.2e} (torch {torch_err:.2e})"
 
 
+def test_channel_affine_with_frozen_scale_and_shift_gives_the_input_gradient() -> None:
+    x, scale, shift, grad_y = _inputs((2, 5, 6, 3), seed=9)
+    xj = jt.array(x)
+    y = channel_affine(xj, jt.array(scale).stop_grad(), jt.array(shift).stop_grad())
+    grad_x = jt.grad((y * jt.array(grad_y)).sum(), xj).numpy()
+    np.testing.assert_allclose(grad_x, grad_y * scale.reshape(1, -1, 1, 1), rtol=1e-6, atol=0)
+
+
 def test_eval_and_frozen_batchnorm_use_the_running_statistics() -> None:
     from jittor_impl.backbone import FrozenBatchNorm2d
 
