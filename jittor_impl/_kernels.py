@@ -25,7 +25,8 @@ from typing import Optional, Sequence, Tuple
 import jittor as jt
 from jittor import nn
 
-__all__ = ["batch_norm_train", "channel_affine", "relu", "softmax_last", "ms_deform_attn"]
+__all__ = ["batch_norm_train", "channel_affine", "relu", "softmax_last", "ms_deform_attn",
+           "max_pool2d", "avg_pool2d", "swap_last_axes", "adamw_hyperparameters", "adamw_update"]
 
 
 def _require_float32(caller: str, **tensors: jt.Var) -> None:
@@ -645,3 +646,425 @@ def ms_deform_attn(value: jt.Var, value_spatial_shapes: Sequence[Sequence[int]],
     out = _MSDeformAttn.apply(value, sampling_locations, attention_weights, levels,
                               None if cells is None else cells.stop_grad())
     return out.reshape(bs, out.shape[1], n_head * head_dim)  # [bs, len_q, n_head * head_dim]
+
+
+def _pair(name: str, value) -> Tuple[int, int]:
+    """``(v, v)`` for an int, the pair itself for a pair of ints; anything else is an error."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _pool_geometry(caller: str, x: jt.Var, kernel_size, stride, padding,
+                   ceil_mode: bool) -> Tuple[str, Tuple[int, int, int, int]]:
+    """Checks a 2-D pooling's input and arguments and returns its kernel header and output
+    shape.
+
+    The output size is torch's (``pooling_output_shape``): with ``ceil_mode`` a last window
+    that would start in the right or bottom padding is dropped.
+
+    Raises:
+        ValueError: If ``x`` is not 4-D, a size is not positive, the padding is more than half
+            the kernel (torch's limit) or the output would be empty.
+        TypeError: If ``x`` is not float32.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"{caller} expects [bs, c, h, w], got shape {list(x.shape)}")
+    _require_float32(caller, x=x)
+    kernel = _pair("kernel_size", kernel_size)
+    step = kernel if stride is None else _pair("stride", stride)
+    pad = _pair("padding", padding)
+    if min(kernel) < 1 or min(step) < 1 or min(pad) < 0:
+        raise ValueError(f"{caller}: kernel_size {kernel} and stride {step} must be positive "
+                         f"and padding {pad} non-negative")
+    if any(p > k // 2 for p, k in zip(pad, kernel)):
+        raise ValueError(f"{caller}: padding {pad} must be at most half of kernel_size {kernel}")
+    out = []
+    for size, k, s, p in zip(x.shape[2:], kernel, step, pad):
+        n = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (n - 1) * s >= size + p:
+            n -= 1
+        out.append(n)
+    if min(out) < 1:
+        raise ValueError(f"{caller}: input {list(x.shape)} is smaller than kernel_size {kernel} "
+                         f"with padding {pad}; the output would be empty")
+    header = (_POOL_HEADER + f"#define POOL_KH {kernel[0]}\n#define POOL_KW {kernel[1]}\n"
+              f"#define POOL_SH {step[0]}\n#define POOL_SW {step[1]}\n"
+              f"#define POOL_PH {pad[0]}\n#define POOL_PW {pad[1]}\n"
+              f"#define POOL_OH {out[0]}\n#define POOL_OW {out[1]}\n")
+    return header, (x.shape[0], x.shape[1], out[0], out[1])
+
+
+# 2-D pooling over the planes of a contiguous [N, C, H, W] tensor, one plane per OpenMP
+# iteration (so the backward's additions into a plane are one thread's). Window (oh, ow) spans
+# rows [oh * SH - PH, + KH) and columns [ow * SW - PW, + KW) clipped to the image, as in
+# torch's CPU kernels; POOL_WINDOW declares its clipped bounds h0..h1, w0..w1 and, for average
+# pooling, the unclipped size `padded` (clipped at the far padding only).
+_POOL_HEADER = """
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#define POOL_PLANES const long planes = (long)in0_shape0 * in0_shape1
+#define POOL_WINDOW(oh, ow, H, W) \\
+    const int h0_ = (oh) * POOL_SH - POOL_PH, w0_ = (ow) * POOL_SW - POOL_PW; \\
+    const int h1 = std::min(h0_ + POOL_KH, (H)), w1 = std::min(w0_ + POOL_KW, (W)); \\
+    const int padded = (std::min(h0_ + POOL_KH, (H) + POOL_PH) - h0_) \\
+                     * (std::min(w0_ + POOL_KW, (W) + POOL_PW) - w0_); \\
+    const int h0 = std::max(h0_, 0), w0 = std::max(w0_, 0)
+// NaN test on the bits: fast-math compilers may drop std::isnan.
+static inline bool pool_is_nan(float v) {
+    uint32_t bits; std::memcpy(&bits, &v, sizeof bits);
+    return (bits & 0x7fffffffu) > 0x7f800000u;
+}
+"""
+
+# in0 x [N, C, H, W] -> out0 y [N, C, OH, OW], out1 argmax (flat index in the plane, int32).
+# torch's rule: the first maximum in row-major window order, a NaN wins and the last NaN stays.
+# The NaN test is only compiled into the windows of planes that hold a NaN (found by a scan of
+# the plane's bits): in every window it tripled the kernel's time.
+_MAX_POOL_PLANE = """
+template <bool WITH_NAN>
+static inline void max_pool_plane(const float* x, float* y, int* arg, int H, int W) {
+    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
+        POOL_WINDOW(oh, ow, H, W);
+        (void)padded;
+        int at = h0 * W + w0;
+        float top = x[at];
+        for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) {
+            const float v = x[h * W + w];
+            if (v > top || (WITH_NAN && pool_is_nan(v))) { top = v; at = h * W + w; }
+        }
+        y[oh * POOL_OW + ow] = top;
+        arg[oh * POOL_OW + ow] = at;
+    }
+}
+"""
+
+_MAX_POOL_FORWARD_SRC = """
+POOL_PLANES;
+const int H = in0_shape2, W = in0_shape3;
+#pragma omp parallel for schedule(static)
+for (long pl = 0; pl < planes; pl++) {
+    const float* x = in0_p + pl * H * W;
+    uint32_t top_bits = 0;  // the largest magnitude's bits; above +inf's only for a NaN
+    for (int i = 0; i < H * W; i++) {
+        uint32_t bits; std::memcpy(&bits, x + i, sizeof bits);
+        top_bits = std::max(top_bits, bits & 0x7fffffffu);
+    }
+    const bool nan = top_bits > 0x7f800000u;
+    float* y = out0_p + pl * POOL_OH * POOL_OW;
+    int* arg = out1_p + pl * POOL_OH * POOL_OW;
+    if (nan) max_pool_plane<true>(x, y, arg, H, W);
+    else max_pool_plane<false>(x, y, arg, H, W);
+}
+"""
+
+# in0 argmax, in1 dy [N, C, OH, OW] -> out0 dx [N, C, H, W]: each output's gradient added to
+# its maximum, in output order.
+_MAX_POOL_BACKWARD_SRC = """
+POOL_PLANES;
+const size_t HW = (size_t)out0_shape2 * out0_shape3, OHW = (size_t)POOL_OH * POOL_OW;
+#pragma omp parallel for schedule(static)
+for (long pl = 0; pl < planes; pl++) {
+    const int* arg = in0_p + pl * OHW;
+    const float* dy = in1_p + pl * OHW;
+    float* dx = out0_p + pl * HW;
+    for (size_t i = 0; i < HW; i++) dx[i] = 0.f;
+    for (size_t i = 0; i < OHW; i++) dx[arg[i]] += dy[i];
+}
+"""
+
+# in0 x [N, C, H, W] -> out0 y [N, C, OH, OW]: the window's float sum in row-major order over
+# its count (POOL_COUNT_PAD 1: the size including padding; 0: the in-image count).
+_AVG_POOL_FORWARD_SRC = """
+POOL_PLANES;
+const int H = in0_shape2, W = in0_shape3;
+#pragma omp parallel for schedule(static)
+for (long pl = 0; pl < planes; pl++) {
+    const float* x = in0_p + pl * H * W;
+    float* y = out0_p + pl * POOL_OH * POOL_OW;
+    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
+        POOL_WINDOW(oh, ow, H, W);
+        const int count = POOL_COUNT_PAD ? padded : (h1 - h0) * (w1 - w0);
+        float sum = 0.f;
+        for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) sum += x[h * W + w];
+        y[oh * POOL_OW + ow] = sum / count;
+    }
+}
+"""
+
+# in0 dy [N, C, OH, OW] -> out0 dx [N, C, H, W]: dy / count added to each input of the window.
+_AVG_POOL_BACKWARD_SRC = """
+POOL_PLANES;
+const int H = out0_shape2, W = out0_shape3;
+#pragma omp parallel for schedule(static)
+for (long pl = 0; pl < planes; pl++) {
+    const float* dy = in0_p + pl * POOL_OH * POOL_OW;
+    float* dx = out0_p + pl * H * W;
+    for (int i = 0; i < H * W; i++) dx[i] = 0.f;
+    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
+        POOL_WINDOW(oh, ow, H, W);
+        const int count = POOL_COUNT_PAD ? padded : (h1 - h0) * (w1 - w0);
+        const float g = dy[oh * POOL_OW + ow] / count;
+        for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) dx[h * W + w] += g;
+    }
+}
+"""
+
+
+class _MaxPool2d(jt.Function):
+    """2-D max pooling on CPU as two OpenMP kernels, the forward keeping each window's
+    argmax for the backward (Jittor's pooling kernels run on one thread: 71 ms of an r18vd
+    training step at 640 for the stem's pooling and its gradient)."""
+
+    def execute(self, x: jt.Var, header: str, shape: Tuple[int, int, int, int]) -> jt.Var:
+        """Returns the window maxima ``[bs, c, out_h, out_w]``."""
+        y, argmax = jt.code([shape, shape], ["float32", "int32"], [x],
+                            cpu_header=header + _MAX_POOL_PLANE,
+                            cpu_src=_MAX_POOL_FORWARD_SRC)
+        self.saved = (x.shape, argmax.detach(), header)
+        return y
+
+    def grad(self, grad_y: jt.Var) -> Tuple[jt.Var, None, None]:
+        """Adds each output's gradient to its window's maximum."""
+        shape, argmax, header = self.saved
+        return jt.code(shape, "float32", [argmax, grad_y], cpu_header=header,
+                       cpu_src=_MAX_POOL_BACKWARD_SRC), None, None
+
+
+class _AvgPool2d(jt.Function):
+    """2-D average pooling on CPU as two OpenMP kernels (Jittor's run on one thread)."""
+
+    def execute(self, x: jt.Var, header: str, shape: Tuple[int, int, int, int]) -> jt.Var:
+        """Returns the window averages ``[bs, c, out_h, out_w]``."""
+        self.saved = (x.shape, header)
+        return jt.code(shape, "float32", [x],
+                       cpu_header=header, cpu_src=_AVG_POOL_FORWARD_SRC)
+
+    def grad(self, grad_y: jt.Var) -> Tuple[jt.Var, None, None]:
+        """Spreads each output's gradient evenly over its window's count."""
+        shape, header = self.saved
+        return jt.code(shape, "float32", [grad_y], cpu_header=header,
+                       cpu_src=_AVG_POOL_BACKWARD_SRC), None, None
+
+
+
+def max_pool2d(x: jt.Var, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> jt.Var:
+    """2-D max pooling with torch's ``F.max_pool2d`` semantics (OpenMP kernels on CPU).
+
+    Padding never wins (windows are clipped to the image), the first maximum of a window in
+    row-major order takes the gradient, and a NaN is the maximum of its window. On CUDA
+    Jittor's ``nn.max_pool2d``.
+
+    Args:
+        x: Float32 input ``[bs, c, h, w]``.
+        kernel_size: Window size, an int or ``(kh, kw)``.
+        stride: Window step (int or pair); ``None`` means ``kernel_size``.
+        padding: Implicit padding on each side (int or pair), at most half the kernel.
+        ceil_mode: Round the output size up instead of down.
+
+    Returns:
+        ``[bs, c, out_h, out_w]``.
+
+    Raises:
+        ValueError: If ``x`` is not 4-D, the sizes are invalid or the output is empty.
+        TypeError: If ``x`` is not float32.
+    """
+    header, shape = _pool_geometry("max_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    if jt.flags.use_cuda:
+        return nn.max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)
+    return _MaxPool2d.apply(x, header, shape)
+
+
+def avg_pool2d(x: jt.Var, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> jt.Var:
+    """2-D average pooling with torch's ``F.avg_pool2d`` semantics (OpenMP kernels on CPU).
+
+    A window's divisor is its size including the padding (``count_include_pad``) but never
+    the part past the far padding that ``ceil_mode`` adds, or its in-image count otherwise.
+    On CUDA Jittor's ``nn.avg_pool2d``.
+
+    Args:
+        x: Float32 input ``[bs, c, h, w]``.
+        kernel_size: Window size, an int or ``(kh, kw)``.
+        stride: Window step (int or pair); ``None`` means ``kernel_size``.
+        padding: Implicit zero padding on each side (int or pair), at most half the kernel.
+        ceil_mode: Round the output size up instead of down.
+        count_include_pad: Count the padding in the divisor.
+
+    Returns:
+        ``[bs, c, out_h, out_w]``.
+
+    Raises:
+        ValueError: If ``x`` is not 4-D, the sizes are invalid or the output is empty.
+        TypeError: If ``x`` is not float32.
+    """
+    header, shape = _pool_geometry("avg_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    if jt.flags.use_cuda:
+        return nn.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return _AvgPool2d.apply(x, header + f"#define POOL_COUNT_PAD {int(count_include_pad)}\n", shape)
+
+
+# in0 x [B, M, N] -> out0 y [B, N, M], in 32 x 32 tiles (one tile per OpenMP iteration), so
+# that both the reads and the writes stay within a few cache lines per row.
+_SWAP_LAST_AXES_SRC = """
+const int B = in0_shape0, M = in0_shape1, N = in0_shape2;
+const int TM = (M + 31) / 32, TN = (N + 31) / 32;
+#pragma omp parallel for schedule(static)
+for (long t = 0; t < (long)B * TM * TN; t++) {
+    const int b = t / ((long)TM * TN), r = t % ((long)TM * TN);
+    const int i0 = (r / TN) * 32, j0 = (r % TN) * 32;
+    const int i1 = std::min(i0 + 32, M), j1 = std::min(j0 + 32, N);
+    const float* x = in0_p + (size_t)b * M * N;
+    float* y = out0_p + (size_t)b * M * N;
+    for (int j = j0; j < j1; j++) for (int i = i0; i < i1; i++) y[(size_t)j * M + i] = x[(size_t)i * N + j];
+}
+"""
+
+
+def _swap_last_axes_kernel(x: jt.Var) -> jt.Var:
+    """The tiled transpose kernel of a float32 ``[b, m, n]``, giving ``[b, n, m]``."""
+    return jt.code((x.shape[0], x.shape[2], x.shape[1]), "float32", [x],
+                   cpu_header="#include <algorithm>", cpu_src=_SWAP_LAST_AXES_SRC)
+
+
+class _SwapLastAxes(jt.Function):
+    """``[b, m, n] -> [b, n, m]`` on CPU as an OpenMP kernel, which is also its gradient.
+
+    Jittor's CPU transpose runs on one thread: the ten of an r18vd training step at 640
+    (the token layouts of the encoder and the decoder's memory, forward and backward) took
+    36 ms.
+    """
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Returns the transposed copy."""
+        return _swap_last_axes_kernel(x)
+
+    def grad(self, grad_y: jt.Var) -> jt.Var:
+        """The gradient's transposed copy."""
+        return _swap_last_axes_kernel(grad_y)
+
+
+def swap_last_axes(x: jt.Var) -> jt.Var:
+    """``x.permute(0, 2, 1)`` of a 3-D tensor as a contiguous copy, an OpenMP kernel on CPU
+    (``permute`` on CUDA).
+
+    Args:
+        x: Float32 ``[b, m, n]``.
+
+    Returns:
+        ``[b, n, m]``.
+
+    Raises:
+        ValueError: If ``x`` is not 3-D.
+        TypeError: If ``x`` is not float32.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"swap_last_axes expects [b, m, n], got shape {list(x.shape)}")
+    _require_float32("swap_last_axes", x=x)
+    if jt.flags.use_cuda:
+        return x.permute(0, 2, 1)
+    return _SwapLastAxes.apply(x)
+
+
+# The scalars of one AdamW update, in the order of ADAMW_HYPER (a float32 Var, so that the
+# kernel is compiled once, not once per step): the decay factor 1 - lr * wd, the first
+# moment's lerp weight 1 - beta1, beta2, 1 - beta2, 1 / sqrt(1 - beta2^step), eps and
+# -lr / (1 - beta1^step).
+_ADAMW_FIELDS = ("decay", "lerp", "beta2", "one_minus_beta2", "inv_bc2_sqrt", "eps", "neg_step_size")
+
+
+def adamw_hyperparameters(lr: float, weight_decay: float, betas: Tuple[float, float],
+                          eps: float, step: int) -> jt.Var:
+    """The float32 ``[7]`` Var of scalars :func:`adamw_update` takes, for update ``step``.
+
+    Each is computed in float64 and rounded to float32 once, as torch's ``AdamW`` does when
+    it applies a Python scalar to a float32 tensor (the bias corrections' square root and
+    reciprocal are taken in float64, then rounded).
+
+    Args:
+        lr: Learning rate.
+        weight_decay: Decoupled weight decay.
+        betas: ``(beta1, beta2)``.
+        eps: Added to the denominator after the square root.
+        step: The parameter's update count, this update included (from 1).
+
+    Returns:
+        float32 ``[7]``.
+
+    Raises:
+        ValueError: If ``step`` is below 1.
+    """
+    if step < 1:
+        raise ValueError(f"adamw_hyperparameters: step {step} must be at least 1")
+    beta1, beta2 = betas
+    values = {"decay": 1 - lr * weight_decay, "lerp": 1 - beta1, "beta2": beta2,
+              "one_minus_beta2": 1 - beta2, "inv_bc2_sqrt": 1 / (1 - beta2 ** step) ** 0.5,
+              "eps": eps, "neg_step_size": -lr / (1 - beta1 ** step)}
+    return jt.array([values[k] for k in _ADAMW_FIELDS]).float32()
+
+
+# in0 param, in1 grad, in2 exp_avg, in3 exp_avg_sq (float32, one shape), in4 the scalars
+#   -> out0 param, out1 exp_avg, out2 exp_avg_sq; element by element, torch's single-tensor
+# AdamW: p *= decay; m = lerp(m, g, 1 - beta1) (m + w * (g - m), as torch for w < 0.5);
+# v = v * beta2 + (1 - beta2) * g * g; p += -step_size * m / (sqrt(v) / sqrt(bc2) + eps).
+_ADAMW_SRC = """
+const float decay = in4_p[0], lerp = in4_p[1], beta2 = in4_p[2], one_minus_beta2 = in4_p[3];
+const float inv_bc2_sqrt = in4_p[4], eps = in4_p[5], neg_step_size = in4_p[6];
+const size_t n = in0->num;
+#pragma omp parallel for schedule(static)
+for (size_t i = 0; i < n; i++) {
+    const float g = in1_p[i];
+    const float m = in2_p[i] + lerp * (g - in2_p[i]);
+    const float v = in3_p[i] * beta2 + one_minus_beta2 * g * g;
+    const float denom = std::sqrt(v) * inv_bc2_sqrt + eps;
+    out0_p[i] = in0_p[i] * decay + neg_step_size * (m / denom);
+    out1_p[i] = m;
+    out2_p[i] = v;
+}
+"""
+
+
+def _adamw_update_ops(param: jt.Var, grad: jt.Var, exp_avg: jt.Var, exp_avg_sq: jt.Var,
+                      hyper: jt.Var) -> Tuple[jt.Var, jt.Var, jt.Var]:
+    """:func:`adamw_update` composed of Jittor ops (the CUDA path)."""
+    h = dict(zip(_ADAMW_FIELDS, (hyper[i] for i in range(len(_ADAMW_FIELDS)))))
+    m = exp_avg + h["lerp"] * (grad - exp_avg)
+    v = exp_avg_sq * h["beta2"] + h["one_minus_beta2"] * grad * grad
+    denom = jt.sqrt(v) * h["inv_bc2_sqrt"] + h["eps"]
+    return param * h["decay"] + h["neg_step_size"] * (m / denom), m, v
+
+
+def adamw_update(param: jt.Var, grad: jt.Var, exp_avg: jt.Var, exp_avg_sq: jt.Var,
+                 hyper: jt.Var) -> Tuple[jt.Var, jt.Var, jt.Var]:
+    """One AdamW update of one parameter, torch's single-tensor formulas, as one OpenMP
+    kernel on CPU (Jittor ops on CUDA).
+
+    Composed of Jittor ops, the updates of r18vd's 326 parameters took 49 ms of
+    single-threaded kernels per step.
+
+    Args:
+        param: The parameter, float32.
+        grad: Its gradient, float32, the parameter's shape.
+        exp_avg: First moment, float32, the parameter's shape.
+        exp_avg_sq: Second moment, float32, the parameter's shape.
+        hyper: :func:`adamw_hyperparameters` of this update.
+
+    Returns:
+        The new parameter, first moment and second moment (the caller ``update``s them).
+
+    Raises:
+        ValueError: If the shapes differ or ``hyper`` is not ``[7]``.
+        TypeError: If a tensor is not float32.
+    """
+    shapes = [list(t.shape) for t in (param, grad, exp_avg, exp_avg_sq)]
+    if any(s != shapes[0] for s in shapes) or list(hyper.shape) != [len(_ADAMW_FIELDS)]:
+        raise ValueError(f"adamw_update: param, grad, exp_avg and exp_avg_sq must share one shape "
+                         f"and hyper be [{len(_ADAMW_FIELDS)}]; got {shapes} and {list(hyper.shape)}")
+    _require_float32("adamw_update", param=param, grad=grad, exp_avg=exp_avg,
+                     exp_avg_sq=exp_avg_sq, hyper=hyper)
+    if jt.flags.use_cuda:
+        return _adamw_update_ops(param, grad, exp_avg, exp_avg_sq, hyper)
+    return tuple(jt.code([param.shape] * 3, ["float32"] * 3, [param, grad, exp_avg, exp_avg_sq, hyper],
+                         cpu_header="#include <cmath>", cpu_src=_ADAMW_SRC))

@@ -20,10 +20,11 @@ Differences from torch_ref/backbone.py:
       :func:`~jittor_impl.common.named_children` and
       :func:`~jittor_impl.common.set_child`, because Jittor's ``nn.Sequential``
       keeps its children in a ``layers`` dict rather than as attributes.
-    - Jittor's ``nn.AvgPool2d`` (shortcut of variant ``'d'``) and
-      ``nn.max_pool2d`` (stem) need inputs larger than the kernel (torch also
-      accepts equal sizes); the values agree with torch (max pooling ignores
-      the padding, ceil-mode average pooling divides by the in-image count).
+    - The shortcut of variant ``'d'`` pools with
+      :class:`~jittor_impl.common.AvgPool2d` and the stem with
+      :func:`~jittor_impl._kernels.max_pool2d`, torch's semantics as OpenMP
+      kernels on CPU (Jittor's own pooling runs on one thread and refuses
+      inputs no larger than the kernel).
 """
 
 from collections import OrderedDict
@@ -32,8 +33,8 @@ from typing import List, Sequence
 import jittor as jt
 from jittor import nn
 
-from ._kernels import channel_affine
-from .common import BatchNorm2d, ConvNormLayer, get_activation, named_children, named_modules, set_child
+from ._kernels import channel_affine, max_pool2d
+from .common import AvgPool2d, BatchNorm2d, ConvNormLayer, get_activation, named_children, named_modules, set_child
 
 __all__ = ["FrozenBatchNorm2d", "BasicBlock", "BottleNeck", "Blocks", "PResNet"]
 
@@ -111,7 +112,7 @@ def _make_shortcut(ch_in: int, ch_out: int, stride: int, variant: str) -> nn.Mod
     """
     if variant == "d" and stride == 2:
         return nn.Sequential(OrderedDict([
-            ("pool", nn.AvgPool2d(2, 2, 0, ceil_mode=True)),
+            ("pool", AvgPool2d(2, 2, 0, ceil_mode=True)),
             ("conv", ConvNormLayer(ch_in, ch_out, 1, 1)),
         ]))
     return ConvNormLayer(ch_in, ch_out, 1, stride)
@@ -421,7 +422,7 @@ class PResNet(nn.Module):
             ``[bs, out_channels[i], H / out_strides[i], W / out_strides[i]]``.
         """
         stem = self.conv1(x)
-        x = nn.max_pool2d(stem, kernel_size=3, stride=2, padding=1)
+        x = max_pool2d(stem, kernel_size=3, stride=2, padding=1)
         outs = []
         for idx, stage in enumerate(self.res_layers):
             x = stage(x)

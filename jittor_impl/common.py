@@ -9,7 +9,8 @@ Differences from torch_ref/common.py:
     - Jittor has no Hardsigmoid module; :class:`Hardsigmoid` is defined here.
       Jittor's ``nn.SiLU``/``nn.GELU`` (exact erf form) and ``nn.LeakyReLU``
       (slope 0.01) compute what torch's modules compute; :class:`ReLU` is
-      Jittor's ``nn.ReLU`` computed by a multi-threaded kernel.
+      Jittor's ``nn.ReLU`` computed by a multi-threaded kernel, and
+      :class:`AvgPool2d` stands in for torch's (Jittor's runs on one thread).
     - ``ConvNormLayer.norm`` is :class:`BatchNorm2d` defined here, not
       Jittor's ``nn.BatchNorm`` (which keeps the biased running variance and
       has no ``num_batches_tracked``).
@@ -48,13 +49,14 @@ from typing import List, Optional, Tuple
 import jittor as jt
 from jittor import init, nn
 
-from ._kernels import batch_norm_train, channel_affine, relu, softmax_last
+from ._kernels import avg_pool2d, batch_norm_train, channel_affine, relu, softmax_last
 
 __all__ = [
     "Hardsigmoid",
     "get_activation",
     "BatchNorm2d",
     "ReLU",
+    "AvgPool2d",
     "LayerNorm",
     "Dropout",
     "MultiheadAttention",
@@ -100,6 +102,43 @@ class ReLU(nn.ReLU):
             ``max(x, 0)``, same shape as ``x``.
         """
         return relu(x)
+
+
+class AvgPool2d(nn.Module):
+    """torch's ``nn.AvgPool2d`` through :func:`jittor_impl._kernels.avg_pool2d` (OpenMP
+    kernels on CPU).
+
+    Jittor's ``nn.AvgPool2d`` runs on one thread and refuses inputs no larger than the
+    kernel, which torch pools.
+
+    Attributes:
+        kernel_size: Window size.
+        stride: Window step (``kernel_size`` when not given).
+        padding: Implicit zero padding on each side.
+        ceil_mode: Whether the output size is rounded up.
+        count_include_pad: Whether the padding counts in a window's divisor.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self.padding = padding
+        self.ceil_mode = ceil_mode
+        self.count_include_pad = count_include_pad
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Averages each window of ``x``.
+
+        Args:
+            x: Float32 input ``[bs, c, h, w]``.
+
+        Returns:
+            ``[bs, c, out_h, out_w]``.
+        """
+        return avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                          self.count_include_pad)
 
 
 _ACTIVATIONS = {

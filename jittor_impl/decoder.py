@@ -35,6 +35,8 @@ Differences from torch_ref/decoder.py:
 - ``torch.Tensor.gather`` / ``torch.split`` / ``tile`` / ``F.sigmoid`` are
   ``jt.gather`` / ``jt.split`` / ``repeat`` / ``jt.sigmoid``; the attention weights'
   ``F.softmax`` is :func:`~jittor_impl._kernels.softmax_last` (an OpenMP kernel on CPU).
+- The memory's ``flatten(2).permute(0, 2, 1)`` is
+  :func:`~jittor_impl._kernels.swap_last_axes` (Jittor's CPU transpose runs on one thread).
 - ``_generate_anchors`` computes the anchors with numpy (IEEE float32 arithmetic as in PyTorch,
   the log rounded once from float64) and returns them as Vars; it has no ``device`` argument
   and takes ``dtype`` as a Jittor dtype name. Jittor's CPU kernels use fast math (division by
@@ -55,7 +57,7 @@ from jittor import init, nn
 
 from rtdetr_common.random import SharedRandom
 
-from ._kernels import ms_deform_attn, softmax_last
+from ._kernels import ms_deform_attn, softmax_last, swap_last_axes
 from .box_ops import inverse_sigmoid
 from .common import BatchNorm2d, Dropout, LayerNorm, MultiheadAttention, get_activation
 from .denoising import get_contrastive_denoising_training_group
@@ -867,7 +869,7 @@ class RTDETRTransformer(nn.Module):
         for feat in proj_feats:
             _, _, h, w = feat.shape
             # [bs, c, h, w] -> [bs, c, h*w] -> [bs, h*w, c]
-            feat_flatten.append(feat.flatten(2).permute(0, 2, 1))
+            feat_flatten.append(swap_last_axes(feat.flatten(2)))
             spatial_shapes.append([h, w])
             level_start_index.append(h * w + level_start_index[-1])
 

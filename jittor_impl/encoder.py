@@ -19,6 +19,9 @@ Differences from torch_ref/encoder.py:
       tensors out), and ``copy.deepcopy`` of a module drops a Var's
       ``stop_grad`` and ``persistent`` flags, so a Var could not be hidden
       reliably. The forward pass wraps them with ``jt.array``.
+    - The token layouts' ``permute(0, 2, 1)`` (to ``[bs, h*w, c]`` and back) are
+      :func:`~jittor_impl._kernels.swap_last_axes` (Jittor's CPU transpose runs on
+      one thread).
     - ``.to(device)`` and ``.contiguous()`` calls are dropped (Jittor manages
       devices and memory layout itself).
 """
@@ -29,6 +32,7 @@ from typing import List, Optional, Sequence
 import jittor as jt
 from jittor import nn
 
+from ._kernels import swap_last_axes
 from .common import (BatchNorm2d, ConvNormLayer, Dropout, LayerNorm, MultiheadAttention,
                      get_activation)
 
@@ -496,7 +500,7 @@ class HybridEncoder(nn.Module):
         if self.num_encoder_layers > 0:
             for i, enc_ind in enumerate(self.use_encoder_idx):
                 h, w = proj_feats[enc_ind].shape[2:]
-                src_flatten = proj_feats[enc_ind].flatten(2).permute(0, 2, 1)  # [bs, h*w, c]
+                src_flatten = swap_last_axes(proj_feats[enc_ind].flatten(2))  # [bs, h*w, c]
                 if self.training or self.eval_spatial_size is None:
                     pos_embed = self.build_2d_sincos_position_embedding(
                         w, h, self.hidden_dim, self.pe_temperature)
@@ -508,7 +512,7 @@ class HybridEncoder(nn.Module):
                             f"{self.eval_spatial_size} precomputed {pos_embed.shape[1]} positions; "
                             f"feed images of that size or build with eval_spatial_size=None")
                 memory = self.encoder[i](src_flatten, pos_embed=pos_embed)  # [bs, h*w, c]
-                memory = memory.permute(0, 2, 1)  # [bs, c, h*w]
+                memory = swap_last_axes(memory)  # [bs, c, h*w]
                 proj_feats[enc_ind] = memory.reshape(-1, self.hidden_dim, h, w)  # [bs, c, h, w]
 
         num_levels = len(self.in_channels)

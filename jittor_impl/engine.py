@@ -18,7 +18,9 @@ Differences from torch_ref/engine.py:
   ``denoising_class_embed`` on a batch without any target) and counts steps per parameter;
   ``jittor.optim.AdamW`` gets zeros for such a parameter, still decays and moves it, and
   bias-corrects every parameter with one global count. :class:`AdamW` here restores torch's
-  rule; :func:`gradient_probe` finds the parameters ``jt.grad`` does not reach.
+  rule; :func:`gradient_probe` finds the parameters ``jt.grad`` does not reach. Its update
+  is torch's single-tensor arithmetic (the first moment by ``lerp``, where Jittor's
+  ``b1 * m + (1 - b1) * g`` rounds differently) in one OpenMP kernel per parameter.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Iterator
 import jittor as jt
 from jittor import nn
 
+from ._kernels import adamw_hyperparameters, adamw_update
 from .ema import ModelEMA
 
 # Jittor's grad.cc logs this warning for a target the loss does not reach, then returns zeros.
@@ -76,8 +79,10 @@ def gradient_probe(targets: list[jt.Var]) -> Iterator[set[int]]:
 class AdamW(jt.optim.AdamW):
     """``jittor.optim.AdamW`` with ``torch.optim.AdamW``'s bookkeeping.
 
-    The update of a parameter is Jittor's (and torch's): ``p *= 1 - lr * wd``, bias-corrected
-    moments, ``eps`` added after the square root. As in torch, a parameter the last
+    The update of a parameter is torch's single-tensor formulas (``p *= 1 - lr * wd``, the
+    first moment by ``lerp``, bias-corrected moments, ``eps`` added after the square root) in
+    one OpenMP kernel per parameter on CPU (:func:`~jittor_impl._kernels.adamw_update`;
+    Jittor's own update is several single-threaded kernels). As in torch, a parameter the last
     ``backward`` did not reach is not touched at all (no decay, no moment update, no count),
     and each parameter's bias correction uses its own update count.
 
@@ -131,18 +136,18 @@ class AdamW(jt.optim.AdamW):
             weight_decay = group.get("weight_decay", self.weight_decay)
             b0, b1 = group.get("betas", self.betas)
             steps = group["steps"]
+            hypers = {}  # per update count: the scalars of adamw_update
             for i, (p, g, v, m) in enumerate(zip(group["params"], group["grads"],
                                                  group["values"], group["m"])):
                 if not group["reached"][i]:
                     continue
                 steps[i] += 1
-                bias_correction1 = 1 - b0 ** steps[i]
-                bias_correction2 = 1 - b1 ** steps[i]
-                p.update(p * (1 - lr * weight_decay))
-                m.update(b0 * m + (1 - b0) * g)
-                v.update(b1 * v + (1 - b1) * g * g)
-                denom = jt.sqrt(v) / (bias_correction2 ** 0.5) + eps
-                p.update(p - (lr / bias_correction1) * (m / denom))
+                if steps[i] not in hypers:
+                    hypers[steps[i]] = adamw_hyperparameters(lr, weight_decay, (b0, b1), eps, steps[i])
+                new_p, new_m, new_v = adamw_update(p, g, m, v, hypers[steps[i]])
+                p.update(new_p)
+                m.update(new_m)
+                v.update(new_v)
         self.post_step()
 
 

@@ -31,10 +31,9 @@ buffers after the two end-to-end runs. The check leaves both models as it found 
 (buffers, random streams, no forced top-k).
 
 Structure: module names must be equal on both sides (``names`` rows) and each module called
-as often (``calls`` rows), with two documented exceptions: children of a module that is a
-leaf in torch are library internals (Jittor's ``nn.AvgPool2d`` wraps a ``Pool`` as
-``.layer``), and torch's ``nn.MultiheadAttention`` uses its ``out_proj`` weights
-functionally without calling the module, while the port calls it.
+as often (``calls`` rows), with one documented exception: torch's ``nn.MultiheadAttention``
+uses its ``out_proj`` weights functionally without calling the module, while the port calls
+it.
 
 Granularity: every module by default; ``modules='coarse'`` (:func:`coarse_filter`), a
 :class:`~parity.capture.ModuleFilter` (names, prefixes, maximum depth) or a list of names
@@ -381,40 +380,25 @@ class _JittorBuffers:
 def module_name_rows(pair: ModelPair) -> tuple[list[ModuleRow], set[str]]:
     """Compares the module names of the two models.
 
-    Every name on one side only gets a ``names`` row. It fails, unless it lies under a module
-    that is a leaf in torch (a Jittor library module's internals, e.g. ``nn.AvgPool2d``'s
-    ``.layer``): that row passes and says so.
+    Every name on one side only gets a failing ``names`` row.
 
     Returns:
         ``(rows, names)``: the rows, and the Jittor names whose calls have no torch
-        counterpart by design (those internals, and the children of torch's
-        ``nn.MultiheadAttention``, which torch uses functionally and the port calls).
+        counterpart by design (the children of torch's ``nn.MultiheadAttention``, which
+        torch uses functionally and the port calls).
     """
     torch_mods = dict(pair.torch_model.named_modules())
     jittor_names = [n for n, _ in jittor_named_modules(pair.jittor_model)]
-    torch_leaves = {n for n, m in torch_mods.items() if not any(True for _ in m.children())}
-    rows, internal = [], set()
-    for name in jittor_names:
-        if name in torch_mods:
-            continue
-        owner = next((leaf for leaf in torch_leaves if leaf and name.startswith(leaf + ".")), None)
-        c = Comparison(name, (), (), "", "")
-        if owner is None:
-            c.reason = "module only in Jittor"
-        else:
-            internal.add(name)
-            c.passed = True
-            c.reason = (f"only in Jittor: library internal of {owner} "
-                        f"({type(torch_mods[owner]).__name__}, a leaf in torch); not compared")
-        rows.append(ModuleRow(name, "structure", "names", c, -1, -1))
+    rows = [ModuleRow(name, "structure", "names",
+                      Comparison(name, (), (), "", "", reason="module only in Jittor"), -1, -1)
+            for name in jittor_names if name not in torch_mods]
     jittor_set = set(jittor_names)
     rows += [ModuleRow(name, "structure", "names",
                        Comparison(name, (), (), "", "", reason="module only in torch"), -1, -1)
              for name in torch_mods if name not in jittor_set]
-    for name, module in torch_mods.items():
-        if isinstance(module, torch.nn.MultiheadAttention):
-            # torch's attention uses out_proj's weights functionally; the port calls it.
-            internal.update(f"{name}.{child}" for child, _ in module.named_children())
+    internal = {f"{name}.{child}" for name, module in torch_mods.items()
+                if isinstance(module, torch.nn.MultiheadAttention)
+                for child, _ in module.named_children()}  # used functionally by torch
     return rows, internal
 
 

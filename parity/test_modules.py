@@ -119,9 +119,7 @@ def test_capture_changes_no_bit_train(pairs: dict) -> None:
 def test_module_names_align(variant: str) -> None:
     pair = build_pair(variant, size=SMALL)
     rows, internal = module_name_rows(pair)
-    assert [r.message() for r in rows if not r.passed] == []
-    # The only names on one side are the internals of Jittor's AvgPool2d (a leaf in torch).
-    assert all(r.module.endswith(".short.pool.layer") for r in rows), [r.module for r in rows]
+    assert [r.message() for r in rows] == []
     assert {n for n in internal if n.endswith("self_attn.out_proj")}
 
 

@@ -1,10 +1,11 @@
 """The CPU kernels of the Jittor port against torch: values and gradients.
 
 Training-mode BatchNorm (outputs, gradients, running statistics), the per-channel affine of
-eval-mode BatchNorm, ReLU, the last-axis softmax and the deformable attention of
-``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor implementations of each are checked: the CPU kernels and the
-composition of Jittor ops that CUDA runs, on shapes with odd sizes, a single image, a 1x1
-map, and masked softmax rows.
+eval-mode BatchNorm, ReLU, the last-axis softmax, the deformable attention, max and average
+pooling, the last-axes transpose and the AdamW update of ``jittor_impl._kernels``, and ``batched_matmul`` of
+``jittor_impl.common``. Both Jittor implementations of each are checked: the CPU kernels and
+the composition of Jittor ops that CUDA runs, on shapes with odd sizes, a single image, a 1x1
+map, masked softmax rows, tied and NaN pooling windows.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jittor_impl._kernels import (_batch_norm_train_ops, batch_norm_train, channel_affine, relu,
-                                  softmax_last)
-from jittor_impl.common import BatchNorm2d, ReLU, batched_matmul
+from jittor_impl._kernels import (_adamw_update_ops, _batch_norm_train_ops, adamw_hyperparameters,
+                                  adamw_update, avg_pool2d, batch_norm_train, channel_affine,
+                                  max_pool2d, relu, softmax_last, swap_last_axes)
+from jittor_impl.common import AvgPool2d, BatchNorm2d, ReLU, batched_matmul
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 2), (3, 16, 33, 17), (2, 4, 1, 1)]
 IMPLEMENTATIONS = {"kernel": batch_norm_train, "ops": _batch_norm_train_ops}
@@ -353,3 +355,153 @@ def test_eval_and_frozen_batchnorm_use_the_running_statistics() -> None:
             getattr(module, name).update(jt.array(v))
         module.eval()
         np.testing.assert_allclose(module(jt.array(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+# (kind, input shape, kernel_size, stride, padding, ceil_mode, count_include_pad): the model's
+# stem max pooling and 'd' shortcut average pooling, odd sizes, rectangular windows, a map no
+# larger than the window (torch pools it, Jittor's own pooling refuses it), padding counted
+# in or out of the divisor.
+POOLS = [
+    ("max", (2, 3, 9, 9), 3, 2, 1, False, True),
+    ("max", (2, 3, 10, 7), 3, 2, 1, True, True),
+    ("max", (1, 2, 3, 3), 3, 1, 1, False, True),
+    ("max", (1, 2, 5, 6), (3, 2), (2, 1), (1, 0), True, True),
+    ("avg", (2, 3, 10, 10), 2, 2, 0, True, True),
+    ("avg", (2, 3, 9, 7), 2, 2, 0, True, True),
+    ("avg", (1, 2, 2, 2), 2, 2, 0, True, True),
+    ("avg", (2, 3, 9, 7), 3, 2, 1, True, True),
+    ("avg", (2, 3, 9, 7), 3, 2, 1, True, False),
+]
+
+
+def _torch_pool(kind, xt, kernel, stride, padding, ceil, count_pad):
+    if kind == "max":
+        return F.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil)
+    return F.avg_pool2d(xt, kernel, stride, padding, ceil_mode=ceil, count_include_pad=count_pad)
+
+
+def _jittor_pool(kind, xj, kernel, stride, padding, ceil, count_pad):
+    if kind == "max":
+        return max_pool2d(xj, kernel, stride, padding, ceil)
+    return avg_pool2d(xj, kernel, stride, padding, ceil, count_pad)
+
+
+@pytest.mark.parametrize("kind, shape, kernel, stride, padding, ceil, count_pad", POOLS,
+                         ids=[f"{p[0]}-{'x'.join(map(str, p[1]))}-k{p[2]}-p{p[4]}-c{int(p[6])}" for p in POOLS])
+def test_pooling_and_its_gradient_match_torch(kind, shape, kernel, stride, padding, ceil, count_pad) -> None:
+    rng = np.random.default_rng(10)
+    # After a ReLU most windows of the stem hold ties at zero: the gradient goes to the first.
+    x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = _torch_pool(kind, xt, kernel, stride, padding, ceil, count_pad)
+    grad_y = rng.standard_normal(tuple(yt.shape)).astype(np.float32)
+    yt.backward(torch.from_numpy(grad_y))
+    xj = jt.array(x)
+    y = _jittor_pool(kind, xj, kernel, stride, padding, ceil, count_pad)
+    grad_x = jt.grad((y * jt.array(grad_y)).sum(), xj)
+    assert y.shape == tuple(yt.shape)
+    if kind == "max":  # a selection: exact
+        np.testing.assert_array_equal(y.numpy(), yt.detach().numpy())
+        np.testing.assert_array_equal(grad_x.numpy(), xt.grad.numpy())
+    else:  # a float sum of at most 9 terms and a division
+        np.testing.assert_allclose(y.numpy(), yt.detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(grad_x.numpy(), xt.grad.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_model_pooling_matches_jittors_own_where_it_applies() -> None:
+    """The CUDA path (Jittor's pooling) and the kernels agree on the model's two poolings."""
+    rng = np.random.default_rng(11)
+    x = jt.array(np.maximum(rng.standard_normal((2, 4, 11, 12)), 0).astype(np.float32))
+    np.testing.assert_array_equal(max_pool2d(x, 3, 2, 1).numpy(), jt.nn.max_pool2d(x, 3, 2, 1).numpy())
+    np.testing.assert_allclose(AvgPool2d(2, 2, 0, ceil_mode=True)(x).numpy(),
+                               jt.nn.AvgPool2d(2, 2, 0, ceil_mode=True)(x).numpy(), rtol=1e-6)
+
+
+def test_max_pooling_propagates_nan_like_torch() -> None:
+    x = np.arange(2 * 49, dtype=np.float32).reshape(1, 2, 7, 7) % 5
+    x[0, 0, 2, 3] = np.nan
+    x[0, 1, 4, 4] = x[0, 1, 4, 5] = np.nan  # the later NaN of a window takes the gradient
+    xt = torch.tensor(x, requires_grad=True)
+    yt = F.max_pool2d(xt, 3, 2, 1)
+    yt.sum().backward()
+    xj = jt.array(x)
+    y = max_pool2d(xj, 3, 2, 1)
+    grad_x = jt.grad(y.sum(), xj)
+    np.testing.assert_array_equal(y.numpy(), yt.detach().numpy())  # NaN where torch has NaN
+    np.testing.assert_array_equal(grad_x.numpy(), xt.grad.numpy())
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: max_pool2d(jt.zeros((2, 3, 4)), 2), ValueError, "expects \\[bs, c, h, w\\], got shape \\[2, 3, 4\\]"),
+    (lambda: max_pool2d(jt.zeros((1, 1, 4, 4), "float64"), 2), TypeError, "x is float64, expected float32"),
+    (lambda: max_pool2d(jt.zeros((1, 1, 4, 4)), 3, 1, 2), ValueError, "padding \\(2, 2\\) must be at most half"),
+    (lambda: avg_pool2d(jt.zeros((1, 1, 2, 2)), 3), ValueError, "output would be empty"),
+    (lambda: avg_pool2d(jt.zeros((1, 1, 4, 4)), 0), ValueError, "must be positive"),
+    (lambda: avg_pool2d(jt.zeros((1, 1, 4, 4)), (2, 2, 2)), ValueError, "kernel_size must be an int or a pair"),
+], ids=["3d", "float64", "padding", "empty", "zero-kernel", "triple"])
+def test_bad_pooling_input_is_refused_clearly(call, error, message) -> None:
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_avg_pool_module_keeps_torchs_attributes() -> None:
+    module = AvgPool2d(2, ceil_mode=True)
+    reference = torch.nn.AvgPool2d(2, ceil_mode=True)
+    for name in ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"):
+        assert getattr(module, name) == getattr(reference, name), name
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 100), (1, 33, 65), (3, 1, 7), (2, 64, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_swap_last_axes_and_its_gradient_are_exact(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(shape).astype(np.float32)
+    grad_y = rng.standard_normal((shape[0], shape[2], shape[1])).astype(np.float32)
+    xj = jt.array(x)
+    y = swap_last_axes(xj)
+    grad_x = jt.grad((y * jt.array(grad_y)).sum(), xj)
+    np.testing.assert_array_equal(y.numpy(), x.transpose(0, 2, 1))
+    np.testing.assert_array_equal(grad_x.numpy(), grad_y.transpose(0, 2, 1))
+
+
+def test_swap_last_axes_refuses_other_ranks() -> None:
+    with pytest.raises(ValueError, match="expects \\[b, m, n\\], got shape \\[4, 5\\]"):
+        swap_last_axes(jt.zeros((4, 5)))
+
+
+ADAMW = {"kernel": adamw_update, "ops": _adamw_update_ops}
+
+
+@pytest.mark.parametrize("impl", sorted(ADAMW))
+@pytest.mark.parametrize("step", [1, 7])
+def test_adamw_update_matches_torchs_single_tensor_adamw(impl: str, step: int) -> None:
+    rng = np.random.default_rng(13)
+    shape = (3, 37, 5)
+    param, grad, exp_avg = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    exp_avg_sq = rng.uniform(0, 2, shape).astype(np.float32)
+    hyper = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4}
+    pt = torch.tensor(param)
+    opt = torch.optim.AdamW([pt], foreach=False, **hyper)
+    pt.grad = torch.from_numpy(grad)
+    opt.state[pt] = {"step": torch.tensor(float(step - 1)), "exp_avg": torch.tensor(exp_avg),
+                     "exp_avg_sq": torch.tensor(exp_avg_sq)}
+    opt.step()
+    h = adamw_hyperparameters(hyper["lr"], hyper["weight_decay"], hyper["betas"], hyper["eps"], step)
+    got = ADAMW[impl](*(jt.array(a) for a in (param, grad, exp_avg, exp_avg_sq)), h)
+    expected = (pt, opt.state[pt]["exp_avg"], opt.state[pt]["exp_avg_sq"])
+    for name, g, e in zip(("param", "exp_avg", "exp_avg_sq"), got, expected):
+        # The same float32 formulas; fused multiply-adds may round the last bit differently.
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=2e-7, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: adamw_update(jt.zeros((2, 3)), jt.zeros((3, 2)), jt.zeros((2, 3)), jt.zeros((2, 3)),
+                          jt.zeros((7,))), ValueError, "must share one shape"),
+    (lambda: adamw_update(*(jt.zeros((2,)),) * 4, jt.zeros((6,))), ValueError, "hyper be \\[7\\]"),
+    (lambda: adamw_update(jt.zeros((2,), "float64"), *(jt.zeros((2,)),) * 3, jt.zeros((7,))),
+     TypeError, "param is float64"),
+    (lambda: adamw_hyperparameters(1e-3, 0.0, (0.9, 0.999), 1e-8, 0), ValueError, "step 0 must be at least 1"),
+], ids=["shapes", "hyper", "float64", "step"])
+def test_bad_adamw_input_is_refused_clearly(call, error, message) -> None:
+    with pytest.raises(error, match=message):
+        call()
