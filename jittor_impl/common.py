@@ -9,8 +9,11 @@ Differences from torch_ref/common.py:
     - Jittor has no Hardsigmoid module; :class:`Hardsigmoid` is defined here.
       Jittor's ``nn.SiLU``/``nn.GELU`` (exact erf form) and ``nn.LeakyReLU``
       (slope 0.01) compute what torch's modules compute; :class:`ReLU` is
-      Jittor's ``nn.ReLU`` computed by a multi-threaded kernel, and
-      :class:`AvgPool2d` stands in for torch's (Jittor's runs on one thread).
+      Jittor's ``nn.ReLU`` computed by a multi-threaded kernel,
+      :class:`AvgPool2d` stands in for torch's (Jittor's runs on one thread), and
+      :class:`Linear` is Jittor's ``nn.Linear`` computed by one oneDNN kernel per
+      pass (:func:`~jittor_impl._kernels.linear`, also the attention's input
+      projections).
     - ``ConvNormLayer.norm`` is :class:`BatchNorm2d` defined here, not
       Jittor's ``nn.BatchNorm`` (which keeps the biased running variance and
       has no ``num_batches_tracked``).
@@ -26,7 +29,9 @@ Differences from torch_ref/common.py:
       :func:`batched_matmul` (written here): Jittor's CPU ``jt.matmul`` of
       batched operands is a broadcast product and sum (its derived gradient
       several times slower still), so the product and both gradients are
-      per-slice 2-D oneDNN products.
+      per-slice 2-D oneDNN products, in one kernel
+      (:func:`~jittor_impl._kernels.batched_sgemm`) where oneDNN is loaded, and
+      the keys' transpose is a flag of the products, not a copy.
     - Jittor's fused CPU kernels run on one thread, torch's operators on all:
       :class:`BatchNorm2d` (both modes), :class:`ReLU` and the attention
       softmax of :class:`MultiheadAttention` call the OpenMP kernels of
@@ -49,7 +54,8 @@ from typing import List, Optional, Tuple
 import jittor as jt
 from jittor import init, nn
 
-from ._kernels import avg_pool2d, batch_norm_train, channel_affine, relu, softmax_last
+from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, has_dnnl_sgemm, linear,
+                       relu, softmax_last)
 
 __all__ = [
     "Hardsigmoid",
@@ -57,6 +63,7 @@ __all__ = [
     "BatchNorm2d",
     "ReLU",
     "AvgPool2d",
+    "Linear",
     "LayerNorm",
     "Dropout",
     "MultiheadAttention",
@@ -139,6 +146,23 @@ class AvgPool2d(nn.Module):
         """
         return avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                           self.count_include_pad)
+
+
+class Linear(nn.Linear):
+    """Jittor's ``nn.Linear`` (torch's parameter names) computed by
+    :func:`jittor_impl._kernels.linear`: on CPU one oneDNN kernel forward and one backward,
+    bias included, where Jittor's adds the bias and sums its gradient on one thread."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Applies ``x @ weight^T + bias`` over the last axis.
+
+        Args:
+            x: Float32 ``[..., in_features]``.
+
+        Returns:
+            ``[..., out_features]``.
+        """
+        return linear(x, self.weight, self.bias)
 
 
 _ACTIVATIONS = {
@@ -401,6 +425,15 @@ def _slice_matmul(a: jt.Var, b: jt.Var, transpose_a: bool = False, transpose_b: 
     return jt.stack([_matmul_2d(a[i], b[i], transpose_a, transpose_b) for i in range(a.shape[0])])
 
 
+def _products(a: jt.Var, b: jt.Var, transpose_a: bool = False, transpose_b: bool = False) -> jt.Var:
+    """``op(a[i]) @ op(b[i])`` for every ``i``: one kernel of oneDNN products
+    (:func:`~jittor_impl._kernels.batched_sgemm`) where oneDNN is loaded, else
+    :func:`_slice_matmul`; arguments as :func:`_slice_matmul`'s."""
+    if has_dnnl_sgemm():
+        return batched_sgemm(a, b, transpose_a, transpose_b)
+    return _slice_matmul(a, b, transpose_a, transpose_b)
+
+
 class _BatchedMatmul(jt.Function):
     """Batched matrix product on CPU, forward and gradients as 2-D products.
 
@@ -408,24 +441,29 @@ class _BatchedMatmul(jt.Function):
     broadcast ``[n, m, k, p]`` product summed over ``k``, and the gradients Jittor derives from
     it reduce ``[n, m, k, p]`` products over ``m`` or ``p`` (measured: about 6x the forward for
     ``[16, 500, 32]`` heads). Here the product and both gradients (``grad_out @ b^T``,
-    ``a^T @ grad_out``) are each ``n`` oneDNN 2-D products, stacked: 2.7x faster than the
-    broadcast form for ``[16, 400, 32] @ [16, 32, 400]`` and 8x for ``[16, 400, 400] @
-    [16, 400, 32]`` (the attention heads of r18vd's encoder at 640, 2 threads).
+    ``a^T @ grad_out``) are each ``n`` oneDNN 2-D products with the transposes as flags
+    (:func:`_products`): as stacked 2-D products, 2.7x faster than the broadcast form for
+    ``[16, 400, 32] @ [16, 32, 400]`` and 8x for ``[16, 400, 400] @ [16, 400, 32]`` (the
+    attention heads of r18vd's encoder at 640, 2 threads), and as one kernel of them 3.5x
+    faster again for the first.
     """
 
-    def execute(self, a: jt.Var, b: jt.Var) -> jt.Var:
-        """Returns ``a @ b`` for ``a`` ``[n, m, k]`` and ``b`` ``[n, k, p]``."""
-        self.a, self.b = a, b
-        return _slice_matmul(a, b)  # [n, m, p]
+    def execute(self, a: jt.Var, b: jt.Var, transpose_b: bool) -> jt.Var:
+        """Returns ``a @ op(b)`` for ``a`` ``[n, m, k]`` and ``b`` ``[n, k, p]`` (``[n, p, k]``
+        with ``transpose_b``)."""
+        self.a, self.b, self.transpose_b = a, b, transpose_b
+        return _products(a, b, transpose_b=transpose_b)  # [n, m, p]
 
-    def grad(self, grad_out: jt.Var) -> Tuple[jt.Var, jt.Var]:
-        """Gradients ``grad_out @ b^T`` and ``a^T @ grad_out``."""
-        grad_a = _slice_matmul(grad_out, self.b, transpose_b=True)  # [n, m, k]
-        grad_b = _slice_matmul(self.a, grad_out, transpose_a=True)  # [n, k, p]
-        return grad_a, grad_b
+    def grad(self, grad_out: jt.Var) -> Tuple[jt.Var, jt.Var, None]:
+        """Gradients ``grad_out @ op(b)^T`` and ``a^T @ grad_out`` (transposed back for a
+        transposed ``b``: ``grad_out^T @ a``)."""
+        grad_a = _products(grad_out, self.b, transpose_b=not self.transpose_b)  # [n, m, k]
+        if self.transpose_b:
+            return grad_a, _products(grad_out, self.a, transpose_a=True), None  # [n, p, k]
+        return grad_a, _products(self.a, grad_out, transpose_a=True), None  # [n, k, p]
 
 
-def batched_matmul(a: jt.Var, b: jt.Var) -> jt.Var:
+def batched_matmul(a: jt.Var, b: jt.Var, transpose_b: bool = False) -> jt.Var:
     """Batched matrix product ``[n, m, k] @ [n, k, p] -> [n, m, p]``, fast on CPU.
 
     On CPU the product and its gradients are 2-D oneDNN products (see
@@ -433,14 +471,16 @@ def batched_matmul(a: jt.Var, b: jt.Var) -> jt.Var:
 
     Args:
         a: ``[n, m, k]``.
-        b: ``[n, k, p]``.
+        b: ``[n, k, p]``, or ``[n, p, k]`` with ``transpose_b``.
+        transpose_b: Multiply by the transpose of each slice of ``b`` (a flag of the
+            products on CPU, where a transposed copy is a single-threaded kernel).
 
     Returns:
         ``[n, m, p]``.
     """
     if jt.flags.use_cuda:
-        return jt.matmul(a, b)
-    return _BatchedMatmul.apply(a, b)
+        return jt.matmul(a, b.transpose(0, 2, 1) if transpose_b else b)
+    return _BatchedMatmul.apply(a, b, transpose_b)
 
 
 class MultiheadAttention(nn.Module):
@@ -460,14 +500,14 @@ class MultiheadAttention(nn.Module):
         head_dim: ``d // num_heads``.
         in_proj_weight: Stacked q, k, v projection weights ``[3 * d, d]``.
         in_proj_bias: Stacked q, k, v projection biases ``[3 * d]``.
-        out_proj: Output ``nn.Linear(d, d)``.
+        out_proj: Output :class:`Linear` ``(d, d)``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, batch_first: bool = True):
         """Initialises the layer like torch.
 
         ``in_proj_weight`` is Xavier-uniform, both biases are zero and
-        ``out_proj.weight`` keeps ``nn.Linear``'s uniform initialisation.
+        ``out_proj.weight`` keeps Jittor's ``nn.Linear`` uniform initialisation.
 
         Args:
             embed_dim: Model width.
@@ -488,7 +528,7 @@ class MultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.in_proj_weight = init.xavier_uniform((3 * embed_dim, embed_dim), "float32")
         self.in_proj_bias = jt.zeros((3 * embed_dim,), "float32")
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim)
         self.out_proj.bias = jt.zeros((embed_dim,), "float32")
 
     def _split_heads(self, x: jt.Var) -> jt.Var:
@@ -522,15 +562,15 @@ class MultiheadAttention(nn.Module):
         bs, len_q, len_k = query.shape[0], query.shape[1], key.shape[1]
         d = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = nn.linear(query, w[:d], b[:d])  # [bs, Lq, d]
-        k = nn.linear(key, w[d:2 * d], b[d:2 * d])  # [bs, Lk, d]
-        v = nn.linear(value, w[2 * d:], b[2 * d:])  # [bs, Lk, d]
+        q = linear(query, w[:d], b[:d])  # [bs, Lq, d]
+        k = linear(key, w[d:2 * d], b[d:2 * d])  # [bs, Lk, d]
+        v = linear(value, w[2 * d:], b[2 * d:])  # [bs, Lk, d]
         q = self._split_heads(q) * (float(self.head_dim) ** -0.5)  # [bs, h, Lq, hd]
         k = self._split_heads(k)  # [bs, h, Lk, hd]
         v = self._split_heads(v)  # [bs, h, Lk, hd]
-        # [bs*h, Lq, hd] @ [bs*h, hd, Lk] -> [bs*h, Lq, Lk] -> [bs, h, Lq, Lk]
+        # [bs*h, Lq, hd] @ [bs*h, Lk, hd]^T -> [bs*h, Lq, Lk] -> [bs, h, Lq, Lk]
         logits = batched_matmul(q.reshape(-1, len_q, self.head_dim),
-                                k.transpose(0, 1, 3, 2).reshape(-1, self.head_dim, len_k))
+                                k.reshape(-1, len_k, self.head_dim), transpose_b=True)
         logits = logits.reshape(bs, self.num_heads, len_q, len_k)
         if attn_mask is not None:
             if attn_mask.ndim == 2 and tuple(attn_mask.shape) == (len_q, len_k):

@@ -22,6 +22,8 @@ Differences from torch_ref/decoder.py:
   :func:`~jittor_impl._kernels.ms_deform_attn`, OpenMP kernels with the same arithmetic
   (Jittor's fused CPU kernels run on one thread). Both take the Jittor-only argument
   ``cells`` of ``MSDeformableAttention.sample`` (the bilinear cells a parity check forces).
+- ``nn.Linear`` is :class:`~jittor_impl.common.Linear`, Jittor's computed by one oneDNN kernel
+  per pass on CPU (Jittor's adds the bias and sums its gradient on one thread).
 - ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the
   PyTorch-semantics versions of ``jittor_impl.common`` (Jittor's own have other parameter
   names, store the biased running variance, compute the variance as ``E[x^2] - E[x]^2``, or
@@ -59,7 +61,7 @@ from rtdetr_common.random import SharedRandom
 
 from ._kernels import ms_deform_attn, softmax_last, swap_last_axes
 from .box_ops import inverse_sigmoid
-from .common import BatchNorm2d, Dropout, LayerNorm, MultiheadAttention, get_activation
+from .common import BatchNorm2d, Dropout, LayerNorm, Linear, MultiheadAttention, get_activation
 from .denoising import get_contrastive_denoising_training_group
 
 __all__ = [
@@ -152,7 +154,7 @@ class MLP(nn.Module):
         hidden = [hidden_dim] * (num_layers - 1)
         in_dims = [input_dim] + hidden
         out_dims = hidden + [output_dim]
-        self.layers = nn.ModuleList([nn.Linear(n_in, n_out) for n_in, n_out in zip(in_dims, out_dims)])
+        self.layers = nn.ModuleList([Linear(n_in, n_out) for n_in, n_out in zip(in_dims, out_dims)])
         self.act = get_activation(act)
 
     def execute(self, x: jt.Var) -> jt.Var:
@@ -312,10 +314,10 @@ class MSDeformableAttention(nn.Module):
         self.total_points = num_heads * num_levels * num_points
         self.head_dim = embed_dim // num_heads
 
-        self.sampling_offsets = nn.Linear(embed_dim, self.total_points * 2)
-        self.attention_weights = nn.Linear(embed_dim, self.total_points)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.sampling_offsets = Linear(embed_dim, self.total_points * 2)
+        self.attention_weights = Linear(embed_dim, self.total_points)
+        self.value_proj = Linear(embed_dim, embed_dim)
+        self.output_proj = Linear(embed_dim, embed_dim)
 
         self._reset_parameters()
 
@@ -470,10 +472,10 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.norm2 = LayerNorm(d_model)
 
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = Linear(d_model, dim_feedforward)
         self.activation = get_activation(activation)
         self.dropout3 = Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.dropout4 = Dropout(dropout)
         self.norm3 = LayerNorm(d_model)
 
@@ -749,11 +751,11 @@ class RTDETRTransformer(nn.Module):
             self.tgt_embed = Embedding(num_queries, hidden_dim)
         self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, num_layers=2)
 
-        self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), LayerNorm(hidden_dim))
-        self.enc_score_head = nn.Linear(hidden_dim, num_classes)
+        self.enc_output = nn.Sequential(Linear(hidden_dim, hidden_dim), LayerNorm(hidden_dim))
+        self.enc_score_head = Linear(hidden_dim, num_classes)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, num_layers=3)
 
-        self.dec_score_head = nn.ModuleList([nn.Linear(hidden_dim, num_classes) for _ in range(num_decoder_layers)])
+        self.dec_score_head = nn.ModuleList([Linear(hidden_dim, num_classes) for _ in range(num_decoder_layers)])
         self.dec_bbox_head = nn.ModuleList(
             [MLP(hidden_dim, hidden_dim, 4, num_layers=3) for _ in range(num_decoder_layers)]
         )

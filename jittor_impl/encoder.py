@@ -9,7 +9,8 @@ Differences from torch_ref/encoder.py:
     - ``nn.MultiheadAttention``, ``nn.LayerNorm``, ``nn.BatchNorm2d`` and
       ``nn.Dropout`` are the torch-compatible :class:`MultiheadAttention`,
       :class:`LayerNorm`, :class:`BatchNorm2d` and :class:`Dropout` of
-      ``jittor_impl.common`` (same state-dict keys and semantics).
+      ``jittor_impl.common`` (same state-dict keys and semantics); ``nn.Linear``
+      is its :class:`Linear` (one oneDNN kernel per pass on CPU).
     - :meth:`RepVggBlock.convert_to_deploy` writes the fused kernel with
       ``Var.update``, which makes the target ``stop_grad`` when the source is
       (it is computed under ``jt.no_grad``); ``start_grad`` then makes the
@@ -33,7 +34,7 @@ import jittor as jt
 from jittor import nn
 
 from ._kernels import swap_last_axes
-from .common import (BatchNorm2d, ConvNormLayer, Dropout, LayerNorm, MultiheadAttention,
+from .common import (BatchNorm2d, ConvNormLayer, Dropout, LayerNorm, Linear, MultiheadAttention,
                      get_activation)
 
 __all__ = [
@@ -221,9 +222,9 @@ class TransformerEncoderLayer(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
         self.normalize_before = normalize_before
         self.self_attn = MultiheadAttention(d_model, nhead, dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = Linear(d_model, dim_feedforward)
         self.dropout = Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = LayerNorm(d_model)
         self.norm2 = LayerNorm(d_model)
         self.dropout1 = Dropout(dropout)

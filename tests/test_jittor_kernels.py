@@ -2,15 +2,16 @@
 
 Training-mode BatchNorm (outputs, gradients, running statistics), the per-channel affine of
 eval-mode BatchNorm, ReLU, the last-axis softmax, the deformable attention, max and average
-pooling, the last-axes transpose and the AdamW update of ``jittor_impl._kernels``, and ``batched_matmul`` of
-``jittor_impl.common``. Both Jittor implementations of each are checked: the CPU kernels and
-the composition of Jittor ops that CUDA runs, on shapes with odd sizes, a single image, a 1x1
+pooling, the last-axes transpose, the linear layer and the AdamW update of
+``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor
+implementations of each are checked: the CPU kernels and the composition of Jittor ops that
+CUDA runs, on shapes with odd sizes, a single image, a 1x1
 map, masked softmax rows, tied and NaN pooling windows.
 """
 
 from __future__ import annotations
 
-import jittor_impl  # noqa: F401  (sets Jittor up before it is imported)
+import jittor_impl  # sets Jittor up before it is imported
 import jittor as jt
 import numpy as np
 import pytest
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from jittor_impl._kernels import (_adamw_update_ops, _batch_norm_train_ops, adamw_hyperparameters,
-                                  adamw_update, avg_pool2d, batch_norm_train, channel_affine,
-                                  max_pool2d, relu, softmax_last, swap_last_axes)
-from jittor_impl.common import AvgPool2d, BatchNorm2d, ReLU, batched_matmul
+                                  adamw_update, avg_pool2d, batch_norm_train, batched_sgemm, channel_affine,
+                                  linear, max_pool2d, relu, softmax_last, swap_last_axes)
+from jittor_impl.common import AvgPool2d, BatchNorm2d, Linear, ReLU, batched_matmul
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 2), (3, 16, 33, 17), (2, 4, 1, 1)]
 IMPLEMENTATIONS = {"kernel": batch_norm_train, "ops": _batch_norm_train_ops}
@@ -210,20 +211,46 @@ def test_bad_kernel_input_is_refused_clearly(call, error, message) -> None:
         call()
 
 
+@pytest.mark.parametrize("products", ["kernel", "slices"])
+@pytest.mark.parametrize("transpose_b", [False, True], ids=["b", "b^T"])
 @pytest.mark.parametrize("shapes", [((3, 5, 4), (3, 4, 6)), ((16, 40, 8), (16, 8, 40)), ((1, 1, 3), (1, 3, 1))],
                          ids=["small", "heads", "vector"])
-def test_batched_matmul_and_its_gradients_match_torch(shapes) -> None:
+def test_batched_matmul_and_its_gradients_match_torch(shapes, transpose_b, products, monkeypatch) -> None:
+    if products == "slices":  # the form used where oneDNN's sgemm is not loaded
+        monkeypatch.setattr(jittor_impl.common, "has_dnnl_sgemm", lambda: False)
     rng = np.random.default_rng(3)
     a, b = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+    if transpose_b:
+        b = np.ascontiguousarray(b.transpose(0, 2, 1))
     grad_out = rng.standard_normal((shapes[0][0], shapes[0][1], shapes[1][2])).astype(np.float32)
     aj, bj = jt.array(a), jt.array(b)
-    out = batched_matmul(aj, bj)
+    out = batched_matmul(aj, bj, transpose_b=transpose_b)
     grad_a, grad_b = jt.grad((out * jt.array(grad_out)).sum(), [aj, bj])
     at, bt = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
-    out_t = torch.bmm(at, bt)
+    out_t = torch.bmm(at, bt.transpose(1, 2) if transpose_b else bt)
     (out_t * torch.from_numpy(grad_out)).sum().backward()
     for name, got, ref in (("out", out, out_t.detach()), ("grad_a", grad_a, at.grad), ("grad_b", grad_b, bt.grad)):
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_batched_sgemm_equals_jittors_2d_products_bit_for_bit() -> None:
+    rng = np.random.default_rng(14)
+    a = jt.array(rng.standard_normal((4, 33, 17)).astype(np.float32))
+    b = jt.array(rng.standard_normal((4, 17, 29)).astype(np.float32))
+    expected = np.stack([jt.matmul(a[i], b[i]).numpy() for i in range(4)])
+    np.testing.assert_array_equal(batched_sgemm(a, b).numpy(), expected)
+    a_t, b_t = (jt.array(np.ascontiguousarray(v.numpy().transpose(0, 2, 1))) for v in (a, b))
+    np.testing.assert_array_equal(batched_sgemm(a_t, b_t, True, True).numpy(), expected)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: batched_sgemm(jt.zeros((2, 3, 4)), jt.zeros((2, 3, 4))), "do not multiply"),
+    (lambda: batched_sgemm(jt.zeros((2, 3, 4)), jt.zeros((3, 4, 5))), "do not multiply"),
+    (lambda: batched_sgemm(jt.zeros((3, 4)), jt.zeros((4, 5))), "expects 3-D operands"),
+], ids=["inner", "batch", "rank"])
+def test_batched_sgemm_refuses_mismatched_shapes(call, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def _deformable_inputs(seed: int = 4):
@@ -505,3 +532,51 @@ def test_adamw_update_matches_torchs_single_tensor_adamw(impl: str, step: int) -
 def test_bad_adamw_input_is_refused_clearly(call, error, message) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+LINEAR = {"kernel": linear, "ops": jt.nn.linear}
+
+
+@pytest.mark.parametrize("impl", sorted(LINEAR))
+@pytest.mark.parametrize("x_shape, out_features, bias", [
+    ((2, 300, 64), 96, True),  # a decoder projection, 600 rows
+    ((70, 5), 3, True),  # more rows than one block of the bias gradient's sums
+    ((2, 3, 4, 5), 6, True),
+    ((5, 7), 3, False),
+], ids=["tokens", "rows", "4d", "no-bias"])
+def test_linear_and_its_gradients_match_torch(impl, x_shape, out_features, bias) -> None:
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((out_features, x_shape[-1])) * 0.3).astype(np.float32)
+    b = rng.standard_normal(out_features).astype(np.float32)
+    grad_y = rng.standard_normal((*x_shape[:-1], out_features)).astype(np.float32)
+    args = [jt.array(x), jt.array(w)] + ([jt.array(b)] if bias else [])
+    y = LINEAR[impl](*args)
+    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
+    ref = {}
+    for dtype in (torch.float32, torch.float64):
+        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in ([x, w] + ([b] if bias else []))]
+        yt = F.linear(*targs)
+        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
+        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
+    for i, name in enumerate(["y", "grad_x", "grad_weight", "grad_bias"][:len(got)]):
+        assert got[i].shape == ref[torch.float64][i].shape, name
+        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
+        # oneDNN's sgemm like Jittor's matmul, the bias gradient summed in float64 (Jittor's
+        # own: one float32 running sum, measured 3.7e-6 over 16800 rows).
+        assert err <= max(4 * torch_err, 1e-6), f"{impl} {name}: {err:.2e} (torch {torch_err:.2e})"
+
+
+def test_linear_module_is_jittors_linear_computed_by_the_kernel() -> None:
+    module = Linear(5, 3)
+    assert isinstance(module, jt.nn.Linear)
+    assert sorted(module.state_dict()) == ["bias", "weight"]
+    x = jt.array(np.random.default_rng(16).standard_normal((4, 5)).astype(np.float32))
+    np.testing.assert_allclose(module(x).numpy(), jt.nn.Linear.execute(module, x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_refuses_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="input \\[4, 5\\], weight \\[3, 6\\] and bias None do not fit"):
+        linear(jt.zeros((4, 5)), jt.zeros((3, 6)))
+    with pytest.raises(ValueError, match="bias \\[4\\] do not fit"):
+        linear(jt.zeros((4, 5)), jt.zeros((3, 5)), jt.zeros((4,)))
