@@ -779,7 +779,7 @@ for (long pl = 0; pl < planes; pl++) {
 """
 
 # in0 x [N, C, H, W] -> out0 y [N, C, OH, OW]: the window's float sum in row-major order over
-# its count (POOL_COUNT_PAD 1: the size including padding; 0: the in-image count).
+# its count POOL_COUNT.
 _AVG_POOL_FORWARD_SRC = """
 POOL_PLANES;
 const int H = in0_shape2, W = in0_shape3;
@@ -789,15 +789,14 @@ for (long pl = 0; pl < planes; pl++) {
     float* y = out0_p + pl * POOL_OH * POOL_OW;
     for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
         POOL_WINDOW(oh, ow, H, W);
-        const int count = POOL_COUNT_PAD ? padded : (h1 - h0) * (w1 - w0);
         float sum = 0.f;
         for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) sum += x[h * W + w];
-        y[oh * POOL_OW + ow] = sum / count;
+        y[oh * POOL_OW + ow] = sum / POOL_COUNT;
     }
 }
 """
 
-# in0 dy [N, C, OH, OW] -> out0 dx [N, C, H, W]: dy / count added to each input of the window.
+# in0 dy [N, C, OH, OW] -> out0 dx [N, C, H, W]: dy / POOL_COUNT added to each input of the window.
 _AVG_POOL_BACKWARD_SRC = """
 POOL_PLANES;
 const int H = out0_shape2, W = out0_shape3;
@@ -808,8 +807,7 @@ for (long pl = 0; pl < planes; pl++) {
     for (int i = 0; i < H * W; i++) dx[i] = 0.f;
     for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
         POOL_WINDOW(oh, ow, H, W);
-        const int count = POOL_COUNT_PAD ? padded : (h1 - h0) * (w1 - w0);
-        const float g = dy[oh * POOL_OW + ow] / count;
+        const float g = dy[oh * POOL_OW + ow] / POOL_COUNT;
         for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) dx[h * W + w] += g;
     }
 }
@@ -886,27 +884,17 @@ def avg_pool2d(x: jt.Var, kernel_size, stride=None, padding=0, ceil_mode: bool =
 
     A window's divisor is its size including the padding (``count_include_pad``) but never
     the part past the far padding that ``ceil_mode`` adds, or its in-image count otherwise.
-    On CUDA Jittor's ``nn.avg_pool2d``.
+    On CUDA Jittor's ``nn.avg_pool2d``. The other arguments, the result and the errors are
+    :func:`max_pool2d`'s (the padding is zeros).
 
     Args:
-        x: Float32 input ``[bs, c, h, w]``.
-        kernel_size: Window size, an int or ``(kh, kw)``.
-        stride: Window step (int or pair); ``None`` means ``kernel_size``.
-        padding: Implicit zero padding on each side (int or pair), at most half the kernel.
-        ceil_mode: Round the output size up instead of down.
         count_include_pad: Count the padding in the divisor.
-
-    Returns:
-        ``[bs, c, out_h, out_w]``.
-
-    Raises:
-        ValueError: If ``x`` is not 4-D, the sizes are invalid or the output is empty.
-        TypeError: If ``x`` is not float32.
     """
     header, shape = _pool_geometry("avg_pool2d", x, kernel_size, stride, padding, ceil_mode)
     if jt.flags.use_cuda:
         return nn.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
-    return _AvgPool2d.apply(x, header + f"#define POOL_COUNT_PAD {int(count_include_pad)}\n", shape)
+    count = "padded" if count_include_pad else "((h1 - h0) * (w1 - w0))"
+    return _AvgPool2d.apply(x, header + f"#define POOL_COUNT {count}\n", shape)
 
 
 # in0 x [B, M, N] -> out0 y [B, N, M], in 32 x 32 tiles (one tile per OpenMP iteration), so
