@@ -33,8 +33,9 @@ Differences from torch_ref/common.py:
       (:func:`~jittor_impl._kernels.batched_sgemm`) where oneDNN is loaded, and
       the keys' transpose is a flag of the products, not a copy.
     - Jittor's fused CPU kernels run on one thread, torch's operators on all:
-      :class:`BatchNorm2d` (both modes), :class:`ReLU` and the attention
-      softmax of :class:`MultiheadAttention` call the OpenMP kernels of
+      :class:`BatchNorm2d` (both modes), :class:`ReLU`, :class:`AvgPool2d`,
+      :class:`LayerNorm` and the attention softmax of
+      :class:`MultiheadAttention` call the OpenMP kernels of
       :mod:`jittor_impl._kernels` on CPU (Jittor ops on CUDA).
     - Jittor's ``Module.eval()`` also marks every parameter ``stop_grad`` and
       ``train()`` restores the flags it saw at the first ``eval()``.
@@ -54,8 +55,8 @@ from typing import List, Optional, Tuple
 import jittor as jt
 from jittor import init, nn
 
-from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, has_dnnl_sgemm, linear,
-                       relu, softmax_last)
+from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, has_dnnl_sgemm,
+                       layer_norm, linear, relu, softmax_last)
 
 __all__ = [
     "Hardsigmoid",
@@ -276,11 +277,12 @@ class BatchNorm2d(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axes, computed in two passes like torch.
+    """LayerNorm over the last axes with torch's semantics, through
+    :func:`jittor_impl._kernels.layer_norm` (OpenMP kernels on CPU).
 
     Jittor's ``nn.LayerNorm`` takes the variance as ``E[x^2] - E[x]^2``,
     which loses precision on inputs with a large mean; this one subtracts
-    the mean first.
+    the mean first (in float64 on CPU).
 
     Attributes:
         normalized_shape: Shape of the normalised trailing axes.
@@ -315,19 +317,25 @@ class LayerNorm(nn.Module):
         """Normalises ``x`` over its trailing ``len(normalized_shape)`` axes.
 
         Args:
-            x: Input whose trailing shape equals ``normalized_shape``.
+            x: Float32 input whose trailing shape equals ``normalized_shape``.
 
         Returns:
             Tensor of the same shape as ``x``.
+
+        Raises:
+            ValueError: If the trailing shape of ``x`` is not ``normalized_shape``.
         """
-        dims = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))
-        mean = x.mean(dims=dims, keepdims=True)
-        centered = x - mean
-        var = (centered * centered).mean(dims=dims, keepdims=True)
-        out = centered / jt.sqrt(var + self.eps)
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.ndim - k:]) != self.normalized_shape or x.ndim < k:
+            raise ValueError(f"LayerNorm{self.normalized_shape}: input {list(x.shape)} does not end in "
+                             f"{list(self.normalized_shape)}")
+        d = math.prod(self.normalized_shape)
         if self.elementwise_affine:
-            out = out * self.weight + self.bias
-        return out
+            weight, bias = self.weight.reshape(d), self.bias.reshape(d)  # [d]
+        else:
+            weight, bias = jt.ones((d,), "float32"), jt.zeros((d,), "float32")
+        rows = x.reshape(*x.shape[:x.ndim - k], d)  # [..., d]
+        return layer_norm(rows, weight, bias, self.eps).reshape(x.shape)
 
     def extra_repr(self) -> str:
         """Returns the printable configuration."""

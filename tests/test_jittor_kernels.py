@@ -2,11 +2,11 @@
 
 Training-mode BatchNorm (outputs, gradients, running statistics), the per-channel affine of
 eval-mode BatchNorm, ReLU, the last-axis softmax, the deformable attention, max and average
-pooling, the last-axes transpose, the linear layer and the AdamW update of
+pooling, the last-axes transpose, the linear layer, LayerNorm and the AdamW update of
 ``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor
 implementations of each are checked: the CPU kernels and the composition of Jittor ops that
-CUDA runs, on shapes with odd sizes, a single image, a 1x1
-map, masked softmax rows, tied and NaN pooling windows.
+CUDA runs, on shapes with odd sizes, a single image, a 1x1 map, masked softmax rows, tied
+and NaN pooling windows.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jittor_impl._kernels import (_adamw_update_ops, _batch_norm_train_ops, adamw_hyperparameters,
-                                  adamw_update, avg_pool2d, batch_norm_train, batched_sgemm, channel_affine,
-                                  linear, max_pool2d, relu, softmax_last, swap_last_axes)
-from jittor_impl.common import AvgPool2d, BatchNorm2d, Linear, ReLU, batched_matmul
+from jittor_impl._kernels import (_adamw_update_ops, _batch_norm_train_ops, _layer_norm_ops,
+                                  adamw_hyperparameters, adamw_update, avg_pool2d, batch_norm_train,
+                                  batched_sgemm, channel_affine, layer_norm, linear, max_pool2d, relu,
+                                  softmax_last, swap_last_axes)
+from jittor_impl.common import AvgPool2d, BatchNorm2d, LayerNorm, Linear, ReLU, batched_matmul
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 2), (3, 16, 33, 17), (2, 4, 1, 1)]
 IMPLEMENTATIONS = {"kernel": batch_norm_train, "ops": _batch_norm_train_ops}
@@ -580,3 +581,60 @@ def test_linear_refuses_mismatched_shapes() -> None:
         linear(jt.zeros((4, 5)), jt.zeros((3, 6)))
     with pytest.raises(ValueError, match="bias \\[4\\] do not fit"):
         linear(jt.zeros((4, 5)), jt.zeros((3, 5)), jt.zeros((4,)))
+
+
+LAYER_NORM = {"kernel": layer_norm, "ops": _layer_norm_ops}
+# Error allowed against float64, relative to the largest magnitude: (times torch's float32
+# error, floor).
+LAYER_NORM_TOLERANCES = {
+    # float64 row statistics and parameter sums: measured at most 0.9x torch's error.
+    "kernel": (1.5, 2e-7),
+    # Jittor's single float32 running sums: measured up to 3.2x torch's error (the
+    # parameter gradients over 16800 rows).
+    "ops": (5.0, 1e-6),
+}
+
+
+@pytest.mark.parametrize("impl", sorted(LAYER_NORM))
+@pytest.mark.parametrize("shape", [(2, 300, 256), (70, 4), (3, 5, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_and_its_gradients_match_torch(impl: str, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(17)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)  # a mean far from zero
+    weight, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    grad_y = rng.standard_normal(shape).astype(np.float32)
+    args = [jt.array(a) for a in (x, weight, bias)]
+    y = LAYER_NORM[impl](*args, 1e-5)
+    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
+    ref = {}
+    for dtype in (torch.float32, torch.float64):
+        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x, weight, bias)]
+        yt = F.layer_norm(targs[0], (shape[-1],), targs[1], targs[2], 1e-5)
+        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
+        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
+    factor, floor = LAYER_NORM_TOLERANCES[impl]
+    for i, name in enumerate(("y", "grad_x", "grad_weight", "grad_bias")):
+        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
+        assert err <= max(factor * torch_err, floor), f"{impl} {name}: {err:.2e} (torch {torch_err:.2e})"
+
+
+@pytest.mark.parametrize("normalized_shape, affine", [(6, True), ((4, 6), True), ((4, 6), False)],
+                         ids=["1d", "2d", "2d-no-affine"])
+def test_layer_norm_module_matches_torchs(normalized_shape, affine) -> None:
+    rng = np.random.default_rng(18)
+    module, reference = LayerNorm(normalized_shape, elementwise_affine=affine), torch.nn.LayerNorm(
+        normalized_shape, elementwise_affine=affine)
+    if affine:
+        for name in ("weight", "bias"):
+            value = rng.standard_normal(reference.weight.shape).astype(np.float32)
+            getattr(module, name).update(jt.array(value))
+            getattr(reference, name).data = torch.from_numpy(value)
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    expected = reference(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(module(jt.array(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_refuses_a_mismatched_shape() -> None:
+    with pytest.raises(ValueError, match="input \\[3, 5\\] does not end in \\[4\\]"):
+        LayerNorm(4)(jt.zeros((3, 5)))
+    with pytest.raises(ValueError, match="weight \\[3\\] and bias \\[4\\] do not fit"):
+        layer_norm(jt.zeros((2, 4)), jt.ones((3,)), jt.zeros((4,)), 1e-5)
