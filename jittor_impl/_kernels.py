@@ -29,7 +29,8 @@ from jittor import nn
 
 __all__ = ["batch_norm_train", "channel_affine", "relu", "softmax_last", "ms_deform_attn",
            "max_pool2d", "avg_pool2d", "swap_last_axes", "adamw_hyperparameters", "adamw_update",
-           "has_dnnl_sgemm", "batched_sgemm", "linear", "layer_norm"]
+           "has_dnnl_sgemm", "batched_sgemm", "linear", "layer_norm",
+           "conv1x1"]
 
 
 def _require_float32(caller: str, **tensors: jt.Var) -> None:
@@ -1345,3 +1346,100 @@ def _layer_norm_ops(x: jt.Var, weight: jt.Var, bias: jt.Var, eps: float) -> jt.V
     centered = x - mean
     var = (centered * centered).mean(dim=-1, keepdims=True)  # [..., 1]
     return centered / jt.sqrt(var + eps) * weight + bias
+
+
+# Pointwise convolution of contiguous [N, Ci, H, W] maps: image n's output [Co, H*W] is
+# weight [Co, Ci] @ x_n [Ci, H*W], one oneDNN sgemm in the maps' own layout (Jittor's
+# convolution reorders both maps to a blocked layout and back).
+# in0 x, in1 weight [Co, Ci, 1, 1][, in2 bias [Co]] -> out0 y [N, Co, H, W]; a bias fills the
+# output first and the product is added to it (beta = 1).
+_CONV1X1_FORWARD_SRC = """
+const int64_t N = in0_shape0, Ci = in0_shape1, HW = (int64_t)in0_shape2 * in0_shape3, Co = in1_shape0;
+for (int64_t n = 0; n < N; n++) {
+    float* y = out0_p + n * Co * HW;
+    if (CONV_BIAS) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t c = 0; c < Co; c++)
+            for (int64_t i = 0; i < HW; i++) y[c * HW + i] = CONV_BIAS[c];
+    }
+    dnnl_sgemm('N', 'N', Co, HW, Ci, 1.f, in1_p, Ci, in0_p + n * Ci * HW, HW, CONV_BIAS ? 1.f : 0.f, y, HW);
+}
+"""
+
+# in0 x, in1 weight, in2 dy [N, Co, H, W] -> out0 dx = weight^T @ dy_n per image,
+# out1 dweight = sum over images of dy_n @ x_n^T (image by image, in order; zeros when
+# CONV_WEIGHT_GRAD is 0, a frozen weight), out2 dbias [Co] = per-channel sums of dy in
+# float64 (zeros without a bias).
+_CONV1X1_BACKWARD_SRC = """
+const int64_t N = in0_shape0, Ci = in0_shape1, HW = (int64_t)in0_shape2 * in0_shape3, Co = in1_shape0;
+for (int64_t n = 0; n < N; n++) {
+    dnnl_sgemm('T', 'N', Ci, HW, Co, 1.f, in1_p, Ci, in2_p + n * Co * HW, HW, 0.f, out0_p + n * Ci * HW, HW);
+    if (CONV_WEIGHT_GRAD)
+        dnnl_sgemm('N', 'T', Co, Ci, HW, 1.f, in2_p + n * Co * HW, HW, in0_p + n * Ci * HW, HW,
+                   n ? 1.f : 0.f, out1_p, Ci);
+}
+if (!CONV_WEIGHT_GRAD) for (int64_t i = 0; i < Co * Ci; i++) out1_p[i] = 0.f;
+#pragma omp parallel for schedule(static)
+for (int64_t c = 0; c < Co; c++) {
+    double sum = 0;
+    if (CONV_BIAS_GRAD)
+        for (int64_t n = 0; n < N; n++) for (int64_t i = 0; i < HW; i++) sum += in2_p[(n * Co + c) * HW + i];
+    out2_p[c] = (float)sum;
+}
+"""
+
+
+class _Conv1x1(jt.Function):
+    """Pointwise convolution on CPU as oneDNN ``sgemm``\ s in the NCHW layout."""
+
+    def execute(self, x: jt.Var, weight: jt.Var, bias: Optional[jt.Var]) -> jt.Var:
+        """Returns ``[N, Co, H, W]``."""
+        bias_ptr = "in2_p" if bias is not None else "((const float*)nullptr)"
+        self.saved = (x, weight, not weight.is_stop_grad(), bias is not None)
+        return jt.code((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), "float32",
+                       [x, weight] + ([bias] if bias is not None else []),
+                       cpu_header=_SGEMM_HEADER + f"#define CONV_BIAS {bias_ptr}\n",
+                       cpu_src=_CONV1X1_FORWARD_SRC)
+
+    def grad(self, grad_y: jt.Var) -> Tuple[jt.Var, jt.Var, Optional[jt.Var]]:
+        """Gradients with respect to ``x``, ``weight`` and ``bias``."""
+        x, weight, weight_grad, has_bias = self.saved
+        header = (_SGEMM_HEADER + f"#define CONV_WEIGHT_GRAD {int(weight_grad)}\n"
+                  f"#define CONV_BIAS_GRAD {int(has_bias)}\n")
+        grad_x, grad_weight, grad_bias = jt.code(
+            [x.shape, weight.shape, (weight.shape[0],)], ["float32"] * 3, [x, weight, grad_y],
+            cpu_header=header, cpu_src=_CONV1X1_BACKWARD_SRC)
+        return grad_x, grad_weight, grad_bias if has_bias else None
+
+
+def conv1x1(x: jt.Var, weight: jt.Var, bias: Optional[jt.Var] = None) -> jt.Var:
+    """A 1x1 convolution (stride 1, no padding, one group) as oneDNN ``sgemm``\ s (CPU only).
+
+    Needs :func:`has_dnnl_sgemm`. Jittor's CPU convolution reorders the maps to a blocked
+    layout and back around oneDNN's convolution; a pointwise one is a matrix product per
+    image in the NCHW layout itself (measured, 2 threads, the 1x1 convolutions of an r18vd
+    training step at 640: forward 77 ms against 41 ms, forward and backward 207 against
+    151 ms).
+
+    Args:
+        x: Float32 ``[N, Ci, H, W]``.
+        weight: Float32 ``[Co, Ci, 1, 1]``.
+        bias: Optional float32 ``[Co]``.
+
+    Returns:
+        ``[N, Co, H, W]``.
+
+    Raises:
+        ValueError: If the shapes do not fit.
+        TypeError: If a tensor is not float32.
+        RuntimeError: If oneDNN's ``sgemm`` is not loaded.
+    """
+    if (x.ndim != 4 or weight.ndim != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1)
+            or (bias is not None and list(bias.shape) != [weight.shape[0]])):
+        raise ValueError(f"conv1x1: input {list(x.shape)}, weight {list(weight.shape)} and bias "
+                         f"{None if bias is None else list(bias.shape)} do not fit [N, Ci, H, W], "
+                         f"[Co, Ci, 1, 1], [Co]")
+    _require_float32("conv1x1", x=x, weight=weight, **({} if bias is None else {"bias": bias}))
+    if not has_dnnl_sgemm():
+        raise RuntimeError("conv1x1 needs oneDNN's dnnl_sgemm, which this process has not loaded")
+    return _Conv1x1.apply(x, weight, bias)

@@ -13,7 +13,9 @@ Differences from torch_ref/common.py:
       :class:`AvgPool2d` stands in for torch's (Jittor's runs on one thread), and
       :class:`Linear` is Jittor's ``nn.Linear`` computed by one oneDNN kernel per
       pass (:func:`~jittor_impl._kernels.linear`, also the attention's input
-      projections).
+      projections). :class:`Conv2d` is Jittor's ``nn.Conv2d`` with pointwise
+      convolutions as oneDNN products in the NCHW layout
+      (:func:`~jittor_impl._kernels.conv1x1`); ``ConvNormLayer.conv`` is one.
     - ``ConvNormLayer.norm`` is :class:`BatchNorm2d` defined here, not
       Jittor's ``nn.BatchNorm`` (which keeps the biased running variance and
       has no ``num_batches_tracked``).
@@ -55,8 +57,8 @@ from typing import List, Optional, Tuple
 import jittor as jt
 from jittor import init, nn
 
-from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, has_dnnl_sgemm,
-                       layer_norm, linear, relu, softmax_last)
+from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, conv1x1,
+                       has_dnnl_sgemm, layer_norm, linear, relu, softmax_last)
 
 __all__ = [
     "Hardsigmoid",
@@ -65,6 +67,7 @@ __all__ = [
     "ReLU",
     "AvgPool2d",
     "Linear",
+    "Conv2d",
     "LayerNorm",
     "Dropout",
     "MultiheadAttention",
@@ -164,6 +167,29 @@ class Linear(nn.Linear):
             ``[..., out_features]``.
         """
         return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """Jittor's ``nn.Conv2d`` (torch's parameter names), with pointwise convolutions
+    (1x1, stride 1, no padding, one group) computed by
+    :func:`jittor_impl._kernels.conv1x1` on CPU where oneDNN is loaded: oneDNN products in
+    the NCHW layout, where Jittor's convolution reorders the maps to a blocked layout and
+    back. Every other convolution is Jittor's."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        """Convolves ``x``.
+
+        Args:
+            x: Float32 ``[N, in_channels, H, W]``.
+
+        Returns:
+            ``[N, out_channels, H', W']``.
+        """
+        pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                     and self.groups == 1)
+        if pointwise and not jt.flags.use_cuda and has_dnnl_sgemm():
+            return conv1x1(x, self.weight, self.bias)
+        return super().execute(x)
 
 
 _ACTIVATIONS = {
@@ -615,7 +641,7 @@ class ConvNormLayer(nn.Module):
     """Conv2d followed by BatchNorm2d and an activation.
 
     Attributes:
-        conv: The ``nn.Conv2d``.
+        conv: The :class:`Conv2d`.
         norm: The :class:`BatchNorm2d` over ``ch_out`` channels.
         act: The activation module (``nn.Identity`` when ``act`` is ``None``).
     """
@@ -644,7 +670,7 @@ class ConvNormLayer(nn.Module):
         super().__init__()
         if padding is None:
             padding = (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding=padding, bias=bool(bias))
+        self.conv = Conv2d(ch_in, ch_out, kernel_size, stride, padding=padding, bias=bool(bias))
         self.norm = BatchNorm2d(ch_out)
         self.act = get_activation(act)
 

@@ -24,6 +24,8 @@ Differences from torch_ref/decoder.py:
   ``cells`` of ``MSDeformableAttention.sample`` (the bilinear cells a parity check forces).
 - ``nn.Linear`` is :class:`~jittor_impl.common.Linear`, Jittor's computed by one oneDNN kernel
   per pass on CPU (Jittor's adds the bias and sums its gradient on one thread).
+- ``nn.Conv2d`` is :class:`~jittor_impl.common.Conv2d`, Jittor's with pointwise convolutions as
+  oneDNN products in the NCHW layout on CPU.
 - ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the
   PyTorch-semantics versions of ``jittor_impl.common`` (Jittor's own have other parameter
   names, store the biased running variance, compute the variance as ``E[x^2] - E[x]^2``, or
@@ -61,7 +63,7 @@ from rtdetr_common.random import SharedRandom
 
 from ._kernels import ms_deform_attn, softmax_last, swap_last_axes
 from .box_ops import inverse_sigmoid
-from .common import BatchNorm2d, Dropout, LayerNorm, Linear, MultiheadAttention, get_activation
+from .common import BatchNorm2d, Conv2d, Dropout, LayerNorm, Linear, MultiheadAttention, get_activation
 from .denoising import get_contrastive_denoising_training_group
 
 __all__ = [
@@ -820,7 +822,7 @@ class RTDETRTransformer(nn.Module):
                 nn.Sequential(
                     OrderedDict(
                         [
-                            ("conv", nn.Conv2d(in_channels, self.hidden_dim, 1, bias=False)),
+                            ("conv", Conv2d(in_channels, self.hidden_dim, 1, bias=False)),
                             ("norm", BatchNorm2d(self.hidden_dim)),
                         ]
                     )
@@ -833,7 +835,7 @@ class RTDETRTransformer(nn.Module):
                 nn.Sequential(
                     OrderedDict(
                         [
-                            ("conv", nn.Conv2d(in_channels, self.hidden_dim, 3, 2, padding=1, bias=False)),
+                            ("conv", Conv2d(in_channels, self.hidden_dim, 3, 2, padding=1, bias=False)),
                             ("norm", BatchNorm2d(self.hidden_dim)),
                         ]
                     )

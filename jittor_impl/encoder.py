@@ -10,7 +10,8 @@ Differences from torch_ref/encoder.py:
       ``nn.Dropout`` are the torch-compatible :class:`MultiheadAttention`,
       :class:`LayerNorm`, :class:`BatchNorm2d` and :class:`Dropout` of
       ``jittor_impl.common`` (same state-dict keys and semantics); ``nn.Linear``
-      is its :class:`Linear` (one oneDNN kernel per pass on CPU).
+      and ``nn.Conv2d`` are its :class:`Linear` and :class:`Conv2d` (oneDNN
+      products on CPU for linear layers and pointwise convolutions).
     - :meth:`RepVggBlock.convert_to_deploy` writes the fused kernel with
       ``Var.update``, which makes the target ``stop_grad`` when the source is
       (it is computed under ``jt.no_grad``); ``start_grad`` then makes the
@@ -34,7 +35,7 @@ import jittor as jt
 from jittor import nn
 
 from ._kernels import swap_last_axes
-from .common import (BatchNorm2d, ConvNormLayer, Dropout, LayerNorm, Linear, MultiheadAttention,
+from .common import (BatchNorm2d, Conv2d, ConvNormLayer, Dropout, LayerNorm, Linear, MultiheadAttention,
                      get_activation)
 
 __all__ = [
@@ -101,7 +102,7 @@ class RepVggBlock(nn.Module):
         """
         kernel, bias = self.get_equivalent_kernel_bias()
         if self.conv is None:
-            self.conv = nn.Conv2d(self.ch_in, self.ch_out, 3, 1, padding=1)
+            self.conv = Conv2d(self.ch_in, self.ch_out, 3, 1, padding=1)
         self.conv.weight.update(kernel)
         self.conv.bias.update(bias)
         self.conv.weight.start_grad()
@@ -406,7 +407,7 @@ class HybridEncoder(nn.Module):
         self.input_proj = nn.ModuleList()
         for in_channel in in_channels:
             self.input_proj.append(nn.Sequential(
-                nn.Conv2d(in_channel, hidden_dim, kernel_size=1, bias=False),
+                Conv2d(in_channel, hidden_dim, kernel_size=1, bias=False),
                 BatchNorm2d(hidden_dim),
             ))
 

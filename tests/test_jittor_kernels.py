@@ -2,8 +2,8 @@
 
 Training-mode BatchNorm (outputs, gradients, running statistics), the per-channel affine of
 eval-mode BatchNorm, ReLU, the last-axis softmax, the deformable attention, max and average
-pooling, the last-axes transpose, the linear layer, LayerNorm and the AdamW update of
-``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor
+pooling, the last-axes transpose, the linear layer, the pointwise convolution, LayerNorm and
+the AdamW update of ``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor
 implementations of each are checked: the CPU kernels and the composition of Jittor ops that
 CUDA runs, on shapes with odd sizes, a single image, a 1x1 map, masked softmax rows, tied
 and NaN pooling windows.
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from jittor_impl._kernels import (_adamw_update_ops, _batch_norm_train_ops, _layer_norm_ops,
                                   adamw_hyperparameters, adamw_update, avg_pool2d, batch_norm_train,
-                                  batched_sgemm, channel_affine, layer_norm, linear, max_pool2d, relu,
-                                  softmax_last, swap_last_axes)
-from jittor_impl.common import AvgPool2d, BatchNorm2d, LayerNorm, Linear, ReLU, batched_matmul
+                                  batched_sgemm, channel_affine, conv1x1, layer_norm, linear, max_pool2d,
+                                  relu, softmax_last, swap_last_axes)
+from jittor_impl.common import AvgPool2d, BatchNorm2d, Conv2d, LayerNorm, Linear, ReLU, batched_matmul
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 2), (3, 16, 33, 17), (2, 4, 1, 1)]
 IMPLEMENTATIONS = {"kernel": batch_norm_train, "ops": _batch_norm_train_ops}
@@ -638,3 +638,58 @@ def test_layer_norm_refuses_a_mismatched_shape() -> None:
         LayerNorm(4)(jt.zeros((3, 5)))
     with pytest.raises(ValueError, match="weight \\[3\\] and bias \\[4\\] do not fit"):
         layer_norm(jt.zeros((2, 4)), jt.ones((3,)), jt.zeros((4,)), 1e-5)
+
+
+@pytest.mark.parametrize("x_shape, out_channels, bias", [
+    ((2, 32, 9, 11), 16, False),  # the model's pointwise convolutions have no bias
+    ((1, 5, 4, 3), 7, True),
+    ((2, 8, 1, 1), 4, True),
+], ids=["no-bias", "bias", "1x1-map"])
+def test_conv1x1_and_its_gradients_match_torch(x_shape, out_channels, bias) -> None:
+    rng = np.random.default_rng(19)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal((out_channels, x_shape[1], 1, 1)) * 0.3).astype(np.float32)
+    b = rng.standard_normal(out_channels).astype(np.float32)
+    grad_y = rng.standard_normal((x_shape[0], out_channels, *x_shape[2:])).astype(np.float32)
+    args = [jt.array(x), jt.array(w)] + ([jt.array(b)] if bias else [])
+    y = conv1x1(*args)
+    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
+    ref = {}
+    for dtype in (torch.float32, torch.float64):
+        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in ([x, w] + ([b] if bias else []))]
+        yt = F.conv2d(*targs)
+        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
+        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
+    for i, name in enumerate(["y", "grad_x", "grad_weight", "grad_bias"][:len(got)]):
+        assert got[i].shape == ref[torch.float64][i].shape, name
+        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
+        # oneDNN's sgemm, the bias gradient in float64: measured at most 1.5x torch's error.
+        assert err <= max(3 * torch_err, 1e-6), f"{name}: {err:.2e} (torch {torch_err:.2e})"
+
+
+def test_conv2d_module_takes_the_pointwise_kernel_only_where_it_applies(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(jittor_impl.common, "conv1x1", lambda *a: calls.append(a) or conv1x1(*a))
+    rng = np.random.default_rng(20)
+    x = jt.array(rng.standard_normal((2, 6, 7, 5)).astype(np.float32))
+    for module, expected_calls in ((Conv2d(6, 4, 1, bias=False), 1), (Conv2d(6, 4, 3, padding=1), 0),
+                                   (Conv2d(6, 4, 1, stride=2), 0), (Conv2d(6, 4, 1, groups=2), 0)):
+        calls.clear()
+        np.testing.assert_allclose(module(x).numpy(), jt.nn.Conv2d.execute(module, x).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        assert len(calls) == expected_calls, module
+
+
+def test_conv1x1_of_a_frozen_weight_still_gives_the_input_gradient() -> None:
+    rng = np.random.default_rng(21)
+    x = jt.array(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
+    w = rng.standard_normal((5, 3, 1, 1)).astype(np.float32)
+    grad_x = jt.grad(conv1x1(x, jt.array(w).stop_grad()).sum(), x).numpy()
+    np.testing.assert_allclose(grad_x, np.broadcast_to(w.sum(0).reshape(1, 3, 1, 1), x.shape), rtol=1e-5)
+
+
+def test_conv1x1_refuses_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match="weight \\[4, 3, 3, 3\\] and bias None do not fit"):
+        conv1x1(jt.zeros((1, 3, 5, 5)), jt.zeros((4, 3, 3, 3)))
+    with pytest.raises(ValueError, match="input \\[1, 2, 5, 5\\]"):
+        conv1x1(jt.zeros((1, 2, 5, 5)), jt.zeros((4, 3, 1, 1)))
