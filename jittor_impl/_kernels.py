@@ -1,4 +1,4 @@
-"""OpenMP CPU kernels for the hot parts of training (a Jittor-only file, no torch mirror).
+"""CPU kernels (OpenMP, oneDNN) of the port's hot operators (Jittor-only, no torch mirror).
 
 Jittor's fused CPU kernels run on one thread (measured: a fused multiply-add-max and a
 per-channel sum over ``[2, 128, 160, 160]`` keep one core busy whatever ``OMP_NUM_THREADS``
@@ -13,7 +13,17 @@ as a second kernel (a ``jt.Function``), parallel over channels, elements, rows o
 - :func:`relu`: ReLU;
 - :func:`softmax_last`: softmax over the last axis (row sums in float64);
 - :func:`ms_deform_attn`: the decoder's multi-scale deformable attention (bilinear
-  sampling and the weighted sum over levels and points).
+  sampling and the weighted sum over levels and points);
+- :func:`max_pool2d`, :func:`avg_pool2d`: pooling with torch's semantics;
+- :func:`swap_last_axes`: the token layouts' transposes;
+- :func:`layer_norm`: LayerNorm over the last axis (statistics in float64);
+- :func:`adamw_update`: one parameter's AdamW update, torch's single-tensor formulas.
+
+Products run through oneDNN's ``sgemm``, which Jittor's own CPU matmul calls and which its
+oneDNN operators load into the process's global symbols (:func:`has_dnnl_sgemm`):
+:func:`batched_sgemm` (attention heads), :func:`linear` (bias included) and
+:func:`conv1x1` (pointwise convolutions in the NCHW layout, where Jittor's convolution
+reorders both maps to a blocked layout and back).
 
 On CUDA the callers use compositions of Jittor ops instead (``jittor_impl.common``,
 ``jittor_impl.decoder``), which Jittor parallelises there. Every kernel takes float32 only
