@@ -535,6 +535,25 @@ def test_bad_adamw_input_is_refused_clearly(call, error, message) -> None:
         call()
 
 
+def _assert_close_to_float64(jittor_fn, torch_fn, arrays: list, grad_y: np.ndarray,
+                             names: list, factor: float, floor: float, label: str = "") -> None:
+    """Output and input gradients of ``jittor_fn`` against float64 torch, within ``factor``
+    times torch's own float32 error (or ``floor``), relative to the largest magnitude."""
+    args = [jt.array(a) for a in arrays]
+    y = jittor_fn(*args)
+    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
+    ref = {}
+    for dtype in (torch.float32, torch.float64):
+        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in arrays]
+        yt = torch_fn(*targs)
+        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
+        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
+    for i, name in enumerate(names):
+        assert got[i].shape == ref[torch.float64][i].shape, name
+        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
+        assert err <= max(factor * torch_err, floor), f"{label} {name}: {err:.2e} (torch {torch_err:.2e})"
+
+
 LINEAR = {"kernel": linear, "ops": jt.nn.linear}
 
 
@@ -551,21 +570,11 @@ def test_linear_and_its_gradients_match_torch(impl, x_shape, out_features, bias)
     w = (rng.standard_normal((out_features, x_shape[-1])) * 0.3).astype(np.float32)
     b = rng.standard_normal(out_features).astype(np.float32)
     grad_y = rng.standard_normal((*x_shape[:-1], out_features)).astype(np.float32)
-    args = [jt.array(x), jt.array(w)] + ([jt.array(b)] if bias else [])
-    y = LINEAR[impl](*args)
-    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
-    ref = {}
-    for dtype in (torch.float32, torch.float64):
-        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in ([x, w] + ([b] if bias else []))]
-        yt = F.linear(*targs)
-        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
-        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
-    for i, name in enumerate(["y", "grad_x", "grad_weight", "grad_bias"][:len(got)]):
-        assert got[i].shape == ref[torch.float64][i].shape, name
-        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
-        # oneDNN's sgemm like Jittor's matmul, the bias gradient summed in float64 (Jittor's
-        # own: one float32 running sum, measured 3.7e-6 over 16800 rows).
-        assert err <= max(4 * torch_err, 1e-6), f"{impl} {name}: {err:.2e} (torch {torch_err:.2e})"
+    arrays = [x, w] + ([b] if bias else [])
+    # oneDNN's sgemm like Jittor's matmul, the bias gradient summed in float64 (Jittor's own:
+    # one float32 running sum, measured 3.7e-6 over 16800 rows).
+    _assert_close_to_float64(LINEAR[impl], F.linear, arrays, grad_y,
+                             ["y", "grad_x", "grad_weight", "grad_bias"][:len(arrays) + 1], 4.0, 1e-6, impl)
 
 
 def test_linear_module_is_jittors_linear_computed_by_the_kernel() -> None:
@@ -602,19 +611,11 @@ def test_layer_norm_and_its_gradients_match_torch(impl: str, shape: tuple[int, .
     x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)  # a mean far from zero
     weight, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
     grad_y = rng.standard_normal(shape).astype(np.float32)
-    args = [jt.array(a) for a in (x, weight, bias)]
-    y = LAYER_NORM[impl](*args, 1e-5)
-    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
-    ref = {}
-    for dtype in (torch.float32, torch.float64):
-        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x, weight, bias)]
-        yt = F.layer_norm(targs[0], (shape[-1],), targs[1], targs[2], 1e-5)
-        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
-        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
     factor, floor = LAYER_NORM_TOLERANCES[impl]
-    for i, name in enumerate(("y", "grad_x", "grad_weight", "grad_bias")):
-        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
-        assert err <= max(factor * torch_err, floor), f"{impl} {name}: {err:.2e} (torch {torch_err:.2e})"
+    _assert_close_to_float64(lambda *a: LAYER_NORM[impl](*a, 1e-5),
+                             lambda xt, wt, bt: F.layer_norm(xt, (shape[-1],), wt, bt, 1e-5),
+                             [x, weight, bias], grad_y, ["y", "grad_x", "grad_weight", "grad_bias"],
+                             factor, floor, impl)
 
 
 @pytest.mark.parametrize("normalized_shape, affine", [(6, True), ((4, 6), True), ((4, 6), False)],
@@ -651,20 +652,10 @@ def test_conv1x1_and_its_gradients_match_torch(x_shape, out_channels, bias) -> N
     w = (rng.standard_normal((out_channels, x_shape[1], 1, 1)) * 0.3).astype(np.float32)
     b = rng.standard_normal(out_channels).astype(np.float32)
     grad_y = rng.standard_normal((x_shape[0], out_channels, *x_shape[2:])).astype(np.float32)
-    args = [jt.array(x), jt.array(w)] + ([jt.array(b)] if bias else [])
-    y = conv1x1(*args)
-    got = [y] + list(jt.grad((y * jt.array(grad_y)).sum(), args))
-    ref = {}
-    for dtype in (torch.float32, torch.float64):
-        targs = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in ([x, w] + ([b] if bias else []))]
-        yt = F.conv2d(*targs)
-        (yt * torch.tensor(grad_y, dtype=dtype)).sum().backward()
-        ref[dtype] = [yt.detach().numpy()] + [t.grad.numpy() for t in targs]
-    for i, name in enumerate(["y", "grad_x", "grad_weight", "grad_bias"][:len(got)]):
-        assert got[i].shape == ref[torch.float64][i].shape, name
-        err, torch_err = _relative_errors(got[i].numpy(), ref[torch.float32][i], ref[torch.float64][i])
-        # oneDNN's sgemm, the bias gradient in float64: measured at most 1.5x torch's error.
-        assert err <= max(3 * torch_err, 1e-6), f"{name}: {err:.2e} (torch {torch_err:.2e})"
+    arrays = [x, w] + ([b] if bias else [])
+    # oneDNN's sgemm, the bias gradient in float64: measured at most 1.5x torch's error.
+    _assert_close_to_float64(conv1x1, F.conv2d, arrays, grad_y,
+                             ["y", "grad_x", "grad_weight", "grad_bias"][:len(arrays) + 1], 3.0, 1e-6)
 
 
 def test_conv2d_module_takes_the_pointwise_kernel_only_where_it_applies(monkeypatch) -> None:
