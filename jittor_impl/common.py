@@ -352,7 +352,7 @@ class LayerNorm(nn.Module):
             ValueError: If the trailing shape of ``x`` is not ``normalized_shape``.
         """
         k = len(self.normalized_shape)
-        if tuple(x.shape[x.ndim - k:]) != self.normalized_shape or x.ndim < k:
+        if x.ndim < k or tuple(x.shape[x.ndim - k:]) != self.normalized_shape:
             raise ValueError(f"LayerNorm{self.normalized_shape}: input {list(x.shape)} does not end in "
                              f"{list(self.normalized_shape)}")
         d = math.prod(self.normalized_shape)
