@@ -706,30 +706,39 @@ def _pool_geometry(caller: str, x: jt.Var, kernel_size, stride, padding,
     header = (_POOL_HEADER + f"#define POOL_KH {kernel[0]}\n#define POOL_KW {kernel[1]}\n"
               f"#define POOL_SH {step[0]}\n#define POOL_SW {step[1]}\n"
               f"#define POOL_PH {pad[0]}\n#define POOL_PW {pad[1]}\n"
-              f"#define POOL_OH {out[0]}\n#define POOL_OW {out[1]}\n")
+              f"#define POOL_OH {out[0]}\n#define POOL_OW {out[1]}\n" + _POOL_WINDOWS)
     return header, (x.shape[0], x.shape[1], out[0], out[1])
 
 
 # 2-D pooling over the planes of a contiguous [N, C, H, W] tensor, one plane per OpenMP
 # iteration (so the backward's additions into a plane are one thread's). Window (oh, ow) spans
 # rows [oh * SH - PH, + KH) and columns [ow * SW - PW, + KW) clipped to the image, as in
-# torch's CPU kernels; POOL_WINDOW declares its clipped bounds h0..h1, w0..w1 and, for average
-# pooling, the unclipped size `padded` (clipped at the far padding only).
+# torch's CPU kernels.
 _POOL_HEADER = """
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #define POOL_PLANES const long planes = (long)in0_shape0 * in0_shape1
-#define POOL_WINDOW(oh, ow, H, W) \\
-    const int h0_ = (oh) * POOL_SH - POOL_PH, w0_ = (ow) * POOL_SW - POOL_PW; \\
-    const int h1 = std::min(h0_ + POOL_KH, (H)), w1 = std::min(w0_ + POOL_KW, (W)); \\
-    const int padded = (std::min(h0_ + POOL_KH, (H) + POOL_PH) - h0_) \\
-                     * (std::min(w0_ + POOL_KW, (W) + POOL_PW) - w0_); \\
-    const int h0 = std::max(h0_, 0), w0 = std::max(w0_, 0)
 // NaN test on the bits: fast-math compilers may drop std::isnan.
 static inline bool pool_is_nan(float v) {
     uint32_t bits; std::memcpy(&bits, &v, sizeof bits);
     return (bits & 0x7fffffffu) > 0x7f800000u;
+}
+"""
+
+# After the POOL_* sizes (it expands them): calls f(o, h0, h1, w0, w1, padded) for each window
+# o = oh * OW + ow of an H x W plane in row-major order, with the window's clipped rows
+# [h0, h1) and columns [w0, w1) and, for average pooling, its size clipped at the far
+# padding only (`padded`).
+_POOL_WINDOWS = """
+template <class F>
+static inline void pool_each_window(int H, int W, F f) {
+    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
+        const int h = oh * POOL_SH - POOL_PH, w = ow * POOL_SW - POOL_PW;
+        const int padded = (std::min(h + POOL_KH, H + POOL_PH) - h) * (std::min(w + POOL_KW, W + POOL_PW) - w);
+        f(oh * POOL_OW + ow, std::max(h, 0), std::min(h + POOL_KH, H), std::max(w, 0),
+          std::min(w + POOL_KW, W), padded);
+    }
 }
 """
 
@@ -740,18 +749,16 @@ static inline bool pool_is_nan(float v) {
 _MAX_POOL_PLANE = """
 template <bool WITH_NAN>
 static inline void max_pool_plane(const float* x, float* y, int* arg, int H, int W) {
-    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
-        POOL_WINDOW(oh, ow, H, W);
-        (void)padded;
+    pool_each_window(H, W, [&](int o, int h0, int h1, int w0, int w1, int) {
         int at = h0 * W + w0;
         float top = x[at];
         for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) {
             const float v = x[h * W + w];
             if (v > top || (WITH_NAN && pool_is_nan(v))) { top = v; at = h * W + w; }
         }
-        y[oh * POOL_OW + ow] = top;
-        arg[oh * POOL_OW + ow] = at;
-    }
+        y[o] = top;
+        arg[o] = at;
+    });
 }
 """
 
@@ -798,12 +805,11 @@ const int H = in0_shape2, W = in0_shape3;
 for (long pl = 0; pl < planes; pl++) {
     const float* x = in0_p + pl * H * W;
     float* y = out0_p + pl * POOL_OH * POOL_OW;
-    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
-        POOL_WINDOW(oh, ow, H, W);
+    pool_each_window(H, W, [&](int o, int h0, int h1, int w0, int w1, int padded) {
         float sum = 0.f;
         for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) sum += x[h * W + w];
-        y[oh * POOL_OW + ow] = sum / POOL_COUNT;
-    }
+        y[o] = sum / POOL_COUNT;
+    });
 }
 """
 
@@ -816,11 +822,10 @@ for (long pl = 0; pl < planes; pl++) {
     const float* dy = in0_p + pl * POOL_OH * POOL_OW;
     float* dx = out0_p + pl * H * W;
     for (int i = 0; i < H * W; i++) dx[i] = 0.f;
-    for (int oh = 0; oh < POOL_OH; oh++) for (int ow = 0; ow < POOL_OW; ow++) {
-        POOL_WINDOW(oh, ow, H, W);
-        const float g = dy[oh * POOL_OW + ow] / POOL_COUNT;
+    pool_each_window(H, W, [&](int o, int h0, int h1, int w0, int w1, int padded) {
+        const float g = dy[o] / POOL_COUNT;
         for (int h = h0; h < h1; h++) for (int w = w0; w < w1; w++) dx[h * W + w] += g;
-    }
+    });
 }
 """
 

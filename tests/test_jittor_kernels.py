@@ -684,3 +684,22 @@ def test_conv1x1_refuses_mismatched_shapes() -> None:
         conv1x1(jt.zeros((1, 3, 5, 5)), jt.zeros((4, 3, 3, 3)))
     with pytest.raises(ValueError, match="input \\[1, 2, 5, 5\\]"):
         conv1x1(jt.zeros((1, 2, 5, 5)), jt.zeros((4, 3, 1, 1)))
+
+
+def test_without_onednn_sgemm_the_layers_fall_back_to_jittors_ops(monkeypatch) -> None:
+    """Where Jittor has not loaded oneDNN, linear layers and pointwise convolutions are Jittor's."""
+    import jittor_impl._kernels as kernels
+
+    monkeypatch.setattr(kernels, "has_dnnl_sgemm", lambda: False)
+    monkeypatch.setattr(jittor_impl.common, "has_dnnl_sgemm", lambda: False)
+    monkeypatch.setattr(jittor_impl.common, "conv1x1", lambda *a: pytest.fail("conv1x1 called"))
+    rng = np.random.default_rng(22)
+    x = jt.array(rng.standard_normal((2, 6, 5, 4)).astype(np.float32))
+    conv = Conv2d(6, 3, 1)
+    np.testing.assert_allclose(conv(x).numpy(), jt.nn.Conv2d.execute(conv, x).numpy(), rtol=1e-6, atol=1e-6)
+    dense = Linear(4, 3)
+    np.testing.assert_allclose(dense(x).numpy(), jt.nn.Linear.execute(dense, x).numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="needs oneDNN's dnnl_sgemm"):
+        kernels.conv1x1(x, conv.weight)
+    with pytest.raises(RuntimeError, match="needs oneDNN's dnnl_sgemm"):
+        kernels.batched_sgemm(x[0], x[1].transpose(0, 2, 1))  # [6, 5, 4] @ [6, 4, 5]
