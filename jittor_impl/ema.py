@@ -11,7 +11,8 @@ Differences from torch_ref/ema.py:
 - ``copy.deepcopy`` of a Jittor module copies every Var through numpy (``Var.__reduce__``),
   which keeps dtypes (int64 buffers stay int64) but not the stop-grad mark; every Var of the
   copy, parameter or buffer (Jittor's ``parameters()`` lists both), is made stop-grad here,
-  as PyTorch's ``requires_grad_(False)`` on the parameters (buffers never require grad there).
+  as PyTorch's ``requires_grad_(False)`` on the parameters (buffers never require grad there),
+  before ``eval()``: Jittor's ``eval()`` records each Var's flag for ``train()`` to restore.
 - Jittor's ``state_dict()`` lists every public Var of the module tree, parameters and
   buffers alike, under the PyTorch keys (the project's buffer convention keeps
   non-persistent buffers out of it by a leading underscore), so the update walks
@@ -67,12 +68,13 @@ class ModelEMA:
             raise ValueError(f"ModelEMA decay must lie in [0, 1], got {decay}")
         if warmups <= 0:
             raise ValueError(f"ModelEMA warmups must be positive, got {warmups}")
-        self.module = deepcopy(model).eval()
+        self.module = deepcopy(model)
+        for p in self.module.parameters():
+            p.stop_grad()
+        self.module.eval()
         self.decay = decay
         self.warmups = warmups
         self.updates = 0
-        for p in self.module.parameters():
-            p.stop_grad()
 
     def decay_fn(self, updates: int) -> float:
         """Decay used at a given update count: ``decay * (1 - exp(-updates / warmups))``.

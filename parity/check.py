@@ -17,6 +17,7 @@ import torch
 
 import jittor_impl
 import torch_ref
+from rtdetr_common.configs import Size, spatial_size
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
 from .compare import Comparison, Tolerance, compare_arrays, compare_tree
@@ -44,7 +45,7 @@ class CheckResult:
 
     variant: str
     weights: str
-    size: int
+    size: Size
     rows: list[CheckRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -173,8 +174,13 @@ def _compare_topk(pair: ModelPair, result: CheckResult, path: str, capture: Scor
     return _jittor_forward(pair, images, targets, ref_ind, rng_state)
 
 
-def check_eval(pair: ModelPair, result: CheckResult, size: int, batch: int = 1) -> None:
-    """Eval forward on the same images: outputs, top-k decision, postprocessed detections."""
+def check_eval(pair: ModelPair, result: CheckResult, size: Size, batch: int = 1) -> None:
+    """Eval forward on the same images: outputs, top-k decision, postprocessed detections.
+
+    ``size`` is one int (square) or ``(h, w)``; the pair must have been built for it. The
+    postprocessor's original sizes are non-square whatever ``size`` is.
+    """
+    h, w = spatial_size(size)
     images = seeded_images(batch, size, seed=1)
     pair.eval()
     capture = ScoreCapture(pair.torch_model)
@@ -194,7 +200,7 @@ def check_eval(pair: ModelPair, result: CheckResult, size: int, batch: int = 1) 
     result.add("output", compare_tree(to_numpy(out), to_numpy(ref),
                                       lambda p: tolerance("output", p)))
     # (w, h) per image: the official postprocessor's order, non-square on purpose.
-    sizes = np.array([[size + 37 * i + 13, size - 5 * i] for i in range(batch)], dtype=np.float32)
+    sizes = np.array([[w + 37 * i + 13, h - 5 * i] for i in range(batch)], dtype=np.float32)
     pp_ref = torch_ref.build_postprocessor(pair.cfg)(ref, torch.from_numpy(sizes))
     pp_out = jittor_impl.build_postprocessor(pair.cfg)(out, jt.array(sizes))
     for i, (a, b) in enumerate(zip(to_numpy(pp_out), to_numpy(pp_ref))):
@@ -279,7 +285,7 @@ def _compare_match_decisions(result: CheckResult, criteria: tuple, outputs: tupl
     return forced
 
 
-def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: list[int]) -> None:
+def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts: list[int]) -> None:
     """Train-mode forward with the same targets and denoising noise, then every loss term.
 
     Both models draw denoising noise from identically seeded shared streams. If the encoder's
@@ -294,7 +300,7 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: 
 
     Each loss term is also computed in float64 by the reference; the fp32 errors against that
     (each term's precision floor) give the forward's noise level, which the ``loss``
-    tolerance entry takes into account.
+    tolerance entry takes into account. ``size`` is one int (square) or ``(h, w)``.
     """
     images = seeded_images(len(counts), size, seed=2)
     targets = seeded_targets(counts, pair.cfg.num_classes, seed=3)
@@ -336,9 +342,9 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: int, counts: 
         result.notes.append(f"reference total loss is not finite: {total_ref}")
 
 
-def run_check(pair: ModelPair, size: int, train_size: int = 640,
+def run_check(pair: ModelPair, size: Size, train_size: Size = 640,
               counts: tuple[int, ...] = (4, 0)) -> CheckResult:
-    """Eval parity at ``size`` and train-loss parity at ``train_size`` for one model pair."""
+    """Eval parity at ``size`` and train-loss parity at ``train_size`` (each S or ``(h, w)``)."""
     result = CheckResult(pair.cfg.name, pair.weights_source, size)
     check_eval(pair, result, size)
     check_train_losses(pair, result, train_size, list(counts))

@@ -1,7 +1,7 @@
 """``rtdetr-parity``: check, convert and benchmark from the shell.
 
-    rtdetr-parity check --variant r18vd [--weights W] [--size 640] [--parts outputs,modules,training]
-                        [--out reports/out]
+    rtdetr-parity check --variant r18vd [--weights W] [--size 640 | --size H W]
+                        [--parts outputs,modules,training] [--out reports/out]
     rtdetr-parity convert SRC DST --variant r50vd
     rtdetr-parity bench
     rtdetr-parity memory [--steps 200]
@@ -18,13 +18,15 @@ import math
 import sys
 from pathlib import Path
 
-from rtdetr_common.configs import VARIANTS
+from rtdetr_common.configs import VARIANTS, Size, format_size
 from rtdetr_common.weights import atomic_write
 
 from .commands import add_commands
 
 
 PARTS = ("outputs", "modules", "training")
+# Image sides must be multiples of the deepest feature stride (the encoder fuses levels 2x apart).
+SIZE_MULTIPLE = 32
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -159,27 +161,27 @@ def _module_reports(pair, args: argparse.Namespace) -> list:
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import CheckResult, run_check
     from .divergences import format_report
-    from .models import build_pair
-    from .training import run_training_checks
+    from .models import ModelPair, build_pair
+    from .trajectory import run_training_checks
 
-    def fresh_pair():
+    def fresh_pair(size: Size) -> ModelPair:
         # Each part starts from the loaded weights: training-mode forwards of one part move
         # BatchNorm statistics (a forced re-run moves Jittor's once more) and training steps
-        # move the weights.
-        return build_pair(args.variant, num_classes=args.num_classes, size=args.size,
+        # move the weights. ``size`` is the eval size the part's images have.
+        return build_pair(args.variant, num_classes=args.num_classes, size=size,
                           weights=args.weights, seed=args.seed)
 
     parts = args.parts
-    pair = fresh_pair()
+    pair = fresh_pair(args.size)
     print(f"rtdetr-parity check: variant {args.variant}, weights {pair.weights_source}, "
           f"parts {', '.join(parts)}")
     result = (run_check(pair, args.size, train_size=args.train_size) if "outputs" in parts
               else CheckResult(pair.cfg.name, pair.weights_source, args.size))
-    modules = _module_reports(fresh_pair(), args) if "modules" in parts else []
+    modules = _module_reports(fresh_pair(args.module_size), args) if "modules" in parts else []
     trajectory = None
     if "training" in parts:
-        training, trajectory = run_training_checks(fresh_pair(), args.training_size,
-                                                   steps=args.steps)
+        training, trajectory = run_training_checks(fresh_pair(args.training_size),
+                                                   args.training_size, steps=args.steps)
         result.rows.extend(training.rows)
         result.notes.extend(training.notes)
         result.seconds.update(training.seconds)
@@ -189,7 +191,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not report.passed:
             print(report.format_table(only_failures=True, limit=30))
     if trajectory is not None:
-        print(f"\ntrajectory: {trajectory.size}x{trajectory.size}, batch {trajectory.batch}")
+        print(f"\ntrajectory: {format_size(trajectory.size)}, batch {trajectory.batch}")
         print(format_trajectory(trajectory))
     for note in result.notes:
         print(f"note: {note}")
@@ -249,6 +251,49 @@ def _parts(text: str) -> list[str]:
     return parts
 
 
+def _side(text: str) -> int:
+    """One image side: a positive multiple of :data:`SIZE_MULTIPLE`."""
+    try:
+        side = int(text)
+    except ValueError:
+        side = 0
+    if side <= 0 or side % SIZE_MULTIPLE:
+        raise argparse.ArgumentTypeError(
+            f"image sides must be positive multiples of {SIZE_MULTIPLE}, got {text!r}")
+    return side
+
+
+class _SizeAction(argparse.Action):
+    """Stores one side S as the int S (square) and two sides H W as the pair ``(H, W)``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: list[int], option_string: str | None = None) -> None:
+        if len(values) not in (1, 2):
+            raise argparse.ArgumentError(
+                self, f"expected one size S (S x S) or two sides H W, got {len(values)} values")
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
+
+
+def _add_size(parser: argparse.ArgumentParser, flag: str, default: int, help: str) -> None:
+    """A ``flag S`` / ``flag H W`` option (see :class:`_SizeAction`)."""
+    parser.add_argument(flag, type=_side, nargs="+", action=_SizeAction, default=default,
+                        metavar="N", help=f"{help}: S (S x S) or H W (default {default})")
+
+
+def cmd_faults(args: argparse.Namespace) -> int:
+    from .faults import cmd_faults as run
+
+    return run(args)
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    from .noise import cmd_noise as run
+
+    if len(args.sizes) % 2:
+        raise SystemExit("rtdetr-parity noise: --sizes takes H W pairs")
+    return run(args)
+
+
 def cmd_compare_runs(args: argparse.Namespace) -> int:
     from .runs import compare_runs, format_comparison
 
@@ -283,17 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="official .pth, Jittor .pkl or neutral .safetensors/.npz "
                             "(default: seeded weights in the official layout)")
     check.add_argument("--num-classes", type=int, default=80)
-    check.add_argument("--size", type=int, default=640, help="eval input size")
-    check.add_argument("--train-size", type=int, default=640,
-                       help="train-loss check input size (official training size)")
-    check.add_argument("--module-size", type=int, default=640,
-                       help="input size of the per-module (accumulated and isolated) comparison")
+    _add_size(check, "--size", 640, "eval input size")
+    _add_size(check, "--train-size", 640, "train-loss check input size (official training size)")
+    _add_size(check, "--module-size", 640,
+              "input size of the per-module (accumulated and isolated) comparison")
     # 256: the default test tier's size (parity/test_training.py), where every gradient meets
     # 1e-3 rel L2 outright. At 320 (r18vd, seeded weights) the last decoder layers' sampling
     # offsets measured 3.6e-3, 4.4x the reference's own fp32 error, and fail; at 640 they pass
     # within the float64-noise allowance (slow tier).
-    check.add_argument("--training-size", type=int, default=256,
-                       help="input size of the gradient, optimizer-step and trajectory checks")
+    _add_size(check, "--training-size", 256,
+              "input size of the gradient, optimizer-step and trajectory checks")
     check.add_argument("--steps", type=int, default=10, help="trajectory length")
     check.add_argument("--parts", type=_parts, default=list(PARTS),
                        help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
@@ -338,6 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--out", default=None,
                       help="folder for runs_steps.csv (every common step) and runs_epochs.csv")
     runs.set_defaults(func=cmd_compare_runs)
+
+    faults = sub.add_parser("faults", help="inject the catalogue's porting bugs into the port "
+                                           "and show which check catches each")
+    faults.add_argument("--variant", default="r18vd")
+    faults.add_argument("--tier", choices=("fast", "full"), default="fast",
+                        help="fast: stop at the first part that catches a fault, no module "
+                             "check; full: every part")
+    _add_size(faults, "--size", (128, 192), "input size of every check")
+    faults.add_argument("--only", nargs="+", metavar="ID", help="run these faults only")
+    faults.add_argument("--weights", default=None,
+                        help="weights in the official layout (default: seeded, no download)")
+    faults.add_argument("--num-classes", type=int, default=80, help="the weights' class count")
+    faults.add_argument("--out", default="reports/out", help="folder of the CSV table")
+    faults.set_defaults(func=cmd_faults)
+
+    noise = sub.add_parser("noise", help="measure the reference against itself (controls) and "
+                                         "write the derivation of the noise allowances")
+    noise.add_argument("--variant", default="r18vd")
+    noise.add_argument("--sizes", type=_side, nargs="+", default=[128, 192, 192, 128, 256, 320],
+                       metavar="N", help="H W pairs of the batches (default 128 192 192 128 256 320)")
+    noise.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    noise.add_argument("--out", default="reports/out/noise_derivation.json")
+    noise.set_defaults(func=cmd_noise)
 
     add_commands(sub)
     return parser

@@ -7,6 +7,7 @@
     rtdetr-parity infer --framework {torch,jittor} --weights W --images DIR [--out DIR]
                         [--threshold 0.5]
     rtdetr-parity init-weights OUT.safetensors [--framework torch] [--variant r18vd] [--seed 0]
+    rtdetr-parity make-trained [--out PATH] [--force] [--steps N] [--size 160] [--seed 0]
 
 Without ``--dataset`` every command uses the embedded synthetic dataset
 (:data:`rtdetr_common.synthetic.DEFAULT_DATASET`), generated on first use. ``train`` resumes
@@ -207,6 +208,16 @@ def cmd_init_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_trained(args: argparse.Namespace) -> int:
+    """Trains (or reuses) the small r18vd checkpoint of :mod:`parity.trained`; prints its path."""
+    from .trained import trained_checkpoint
+
+    path = trained_checkpoint(args.out, steps=args.steps, size=args.size, seed=args.seed,
+                              force=args.force, dataset=args.dataset)
+    print(path)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """COCO AP of a weights file on the val split; writes the COCO results JSON."""
     cfg = _weights_config(args, read_train_state(args.weights))
@@ -317,8 +328,8 @@ def _add_weights_options(parser: argparse.ArgumentParser, default_out: str) -> N
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``make-dataset``, ``train``, ``eval``, ``init-weights`` and ``infer`` to an
-    ``add_subparsers()`` object.
+    """Adds ``make-dataset``, ``train``, ``eval``, ``init-weights``, ``make-trained`` and
+    ``infer`` to an ``add_subparsers()`` object.
 
     Each subcommand sets ``func`` to its handler, which takes the parsed arguments and returns
     the exit status.
@@ -367,6 +378,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--dataset", default=None,
                       help="dataset root, for the class count (default: the embedded dataset)")
     init.set_defaults(func=cmd_init_weights)
+
+    from .trained import DEFAULT_SIZE, DEFAULT_STEPS
+
+    trained = subparsers.add_parser(
+        "make-trained", help="train (or reuse) a small r18vd checkpoint on the synthetic dataset "
+                             "for parity checks on trained weights; prints its path")
+    trained.add_argument("--out", type=Path, default=None,
+                         help="weight file (.safetensors; default runs/trained/"
+                              "r18vd-synthetic-<recipe hash>.safetensors)")
+    trained.add_argument("--force", action="store_true", help="train again even if the file exists")
+    trained.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                         help=f"training iterations (default {DEFAULT_STEPS})")
+    trained.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                         help=f"training size (default {DEFAULT_SIZE})")
+    trained.add_argument("--seed", type=int, default=0)
+    trained.add_argument("--dataset", default=None,
+                         help="dataset root (default: the embedded synthetic dataset)")
+    trained.set_defaults(func=cmd_make_trained)
 
     infer = subparsers.add_parser("infer", help="detect objects in a folder of images")
     _add_weights_options(infer, "runs/infer")

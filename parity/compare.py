@@ -50,6 +50,12 @@ class Comparison:
     inf_test: int = 0
     passed: bool = False
     reason: str = ""
+    # Decision rows (forced ties, top-k, matches, AdamW sign flips): elements compared, put on
+    # the other side by the port, replaced by the reference's side, and the tie band used.
+    compared: int | None = None
+    flipped: int | None = None
+    forced: int | None = None
+    band: float | None = None
 
     def as_row(self) -> dict:
         """A flat dict for CSV/JSON output."""

@@ -18,7 +18,7 @@ import torch
 import jittor_impl.checkpoint as jt_ckpt
 import torch_ref.checkpoint as th_ckpt
 from jittor_impl import build_model as build_jittor
-from rtdetr_common.configs import VariantConfig, variant_at_size
+from rtdetr_common.configs import Size, VariantConfig, variant_at_size
 from rtdetr_common.seeded import seeded_state_dict
 from torch_ref import build_model as build_torch
 
@@ -56,14 +56,15 @@ class ModelPair:
         return self
 
 
-def build_pair(variant: str, *, num_classes: int = 80, size: int | None = 640,
+def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
                weights: str | Path | None = None, seed: int = 0, prefer: str = "ema") -> ModelPair:
     """Builds both models and loads one set of weights into both, strictly.
 
     Args:
         variant: Official variant name.
         num_classes: Class count (must match the weights when a file is given).
-        size: Eval-time spatial size for precomputed anchors and position embeddings.
+        size: Eval-time spatial size for precomputed anchors and position embeddings: one
+            int (square), an ``(h, w)`` pair, or None (computed on the fly).
         weights: A weight file, or None for the seeded embedded default.
         seed: Seed of the default weights and of both models' shared random streams.
         prefer: Which entry of a checkpoint to load (``ema`` first, as officially).

@@ -8,10 +8,13 @@ import json
 import pytest
 
 import parity.models
-from parity.cli import main
+from parity.cli import build_parser, main
+from rtdetr_common.configs import format_size
 
-SMALL = ["--variant", "r18vd", "--size", "128", "--train-size", "128", "--module-size", "128",
-         "--training-size", "128", "--steps", "2"]
+# Non-square eval and module images, the train-loss images of the other orientation (96 x 160
+# holds 315 anchors, enough for the 300 queries).
+SMALL = ["--variant", "r18vd", "--size", "96", "160", "--train-size", "160", "96",
+         "--module-size", "96", "160", "--training-size", "128", "--steps", "2"]
 # A Jittor-side fault for the check to find: one backbone convolution's weights 1% too large.
 FAULTY = "backbone.res_layers.1.blocks.0.branch2a.conv.weight"
 
@@ -20,18 +23,21 @@ def test_check_runs_every_part_and_writes_results(tmp_path, capsys) -> None:
     assert main(["check", *SMALL, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     for text in ("loss_vfl", "modules: r18vd eval", "modules: r18vd train", "first failure: none",
-                 "trajectory: 128x128", "largest rel L2 of", "0 failed; module rows failed: 0"):
+                 "largest rel L2 of", "0 failed; module rows failed: 0"):
         assert text in printed
     for name in ("check_r18vd.csv", "modules_r18vd_eval.csv", "modules_r18vd_train.csv",
                  "trajectory_r18vd.csv"):
         assert (tmp_path / name).stat().st_size > 0
     payload = json.loads((tmp_path / "check_r18vd.json").read_text())
     assert payload["passed"] is True
+    assert payload["size"] == [96, 160]
+    assert [m["input_shape"] for m in payload["modules"]] == [[1, 3, 96, 160]] * 2
     assert {r["kind"] for r in payload["rows"]} >= {"output", "decision", "detection", "loss",
                                                     "grad", "step", "ema", "buffer.step",
                                                     "trajectory"}
     assert [m["mode"] for m in payload["modules"]] == ["eval", "train"]
     assert len(payload["trajectory"]["steps"]) == 2
+    assert f"trajectory: {format_size(payload['trajectory']['size'])}, batch 2" in printed
     assert payload["known_divergences"] == []  # r18vd has none
     assert payload["tolerances"]
 
@@ -58,6 +64,29 @@ def test_check_rejects_unknown_parts(capsys) -> None:
         main(["check", "--parts", "outputs,speed"])
     assert exc.value.code == 2
     assert "unknown part(s) ['speed']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["640"], 640),
+    (["480", "640"], (480, 640)),
+    (["100"], "image sides must be positive multiples of 32, got '100'"),
+    (["0"], "image sides must be positive multiples of 32, got '0'"),
+    (["-32"], "image sides must be positive multiples of 32, got '-32'"),
+    (["3.2e1"], "image sides must be positive multiples of 32, got '3.2e1'"),
+    (["32", "64", "96"], "expected one size S (S x S) or two sides H W, got 3 values"),
+])
+@pytest.mark.parametrize("flag", ["--size", "--train-size", "--module-size", "--training-size"])
+def test_check_sizes_are_one_side_or_height_and_width(flag: str, values: list[str],
+                                                      expected: int | tuple | str,
+                                                      capsys) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["check", flag, *values])
+        assert exc.value.code == 2
+        assert f"argument {flag}: {expected}" in capsys.readouterr().err
+    else:
+        args = build_parser().parse_args(["check", flag, *values])
+        assert getattr(args, flag[2:].replace("-", "_")) == expected
 
 
 def _write_run(folder, losses: list[float], aps: list[float]) -> None:

@@ -1,9 +1,10 @@
-"""Fault injection: the module check catches real porting bugs and names the faulty module.
+"""Fault injection: the checks catch real porting bugs, and name where they are.
 
-Each test builds a fresh pair, injects one bug into the Jittor model only (never into the
-jittor_impl sources) and runs :func:`parity.modules.run_module_check`. With ``'own'``
-isolation every other module is fed the reference's data, so the injected module must be the
-only one whose isolated comparison fails, and :attr:`ModuleReport.first_failure` must name it.
+Two layers. The catalogue (:mod:`parity.faults`): every injected bug must be caught by the
+fast tier (default test tier) and the full tier (slow tier), on a clean port that passes the
+same checks first. The module check (below the catalogue tests): each test injects one bug
+into the Jittor model instance and asserts :func:`parity.modules.run_module_check` names the
+faulty module, with ``'own'`` isolation keeping every other module clean.
 """
 
 from __future__ import annotations
@@ -13,11 +14,77 @@ import numpy as np
 import pytest
 
 from jittor_impl.common import BatchNorm2d, named_modules, set_child
+from parity.faults import Fault, FaultError, FaultRunner, _resolve, applied, catalogue
 from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, run_module_check
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
 SIZE = 256  # the size of the default tier of test_modules.py: the same compiled kernels
+# The catalogue's size: non-square, so that height/width swaps show.
+FAULT_SIZE = (128, 192)
+# Every area a porting bug can sit in; the catalogue covers each.
+AREAS = {"forward", "geometry", "backward", "optimizer", "ema", "batchnorm", "loss", "matcher",
+         "denoising", "data"}
+
+
+def test_catalogue_is_well_formed() -> None:
+    faults = catalogue()
+    assert len(faults) >= 25
+    assert len({f.id for f in faults}) == len(faults)
+    assert {f.area for f in faults} == AREAS
+    for fault in faults:  # every patch applies (its text occurs once) and is undone afterwards
+        module, owner, name = _resolve(fault.target)
+        original = vars(owner)[name]
+        with applied(fault):
+            assert vars(owner)[name] is not original, fault.id
+        assert vars(owner)[name] is original, fault.id
+
+
+def test_a_fault_reaches_every_holder_of_its_target() -> None:
+    """A module-level function imported by name elsewhere (``adamw_hyperparameters`` into
+    the engine) is replaced there too, and restored."""
+    import jittor_impl._kernels as kernels
+    import jittor_impl.engine as engine
+    original = kernels.adamw_hyperparameters
+    assert engine.adamw_hyperparameters is original
+    with applied(catalogue(["adamw-beta2"])[0]):
+        assert engine.adamw_hyperparameters is kernels.adamw_hyperparameters is not original
+        hypers = kernels.adamw_hyperparameters(1e-4, 0.0, (0.9, 0.999), 1e-8, 1).numpy()
+        assert hypers[2] == pytest.approx(0.99)
+    assert engine.adamw_hyperparameters is original
+
+
+def test_a_fault_whose_text_is_absent_is_refused() -> None:
+    bad = Fault("x", "forward", "absent", "ema:ModelEMA.decay_fn", "no such text", "")
+    with pytest.raises(FaultError, match="occurs 0 times"):
+        with applied(bad):
+            pass
+
+
+# (variant, size, tier): the fast tier in the default test tier; the full tier and a large
+# variant at 640 in the slow tier.
+RUNS = [pytest.param(("r18vd", FAULT_SIZE, "fast"), id="r18vd-fast"),
+        pytest.param(("r18vd", FAULT_SIZE, "full"), id="r18vd-full", marks=pytest.mark.slow),
+        pytest.param(("r50vd", (640, 480), "fast"), id="r50vd-640-fast", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=RUNS)
+def runner(request) -> FaultRunner:
+    """One runner per run of the table; the clean port must pass every part first."""
+    runner = FaultRunner(*request.param)
+    dirty = {part: [f"{c.path}: {c.reason}" for c in rows[:5]]
+             for part, rows in runner.baseline().items() if rows}
+    assert dirty == {}, f"the clean port fails the catalogue's checks: {dirty}"
+    return runner
+
+
+@pytest.mark.parametrize("fault", catalogue(), ids=lambda f: f.id)
+def test_catalogue_fault_is_caught(runner: FaultRunner, fault: Fault) -> None:
+    result = runner.run(fault)
+    assert not result.error, f"the patched port crashed instead of being checked: {result.error}"
+    assert result.caught, f"{fault.id} ({fault.what}) went unnoticed by {result.parts_run}"
+    if runner.tier == "full":
+        assert result.parts_run == runner.parts
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """Per-module parity: capture, alignment, accumulated and isolated comparison of every module.
 
-One table drives the module checks: r18vd at 256 in eval and in training with denoising,
-without denoising and with an image that has no boxes (default tier), and every variant at
-640 in both modes (``slow`` tier). A failure names the module path, the metric, its value and
-the tolerance. The smaller tests check the pieces: that recording changes no bit, that module
-names align, how leaves are compared and how torch inputs become Jittor arguments.
+One table drives the module checks: r18vd in eval and in training with denoising, without
+denoising and with an image that has no boxes (default tier; the eval and denoising cases are
+non-square, one of each orientation, since a height/width swap is invisible on a square
+input), and every variant at 640 in both modes (``slow`` tier). A failure names the module
+path, the metric, its value and the tolerance. The smaller tests check the pieces: that
+recording changes no bit, that module names align, how leaves are compared and how torch
+inputs become Jittor arguments.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from parity.capture import (JittorCapture, ModuleFilter, ModuleRef, TorchCapture
                             torch_to_jittor_tree, verify_capture_transparent)
 from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, compare_outputs, module_name_rows, run_module_check
-from rtdetr_common.configs import VARIANTS
+from rtdetr_common.configs import VARIANTS, Size
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
 SLOW = pytest.mark.slow
 SMALL = 256
+# Non-square (h, w) of the default tier, one of each orientation, fewer pixels than SMALL.
+WIDE, TALL = (192, 320), (320, 192)
 
 
 @dataclass(frozen=True)
@@ -32,25 +36,26 @@ class Case:
     """One row of the module table."""
 
     variant: str
-    size: int
+    size: Size  # S (S x S) or (h, w)
     mode: str
     counts: tuple[int, ...] | None  # boxes per image; None: no targets (no denoising)
     batch: int = 2  # images without targets; with targets one per entry of counts
 
     @property
     def id(self) -> str:
-        """The pytest id, e.g. ``r18vd-256-train-boxes-3-0``."""
+        """The pytest id, e.g. ``r18vd-256-train-boxes-3-0`` or ``r18vd-192x320-eval-b2-...``."""
+        size = self.size if isinstance(self.size, int) else "x".join(map(str, self.size))
         if self.counts is None:
-            return f"{self.variant}-{self.size}-{self.mode}-b{self.batch}-no-targets"
+            return f"{self.variant}-{size}-{self.mode}-b{self.batch}-no-targets"
         boxes = "-".join(map(str, self.counts))
-        return f"{self.variant}-{self.size}-{self.mode}-boxes-{boxes}"
+        return f"{self.variant}-{size}-{self.mode}-boxes-{boxes}"
 
 
 # At 640 one image per case: every module of r101vd then holds 4.6 GB of activations
 # (2.5 GB torch + 2.1 GB Jittor; peak RSS 6.3 GB), twice that with two images.
 CASES = [
-    Case("r18vd", SMALL, "eval", None),
-    Case("r18vd", SMALL, "train", (4, 2)),  # denoising on
+    Case("r18vd", WIDE, "eval", None),
+    Case("r18vd", TALL, "train", (4, 2)),  # denoising on
     Case("r18vd", SMALL, "train", None),  # denoising off: no targets
     Case("r18vd", SMALL, "train", (3, 0)),  # one image without boxes
 ] + [c for v in VARIANTS for c in (Case(v, 640, "eval", None, batch=1),
@@ -67,7 +72,7 @@ def pairs() -> dict:
     return {}
 
 
-def _pair(pairs: dict, variant: str, size: int) -> ModelPair:
+def _pair(pairs: dict, variant: str, size: Size) -> ModelPair:
     if (variant, size) not in pairs:
         pairs.clear()  # one pair in memory at a time
         pairs[(variant, size)] = build_pair(variant, size=size)

@@ -1,8 +1,8 @@
 """The Jittor port against the reference: state_dicts, conversion, eval outputs, detections, losses.
 
-One table drives the end-to-end checks: every variant at 640x640 in eval, and train-mode loss
-terms at a reduced size with the same targets and denoising noise. The large variants' 640
-checks sit in the ``slow`` tier (``-m slow``).
+One table drives the end-to-end checks: every variant in eval (the default tier's non-square,
+the large variants at 640x640), and train-mode loss terms with the same targets and denoising
+noise. The large variants' 640 checks sit in the ``slow`` tier (``-m slow``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from parity.check import CheckResult, check_eval, check_train_losses
 from parity.convert import convert, read_any
 from parity.divergences import KnownDivergence, jittor_kernels, unexpected_failures, xfail_reason
 from parity.models import build_pair
-from rtdetr_common.configs import VARIANTS, load_official_manifest
+from rtdetr_common.configs import VARIANTS, Size, load_official_manifest
 from rtdetr_common.state_dicts import StateDictMismatchError, TensorSpec
 from torch_ref import build_model as build_torch
 
@@ -106,21 +106,23 @@ def test_mismatched_weights_are_refused_and_nothing_is_written(tmp_path: Path) -
     assert dst.read_bytes() == b"previous content"
 
 
-# Variant -> tier of the 640x640 end-to-end check.
+# Variant, eval size (S or (h, w)) and tier of the end-to-end eval check. The default tier is
+# non-square, one case of each orientation (the 640 x 480 aspect of photographs): a
+# height/width swap in the port is invisible on a square input.
 EVAL_TABLE = [
-    pytest.param("r18vd"),
-    pytest.param("r50vd"),
-    pytest.param("r34vd", marks=SLOW),
-    pytest.param("r50vd_m", marks=SLOW),
-    pytest.param("r101vd", marks=SLOW),
+    pytest.param("r18vd", (480, 640), id="r18vd-480x640"),
+    pytest.param("r50vd", (640, 480), id="r50vd-640x480"),
+    pytest.param("r34vd", 640, marks=SLOW),
+    pytest.param("r50vd_m", 640, marks=SLOW),
+    pytest.param("r101vd", 640, marks=SLOW),
 ]
 
 
-@pytest.mark.parametrize("name", EVAL_TABLE)
-def test_eval_outputs_and_detections_match(name: str) -> None:
-    pair = build_pair(name, size=640, seed=0)
-    result = CheckResult(name, pair.weights_source, 640)
-    check_eval(pair, result, 640)
+@pytest.mark.parametrize("name, size", EVAL_TABLE)
+def test_eval_outputs_and_detections_match(name: str, size: Size) -> None:
+    pair = build_pair(name, size=size, seed=0)
+    result = CheckResult(name, pair.weights_source, size)
+    check_eval(pair, result, size)
     assert _failures(result) == []
     kinds = {r.kind for r in result.rows}
     assert kinds == {"output", "decision", "detection"}

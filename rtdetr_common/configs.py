@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +22,33 @@ from typing import Callable
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OFFICIAL_CONFIGS_JSON = DATA_DIR / "official_configs.json"
 OFFICIAL_STATE_DICTS_JSON = DATA_DIR / "official_state_dicts.json"
+
+# An input size: one int S (S x S) or an (h, w) pair.
+Size = int | Sequence[int]
+
+
+def spatial_size(size: Size) -> tuple[int, int]:
+    """``(h, w)`` of an input size given as one int (square) or an ``(h, w)`` pair.
+
+    Raises:
+        ValueError: If it is neither a positive int nor a pair of positive ints.
+    """
+    pair = isinstance(size, Sequence) and not isinstance(size, str)
+    values = list(size) if pair else [size]
+    try:
+        sides = [operator.index(v) for v in values if not isinstance(v, bool)]
+    except TypeError:
+        sides = []
+    if len(sides) != len(values) or len(sides) != (2 if pair else 1) or min(sides) <= 0:
+        raise ValueError(f"size must be a positive int or an (h, w) pair of positive ints, "
+                         f"got {size!r}")
+    return (sides[0], sides[-1])
+
+
+def format_size(size: Size) -> str:
+    """``HxW`` of an input size (``640x640`` for 640)."""
+    h, w = spatial_size(size)
+    return f"{h}x{w}"
 
 
 class _Section:
@@ -293,10 +322,14 @@ def get_variant(name: str, num_classes: int = 80) -> VariantConfig:
     return VARIANTS[name](int(num_classes))
 
 
-def variant_at_size(variant: str, num_classes: int = 80, size: int | None = 640) -> VariantConfig:
-    """The variant's config with the eval-time precomputed size set to ``size`` (None: on the fly)."""
+def variant_at_size(variant: str, num_classes: int = 80, size: Size | None = 640) -> VariantConfig:
+    """The variant's config with the eval-time precomputed size set to ``size``.
+
+    ``size`` is one int (square), an ``(h, w)`` pair, or None (position embeddings and anchors
+    computed on the fly); both models take ``eval_spatial_size`` as ``[h, w]``, as officially.
+    """
     cfg = get_variant(variant, num_classes)
-    spatial = [size, size] if size else None
+    spatial = None if size is None else list(spatial_size(size))
     cfg.encoder = dataclasses.replace(cfg.encoder, eval_spatial_size=spatial)
     cfg.decoder = dataclasses.replace(cfg.decoder, eval_spatial_size=spatial)
     return cfg

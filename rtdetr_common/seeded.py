@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .configs import Size, spatial_size
 from .state_dicts import TensorSpec
 
 
@@ -56,13 +57,19 @@ def seeded_state_dict(specs: Mapping[str, TensorSpec], seed: int = 0) -> dict[st
     return out
 
 
-def seeded_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
-    """Images in [0, 1], [batch, 3, size, size] float32, smooth enough to look like photos."""
+def seeded_images(batch: int, size: Size, seed: int = 0) -> np.ndarray:
+    """Images in [0, 1], smooth enough to look like photos: [batch, 3, h, w] float32.
+
+    ``size`` is one int S (S x S) or an ``(h, w)`` pair; an int gives the same bytes as
+    ``(S, S)``.
+    """
+    h, w = spatial_size(size)
     gen = np.random.Generator(np.random.PCG64(seed))
-    coarse = gen.random((batch, 3, size // 16 + 1, size // 16 + 1), dtype=np.float32)
-    rows = np.minimum(np.arange(size) // 16, coarse.shape[2] - 1)
-    smooth = coarse[:, :, rows][:, :, :, rows]  # [batch, 3, size, size]
-    noise = gen.random((batch, 3, size, size), dtype=np.float32)
+    coarse = gen.random((batch, 3, h // 16 + 1, w // 16 + 1), dtype=np.float32)
+    rows = np.minimum(np.arange(h) // 16, coarse.shape[2] - 1)
+    cols = np.minimum(np.arange(w) // 16, coarse.shape[3] - 1)
+    smooth = coarse[:, :, rows][:, :, :, cols]  # [batch, 3, h, w]
+    noise = gen.random((batch, 3, h, w), dtype=np.float32)
     return (0.8 * smooth + 0.2 * noise).astype(np.float32)
 
 

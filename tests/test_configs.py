@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rtdetr_common.configs import VARIANTS, get_variant, load_official_configs
+from rtdetr_common.configs import (VARIANTS, format_size, get_variant, load_official_configs,
+                                   spatial_size, variant_at_size)
 
 OFFICIAL = load_official_configs()
 
@@ -55,3 +56,31 @@ def test_configs_are_independent() -> None:
 def test_bad_variant_is_a_clear_error(bad: tuple) -> None:
     with pytest.raises(ValueError, match="variant|num_classes"):
         get_variant(*bad)
+
+
+@pytest.mark.parametrize("size, expected", [
+    (640, [640, 640]),
+    ((480, 640), [480, 640]),
+    ([640, 480], [640, 480]),
+    (None, None),
+    (0, ValueError),
+    (-32, ValueError),
+    ((0, 640), ValueError),
+    ((480,), ValueError),
+    ((480, 640, 3), ValueError),
+    ((480.0, 640), ValueError),
+    ("640", ValueError),
+    (True, ValueError),
+])
+def test_variant_at_size_takes_one_side_or_height_and_width(size: object,
+                                                           expected: list[int] | None | type) -> None:
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="size must be a positive int or an \\(h, w\\) pair"):
+            variant_at_size("r18vd", 80, size)
+        return
+    cfg = variant_at_size("r18vd", 80, size)
+    # [h, w], as the official HybridEncoder and decoder read eval_spatial_size.
+    assert cfg.encoder.eval_spatial_size == cfg.decoder.eval_spatial_size == expected
+    if size is not None:
+        assert spatial_size(size) == tuple(expected)
+        assert format_size(size) == f"{expected[0]}x{expected[1]}"

@@ -1,7 +1,10 @@
-"""The synthetic COCO-format dataset: format, determinism, atomic writes, geometry, the cache."""
+"""The synthetic COCO-format dataset (format, determinism, atomic writes, geometry, the cache)
+and the seeded images of the parity checks.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import replace
@@ -13,6 +16,7 @@ from PIL import Image
 
 from rtdetr_common import synthetic
 from pycocotools.coco import COCO
+from rtdetr_common.seeded import seeded_images
 from rtdetr_common.synthetic import (DEFAULT_DATASET, SHAPES, SyntheticParams, ensure_default_dataset,
                                      is_complete, make_dataset)
 
@@ -225,3 +229,20 @@ def test_default_cache_dir_honours_environment(tmp_path, monkeypatch):
     assert synthetic.default_cache_dir() == tmp_path / "cache"
     monkeypatch.delenv(synthetic.CACHE_ENV)
     assert synthetic.default_cache_dir() == Path(synthetic.__file__).resolve().parents[1] / "runs" / "datasets"
+
+
+@pytest.mark.parametrize("size, shape, sha1", [
+    # One side S: S x S, the same bytes as before (h, w) pairs were accepted.
+    (250, (250, 250), "e484a6d6eb8588192672b7d9255496edeae8a1ef"),
+    ((250, 250), (250, 250), "e484a6d6eb8588192672b7d9255496edeae8a1ef"),
+    ((96, 160), (96, 160), None),
+    ((160, 96), (160, 96), None),
+])
+def test_seeded_images_are_square_or_height_by_width(size, shape: tuple[int, int],
+                                                      sha1: str | None) -> None:
+    images = seeded_images(2, size, seed=3)
+    assert images.shape == (2, 3, *shape) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert np.array_equal(images, seeded_images(2, size, seed=3))
+    if sha1 is not None:
+        assert hashlib.sha1(images.tobytes()).hexdigest() == sha1

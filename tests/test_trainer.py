@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from parity.divergences import KnownDivergence
 from parity.runs import compare_runs, format_comparison
 from parity.tolerances import tolerance
 from rtdetr_common.configs import load_official_configs
@@ -261,7 +262,7 @@ def test_first_steps_loss_parity(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=KnownDivergence, reason=(
     "known divergence of free-running training, measured at 640 / batch 2 (8 min): steps 0-11 "
     "agree within 2.7e-4 (step 0: 1.7e-7), then a near-tie of the matching / query selection "
     "flips at step 12 (matched loss terms move 6-31% while the denoising terms, whose assignment "
@@ -285,9 +286,9 @@ def test_twenty_steps_loss_parity_at_official_size(tmp_path):
         done = _run(_train_args(fw, dataset.root, init, outs[fw], size=640))
         assert done.returncode == 0, done.stderr[-3000:]
     rel, table = _loss_table(outs)
-    print(table)
     assert len(rel) == steps
-    assert max(rel) <= LOSS_RTOL, table
+    if max(rel) > LOSS_RTOL:  # the known divergence; any other failure fails the test
+        raise KnownDivergence(table)
 
 
 # ------------------------------------------------------------------------------ commands
