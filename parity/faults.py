@@ -133,8 +133,6 @@ def applied(fault: Fault) -> Iterator[None]:
     original = vars(owner)[name]
     replacement = _patched(fault, module, owner, original, name)
     if isinstance(owner, type):
-        replacement = replacement if not isinstance(original, (staticmethod, classmethod)) or \
-            isinstance(replacement, type(original)) else type(original)(replacement)
         holders = [owner]
     else:
         holders = [m for key, m in list(sys.modules.items())

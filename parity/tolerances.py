@@ -98,8 +98,8 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # atol x the whole reference gradient's norm on both sides, a gradient is numerically zero.
     ("grad.zero", "", Tolerance(atol=1e-6), "gradient norm floor, relative to the whole gradient"),
     # Zero in exact arithmetic: the float64 replay's gradient norm at float64 rounding
-    # (~1e-16 of the whole gradient, times the network's amplification), far below any real
-    # gradient (fp32 noise alone is ~1e-7 of the whole).
+    # (float64's epsilon, 2.2e-16, times the network's amplification), far below the fp32
+    # rounding of any real gradient (float32's epsilon is 6e-8).
     ("grad.zero64", "", Tolerance(atol=1e-12), "float64 gradient norm of an exact zero, relative"),
     # Train-mode forwards of random-weight models are ill-conditioned (BatchNorm batch
     # statistics; bilinear sampling of rough feature maps), more so at larger sizes, so the

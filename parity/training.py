@@ -39,9 +39,6 @@ from .replay import (Decisions, Float64Replay, build_emas, grads_of, zero_torch_
                      snapshot, trainable)
 from .tolerances import loss_tolerance, tolerance
 
-torch_trainable = trainable
-
-
 def jittor_gradients(loss: jt.Var, named: list[tuple[str, jt.Var]]) -> dict[str, np.ndarray | None]:
     """Gradients of ``loss`` with respect to named Jittor Vars, ``None`` where there is none
     (:func:`jittor_impl.engine.gradient_probe` tells Jittor's zeros of an unreached Var apart)."""
