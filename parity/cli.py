@@ -7,6 +7,9 @@
     rtdetr-parity memory [--steps 200]
     rtdetr-parity make-dataset | train | eval | infer --framework {torch,jittor} ...
     rtdetr-parity compare-runs runs/train-torch runs/train-jittor [--steps 20] [--control DIR]
+    rtdetr-parity shadow runs/train-torch [--every K] [--out DIR] [--fault ID]
+    rtdetr-parity nightly [--profile cpu] [--out reports/nightly/cpu] [--resume | --fresh]
+                          [--seeds N] [--fault ID]
 """
 
 from __future__ import annotations
@@ -289,8 +292,18 @@ def cmd_faults(args: argparse.Namespace) -> int:
 def cmd_noise(args: argparse.Namespace) -> int:
     from .noise import cmd_noise as run
 
-    if len(args.sizes) % 2:
-        raise SystemExit("rtdetr-parity noise: --sizes takes H W pairs")
+    return run(args)
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from .shadow import cmd_shadow as run
+
+    return run(args)
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from .nightly import cmd_nightly as run
+
     return run(args)
 
 
@@ -399,12 +412,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     noise = sub.add_parser("noise", help="measure the reference against itself (controls) and "
                                          "write the derivation of the noise allowances")
-    noise.add_argument("--variant", default="r18vd")
-    noise.add_argument("--sizes", type=_side, nargs="+", default=[128, 192, 192, 128, 256, 320],
-                       metavar="N", help="H W pairs of the batches (default 128 192 192 128 256 320)")
-    noise.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    noise.add_argument("--out", default="reports/out/noise_derivation.json")
+    noise.add_argument("--variants", nargs="+", default=["r18vd"], choices=list(VARIANTS))
+    noise.add_argument("--sizes", nargs="+", default=["256"], metavar="S|HxW",
+                       help="training sizes: S (the checks' rectangles around S) or HxW "
+                            "(default 256)")
+    noise.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                       help="seeds of the weights and batches (default 0 1 2)")
+    noise.add_argument("--steps", type=int, default=5, help="trajectory steps per case (default 5)")
+    noise.add_argument("--out", default="parity/noise_derivation.json",
+                       help="the record parity/tolerances.py reads (default)")
     noise.set_defaults(func=cmd_noise)
+
+    shadow = sub.add_parser("shadow", help="one-step parity checks at points along a torch "
+                                           "training run, from its exact state")
+    shadow.add_argument("run_dir", help="folder of a finished `rtdetr-parity train --framework "
+                                        "torch` run")
+    shadow.add_argument("--every", type=int, default=None,
+                        help="shadow the first step of every K (default: ceil(steps / 10))")
+    shadow.add_argument("--out", default=None, help="output folder (default RUN_DIR/shadow, "
+                                                    "RUN_DIR/shadow-<ID> with --fault)")
+    shadow.add_argument("--fault", default=None, metavar="ID",
+                        help="apply a fault of `rtdetr-parity faults` to the Jittor side (a drill)")
+    shadow.set_defaults(func=cmd_shadow)
+
+    from .nightly_profiles import PROFILES
+
+    nightly = sub.add_parser("nightly", help="train both frameworks over several seeds (and a "
+                                             "torch control) and test their AP for equivalence")
+    nightly.add_argument("--profile", default="cpu", choices=[p.name for p in PROFILES],
+                         help="data, start weights, recipe and test terms (default cpu)")
+    nightly.add_argument("--out", default=None,
+                         help="folder of summary.json, runs.csv, curves.csv, nightly.png "
+                              "(default reports/nightly/<profile>[-fault-<ID>])")
+    nightly.add_argument("--resume", action="store_true",
+                         help="continue an earlier job: finished runs kept, unfinished ones resumed")
+    nightly.add_argument("--fresh", action="store_true",
+                         help="delete the earlier job's runs of this profile and start over")
+    nightly.add_argument("--seeds", type=int, default=None,
+                         help="seeds per role (default: the profile's)")
+    nightly.add_argument("--fault", default=None, metavar="ID",
+                         help="apply a fault of `rtdetr-parity faults` to the Jittor runs (a drill)")
+    nightly.add_argument("--runs", default="runs/nightly",
+                         help="parent folder of the run folders (default runs/nightly)")
+    nightly.add_argument("--dataset", default=None,
+                         help="COCO 2017 folder for the coco profile (default $RTDETR_PARITY_COCO)")
+    nightly.add_argument("--weights", default=None,
+                         help="start weights for the coco profile (default "
+                              "$RTDETR_PARITY_COCO_WEIGHTS)")
+    nightly.set_defaults(func=cmd_nightly)
 
     add_commands(sub)
     return parser

@@ -270,6 +270,12 @@ class _Kinks(abc.ABC):
         own = x.detach().numpy()
         return x * torch.from_numpy(np.where(tie, cls.branch(reference), cls.branch(own)))
 
+    @classmethod
+    def replay_flips(cls, x: torch.Tensor, reference: np.ndarray) -> np.ndarray:
+        """``|reference|`` where a replay's own side differs from the fp32 reference's."""
+        own = x.detach().numpy()
+        return np.abs(reference[cls.branch(reference) != cls.branch(own)])
+
 
 class ReluGates(_Kinks):
     """ReLU gates: every ``ReLU`` module of the torch model records its inputs in call order
@@ -442,19 +448,22 @@ class SampleCells(_Kinks):
         gradient is unchanged: the shift is a constant); elsewhere they are its own.
 
         Returns:
-            The locations to sample, and the robust distance between their pixel coordinates
-            and the fp32 reference's (the reference's own error at this path).
+            The locations to sample, the robust distance between their pixel coordinates
+            and the fp32 reference's (the reference's own error at this path), and
+            ``|reference|`` (the distance to the edge) of every point on the other side.
         """
         offsets, edge = cell_offsets(locations.detach().numpy(), shapes)
         reference_edge = cls._reference_edge(reference, offsets, edge)
         position = offsets + edge
         own = position - reference_edge
         tie = np.abs(reference) <= (tolerance("decision", path).atol if band is None else band)
-        wrong = tie & (cls.branch(reference) != cls.branch(own))
+        other = cls.branch(reference) != cls.branch(own)
+        wrong = tie & other
         target = reference_edge + np.where(cls.branch(reference), 1e-9, -1e-9)
         sizes = np.array([[w, h] for h, w in shapes], np.float64).reshape(1, 1, 1, len(shapes), 1, 2)
         shift = np.where(wrong, (target - position) / sizes, 0.0)
-        return locations + torch.from_numpy(shift).to(locations.dtype), robust_error(own, reference)
+        return (locations + torch.from_numpy(shift).to(locations.dtype), robust_error(own, reference),
+                np.abs(reference[other]))
 
 
 def _same_names(torch_modules: dict, jittor_modules: dict, what: str) -> None:

@@ -79,6 +79,8 @@ class Float64Replay:
     Attributes:
         tie_errors: Per kink path, the robust ``|float64 - fp32|`` of the reference's inputs
             to it in the last replayed forward (widens the port's tie bands).
+        flips: Per kink path, ``|reference input|`` of every element whose own side differed
+            from the fp32 reference's in the last replayed forward (forced or not).
         losses: Every loss term and ``loss`` of the last replayed forward.
         grads: The gradients of the last replayed step before clipping.
         clipped: The same after clipping (equal to ``grads`` without a step).
@@ -94,6 +96,7 @@ class Float64Replay:
         self.optimizer: torch.optim.Optimizer | None = None
         self.emas: list[torch_ref.ema.ModelEMA] = []
         self.tie_errors: dict[str, float] = {}
+        self.flips: dict[str, list[np.ndarray]] = {}
         self.losses: dict[str, float] = {}
         self.grads: dict[str, np.ndarray | None] = {}
         self.clipped: dict[str, np.ndarray | None] = {}
@@ -105,15 +108,17 @@ class Float64Replay:
     def _forced(self, path: str, kind: type, x: torch.Tensor) -> torch.Tensor:
         reference = next(self._calls[path])
         self._note(path, robust_error(x.detach().numpy(), reference))
+        self.flips.setdefault(path, []).append(kind.replay_flips(x, reference))
         return kind.replay(path, x, reference, self.bands.get(path))
 
     def _relu(self, path: str, x: torch.Tensor) -> torch.Tensor:
         return self._forced(path, ReluGates, x)
 
     def _sample(self, path: str, m: torch.nn.Module, value, shapes, locations, weights):
-        forced, error = SampleCells.replay_locations(path, locations, shapes, next(self._calls[path]),
-                                                     self.bands.get(path))
+        forced, error, flips = SampleCells.replay_locations(path, locations, shapes, next(self._calls[path]),
+                                                            self.bands.get(path))
         self._note(path, error)
+        self.flips.setdefault(path, []).append(flips)
         return type(m).sample(m, value, shapes, forced, weights)
 
     def _forward_backward(self, images: np.ndarray, targets: list[dict],
@@ -123,6 +128,7 @@ class Float64Replay:
         model.decoder.forced_topk_ind = torch.from_numpy(decisions.topk)
         self._calls = {path: iter(calls) for path, calls in decisions.ties.items()}
         self.tie_errors = {}
+        self.flips = {}
         l1 = L1Signs.path(L1Signs.name)
         targets_ = ([(m, "forward", lambda x, path=ReluGates.path(name): self._relu(path, x))
                      for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]

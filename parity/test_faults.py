@@ -19,9 +19,9 @@ from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, run_module_check
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
-SIZE = 256  # the size of the default tier of test_modules.py: the same compiled kernels
-# The catalogue's size: non-square, so that height/width swaps show.
-FAULT_SIZE = (128, 192)
+# The catalogue's size: non-square, so that height/width swaps show. The module faults below
+# use it too (the same compiled kernels).
+FAULT_SIZE = SIZE = (128, 192)
 # Every area a porting bug can sit in; the catalogue covers each.
 AREAS = {"forward", "geometry", "backward", "optimizer", "ema", "batchnorm", "loss", "matcher",
          "denoising", "data"}
@@ -160,8 +160,8 @@ class _BiasedVarianceBatchNorm2d(BatchNorm2d):
 
 
 def test_biased_batchnorm_variance_is_named(pair: ModelPair) -> None:
-    # At 256 this BatchNorm sees 2 x 8 x 8 values per channel: the biased update is 1/128 of
-    # the batch variance short, ~1e-4 of the running variance.
+    # At 128 x 192 this BatchNorm sees 2 x 4 x 6 values per channel: the biased update is
+    # 1/48 of the batch variance short.
     name = "backbone.res_layers.3.blocks.1.branch2b.norm"
     norm = _jittor_module(pair, name)
     assert type(norm) is BatchNorm2d

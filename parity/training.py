@@ -15,6 +15,7 @@ noise in every row it reaches: the port's must stay at the reference's fp32 nois
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 import jittor_impl
 import jittor_impl.checkpoint as jt_checkpoint
 import jittor_impl.engine as jittor_engine
+import jittor_impl.trainer as jittor_trainer
 import torch_ref
 import torch_ref.engine as torch_engine
 from jittor_impl.common import named_buffers, trainable_parameters
@@ -98,7 +100,7 @@ def _zero_row(path: str, test: np.ndarray, ref: np.ndarray, floor: float) -> Com
     passes when its norm stays within the ``noise`` factor of the reference's (or ``floor``)."""
     c = compare_arrays(test, ref, Tolerance(atol=math.inf), path)
     norms = float(np.linalg.norm(ref)), float(np.linalg.norm(test))
-    factor = tolerance("noise", path).atol
+    factor = tolerance("noise.zero", path).atol
     limit = max(factor * norms[0], floor)
     c.passed = c.shape_ref == c.shape_test and norms[1] <= limit
     c.reason = (f"zero in exact arithmetic (float64 replay): norms {norms[0]:.3g} torch, "
@@ -354,9 +356,11 @@ def _jittor_clipped_grads(optimizer: jittor_engine.AdamW,
 
 
 def _same_grad_update(groups: list[dict], before: dict[str, np.ndarray],
-                      grads: dict[str, np.ndarray | None]) -> dict[str, dict[str, np.ndarray]]:
+                      grads: dict[str, np.ndarray | None],
+                      state: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
     """What ``torch.optim.AdamW`` (a fresh one with the hyper-parameters of each of the
-    reference's ``groups``) does in one step from ``before`` with the port's ``grads``.
+    reference's ``groups``, holding ``state``'s moments and counts by name when given) does
+    in one step from ``before`` with the port's ``grads``.
 
     Returns:
         ``name -> {"update": after - before (float64), "exp_avg", "exp_avg_sq"}``.
@@ -371,6 +375,11 @@ def _same_grad_update(groups: list[dict], before: dict[str, np.ndarray],
             params.append(copies[name])
         torch_groups.append({**{k: v for k, v in group.items() if k != "names"}, "params": params})
     reference = torch.optim.AdamW(torch_groups)
+    for name, held in (state or {}).items():
+        reference.state[copies[name]] = {
+            "step": torch.tensor(float(held["step"])),
+            "exp_avg": torch.tensor(held["exp_avg"], dtype=torch.float32),
+            "exp_avg_sq": torch.tensor(held["exp_avg_sq"], dtype=torch.float32)}
     reference.step()
     return {name: {"update": t.detach().numpy().astype(np.float64) - before[name],
                    **{key: value.numpy() for key, value in reference.state[t].items()
@@ -495,6 +504,23 @@ def ema_updates(cfg) -> tuple[int, int]:
 
 
 @dataclass
+class StepStart:
+    """A training run's state to take one step from, in place of a fresh optimizer and EMA.
+
+    Attributes:
+        optimizer: The reference AdamW's ``state_dict`` (moments and per-parameter step
+            counts; the groups as the run's optimizer holds them).
+        lrs: Each parameter group's rate for the step (the run's schedule at that step).
+        ema: The reference ``ModelEMA``'s ``state_dict`` (``module``, ``updates``), or None
+            for a run without an EMA.
+    """
+
+    optimizer: dict
+    lrs: list[float]
+    ema: dict | None
+
+
+@dataclass
 class StepReference:
     """The reference half of one official training step (see :func:`reference_step`).
 
@@ -512,6 +538,8 @@ class StepReference:
         buffers_before / buffers_after / buffers_after64: BatchNorm buffers.
         loss, loss64: Total losses.
         seconds: Wall time of the reference step and the replay.
+        start: The run's state the step was taken from (None: a fresh optimizer and EMAs).
+        state_before: With ``start``, AdamW's state per parameter before the step.
     """
 
     images: np.ndarray
@@ -538,6 +566,8 @@ class StepReference:
     loss: float
     loss64: float
     seconds: dict[str, float] = field(default_factory=dict)
+    start: StepStart | None = None
+    state_before: dict = field(default_factory=dict)
 
 
 def _zero_jittor_ema(ema) -> None:
@@ -570,11 +600,36 @@ def _recorded_step(pair: ModelPair, optimizer: torch.optim.Optimizer, images: np
     return loss, forcing, criterion_j, rng_state
 
 
-def reference_step(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> StepReference:
+def _start_torch(model: torch.nn.Module, cfg,
+                 start: StepStart) -> tuple[torch.optim.Optimizer, list]:
+    """The official AdamW and EMA of ``model`` holding copies of a run's state (any float
+    dtype: the moments and averages are cast to the model's), at the step's rates. (torch's
+    ``load_state_dict`` keeps the given step-count and same-dtype moment tensors themselves,
+    which the step would then advance in the run's own optimizer: hence the copy.)"""
+    optimizer = torch_ref.build_optimizer(model, cfg)
+    optimizer.load_state_dict(copy.deepcopy(start.optimizer))
+    if len(start.lrs) != len(optimizer.param_groups):
+        raise ValueError(f"StepStart has {len(start.lrs)} rates for "
+                         f"{len(optimizer.param_groups)} parameter groups")
+    for group, lr in zip(optimizer.param_groups, start.lrs):
+        group["lr"] = float(lr)
+    emas = []
+    if start.ema is not None:
+        emas.append(torch_ref.build_ema(model, cfg))
+        emas[0].load_state_dict(start.ema)
+    return optimizer, emas
+
+
+def reference_step(pair: ModelPair, images: np.ndarray, targets: list[dict],
+                   start: StepStart | None = None) -> StepReference:
     """One official step of the reference (``torch_ref.engine.train_step``: forward, loss sum,
     backward, clipping at ``clip_max_norm``, AdamW over the official groups, EMA update), its
-    decisions recorded, and the same step replayed in float64. Two EMAs are updated, at the
-    counts of :func:`ema_updates`. The torch model takes the step."""
+    decisions recorded, and the same step replayed in float64. The torch model takes the step.
+
+    Without ``start`` the optimizer is fresh and two EMAs are updated, at the counts of
+    :func:`ema_updates`. With ``start`` (a run's state: the torch model must hold its weights,
+    buffers and shared stream) the optimizer, the float64 replay's and the run's one EMA
+    continue from it."""
     _check_batch(images, "optimizer-step")
     pair.train()
     cfg, model = pair.cfg, pair.torch_model
@@ -582,21 +637,29 @@ def reference_step(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> 
     port_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     before = numpy_params(named)
     buffers_before = snapshot(model.named_buffers())
-    counts = ema_updates(cfg)
     replay = Float64Replay(pair)
-    optimizer = torch_ref.build_optimizer(model, cfg)
-    emas = build_emas(model, cfg, counts, torch_ref.build_ema, zero_torch_ema)
+    state_before = {}
+    if start is None:
+        counts = ema_updates(cfg)
+        optimizer = torch_ref.build_optimizer(model, cfg)
+        emas = build_emas(model, cfg, counts, torch_ref.build_ema, zero_torch_ema)
+    else:
+        optimizer, emas = _start_torch(model, cfg, start)
+        replay.optimizer, replay.emas = _start_torch(replay.model, cfg, start)
+        counts = tuple(int(e.updates) for e in emas)
+        state_before = _torch_optimizer_state(optimizer, named)
     ema_before = {u: snapshot(e.module.state_dict()) for u, e in zip(counts, emas)}
-    start = time.perf_counter()
-    loss, forcing, criterion_j, rng_state = _recorded_step(pair, optimizer, images, targets, emas[0])
+    start_time = time.perf_counter()
+    loss, forcing, criterion_j, rng_state = _recorded_step(pair, optimizer, images, targets,
+                                                           emas[0] if emas else None)
     for ema in emas[1:]:
         ema.update(model)
-    seconds = {"torch": time.perf_counter() - start}
+    seconds = {"torch": time.perf_counter() - start_time}
     decisions = forcing.recorded(rng_state)
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     loss64 = replay.train_step(images, targets, decisions, cfg.schedule.clip_max_norm, counts)["loss"]
     forcing.set_reference_error(replay.tie_errors)
-    seconds["float64"] = time.perf_counter() - start
+    seconds["float64"] = time.perf_counter() - start_time
     names = {id(p): n for n, p in named}
     groups = [{**{k: v for k, v in g.items() if k != "params"},
                "names": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
@@ -612,7 +675,7 @@ def reference_step(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> 
         ema_after64={u: snapshot(e.module.state_dict()) for u, e in zip(counts, replay.emas)},
         buffers_before=buffers_before, buffers_after=snapshot(model.named_buffers()),
         buffers_after64=snapshot(replay.model.named_buffers()),
-        loss=loss, loss64=loss64, seconds=seconds)
+        loss=loss, loss64=loss64, seconds=seconds, start=start, state_before=state_before)
 
 
 _HYPERPARAMETERS = ("lr", "weight_decay", "eps", "betas")
@@ -648,9 +711,44 @@ def _decay(cfg, updates: int) -> float:
     return cfg.ema.decay * (1 - math.exp(-updates / cfg.ema.warmups))
 
 
-def port_step(pair: ModelPair, ref: StepReference) -> list[Comparison]:
+def _start_jittor(model: Any, cfg, named: list,
+                  ref: StepReference) -> tuple[jittor_engine.AdamW, list]:
+    """The port's AdamW and EMA holding the reference's starting state (``ref.start``): the
+    moments and counts by parameter name, the step's rates, the EMA's averages and count."""
+    optimizer = jittor_impl.build_optimizer(model, cfg)
+    names = {id(var): name for name, var in named}
+    groups = []
+    for group, lr in zip(optimizer.param_groups, ref.start.lrs):
+        held = [ref.state_before.get(names[id(var)]) for var in group["params"]]
+        groups.append({"lr": float(lr),
+                       "steps": [0 if s is None else int(s["step"]) for s in held],
+                       **{key: [np.zeros(tuple(var.shape), np.float32) if s is None else s[src]
+                                for var, s in zip(group["params"], held)]
+                          for key, src in (("m", "exp_avg"), ("values", "exp_avg_sq"))}})
+    if len(groups) != len(ref.start.lrs) or len(groups) != len(ref.groups):
+        raise ValueError(f"the port has {len(optimizer.param_groups)} parameter groups, the "
+                         f"reference {len(ref.groups)}")
+    steps = max((n for g in groups for n in g["steps"]), default=0)
+    jittor_trainer.load_optimizer_state(optimizer, {"n_step": steps, "groups": groups},
+                                        "the reference's optimizer state")
+    emas = []
+    for updates, state in ref.ema_before.items():
+        emas.append(jittor_impl.build_ema(model, cfg))
+        emas[-1].load_state_dict({"module": state, "updates": updates})
+    return optimizer, emas
+
+
+def port_step(pair: ModelPair, ref: StepReference, gradients: bool = False) -> list[Comparison]:
     """The port's official step (``jittor_impl.engine.train_step``) from the reference's
     starting state with its decisions forced in, then everything the step changed.
+
+    With ``gradients`` the clipped gradients the two optimizers saw are compared too
+    (:func:`compare_gradients`, ``grad.<param>`` rows). A reference taken from a run's state
+    (``ref.start``) starts the port's optimizer and EMA from the same state; there the
+    ``update`` row of a parameter with AdamW moments already (not its first step: the update
+    ``lr * m_hat / (sqrt(v_hat) + eps)`` is smooth in the gradient, no ``sign``) is judged as
+    the moments are: relative L2 within the ``step`` entry or within the ``noise`` factor of
+    the reference's own fp32 update error (float64 replay).
 
     Rows (paths): ``update.<param>`` (after - before against the reference's, AdamW sign flips
     counted, see :func:`cross_update`), ``update_same_grad.<param>`` (against
@@ -670,14 +768,17 @@ def port_step(pair: ModelPair, ref: StepReference) -> list[Comparison]:
     named = trainable_parameters(jm)
     before = numpy_params(named)
     buffers_before = snapshot(named_buffers(jm))
-    optimizer = jittor_impl.build_optimizer(jm, cfg)
     counts = tuple(ref.ema_before)
-    emas = build_emas(jm, cfg, counts, jittor_impl.build_ema, _zero_jittor_ema)
+    if ref.start is None:
+        optimizer = jittor_impl.build_optimizer(jm, cfg)
+        emas = build_emas(jm, cfg, counts, jittor_impl.build_ema, _zero_jittor_ema)
+    else:
+        optimizer, emas = _start_jittor(jm, cfg, named, ref)
     ema_before = {u: snapshot(e.module.state_dict()) for u, e in zip(counts, emas)}
     with ref.forcing.forcing():
         loss = jittor_engine.train_step(jm, ref.criterion, optimizer, jt.array(ref.images),
                                         to_jittor(ref.targets), cfg.schedule.clip_max_norm,
-                                        emas[0])["loss"]
+                                        emas[0] if emas else None)["loss"]
     for ema in emas[1:]:
         ema.update(jm)
     rows = ref.forcing.decisions() + _group_rows(ref.groups, optimizer, named)
@@ -695,7 +796,10 @@ def port_step(pair: ModelPair, ref: StepReference) -> list[Comparison]:
                                       f"Jittor only {only_j[:5]}"))
         names = [n for n in names if n in before]
     clipped = _jittor_clipped_grads(optimizer, named)
-    same_grad = _same_grad_update(ref.groups, before, clipped)
+    if gradients:
+        rows += compare_gradients(TrainPass({}, {}, ref.grads, clipped, {}, ref.grads64,
+                                            ref.decisions))
+    same_grad = _same_grad_update(ref.groups, before, clipped, ref.state_before)
     state = _jittor_optimizer_state(optimizer, named)
     noise_floor = tolerance("grad.zero", "step").atol * _global_norm(ref.grads)
     groups = {n: g for g in ref.groups for n in g["names"]}
@@ -706,8 +810,13 @@ def port_step(pair: ModelPair, ref: StepReference) -> list[Comparison]:
         if zero:
             port_grad = clipped[name] if clipped[name] is not None else np.zeros_like(ref.grads[name])
             grad_row = _zero_row(f"update.{name}", port_grad, ref.grads[name], noise_floor)
-        upd = cross_update(update, update_ref, before[name], ref.grads[name], ref.grads64.get(name),
-                           groups[name], f"update.{name}")
+        if name in ref.state_before:  # a later step: smooth in the gradient
+            upd = compare_arrays(update, update_ref, _tolerance(f"update.{name}"), f"update.{name}")
+            upd = noise_aware(upd, _rel_l2(update_ref, ref.after64[name] - ref.before[name]),
+                              "update")
+        else:
+            upd = cross_update(update, update_ref, before[name], ref.grads[name],
+                               ref.grads64.get(name), groups[name], f"update.{name}")
         if zero and not upd.passed:
             upd.passed, upd.reason = grad_row.passed, f"update of {grad_row.reason}"
         rows.append(upd)
@@ -754,6 +863,8 @@ def _ema_rows(cfg, ref: StepReference, emas: list, ema_before: dict, counts: tup
     model it averages (``update.<key>`` or ``buffer_delta.<key>``, ``verdicts``) when the
     averaging itself agreed."""
     rows = []
+    if not counts:
+        return rows
     first = counts[0]
     after = to_numpy(emas[0].module.state_dict())
     for c in compare_tree({"ema": after}, {"ema": ref.ema_after[first]}, _tolerance):

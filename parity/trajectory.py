@@ -36,7 +36,7 @@ def training_sizes(size: int | tuple[int, int]) -> list[tuple[int, int]]:
 
 
 def training_batches(num_classes: int, size: int | tuple[int, int], batch: int = 2,
-                     count: int = 2) -> list[tuple[np.ndarray, list[dict]]]:
+                     count: int = 2, seed: int = 0) -> list[tuple[np.ndarray, list[dict]]]:
     """A small fixed set of seeded batches for the training checks.
 
     Args:
@@ -45,6 +45,7 @@ def training_batches(num_classes: int, size: int | tuple[int, int], batch: int =
             or ``(h, w)``.
         batch: Images per batch (>= 2).
         count: Number of distinct batches.
+        seed: Offset of the images' and targets' seeds (0: the checks' own batches).
 
     Returns:
         ``count`` pairs ``(images [batch, 3, h, w], targets)``; image ``j`` of batch ``i``
@@ -54,8 +55,8 @@ def training_batches(num_classes: int, size: int | tuple[int, int], batch: int =
     batches = []
     for i in range(count):
         counts = [_COUNTS[(3 * i + j) % len(_COUNTS)] for j in range(batch)]
-        batches.append((seeded_images(batch, sizes[i % len(sizes)], seed=20 + i),
-                        seeded_targets(counts, num_classes, seed=40 + i)))
+        batches.append((seeded_images(batch, sizes[i % len(sizes)], seed=20 + i + 100 * seed),
+                        seeded_targets(counts, num_classes, seed=40 + i + 100 * seed)))
     return batches
 
 
