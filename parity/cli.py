@@ -412,12 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     noise = sub.add_parser("noise", help="measure the reference against itself (controls) and "
                                          "write the derivation of the noise allowances")
-    noise.add_argument("--variants", nargs="+", default=["r18vd"], choices=list(VARIANTS))
+    noise.add_argument("--variants", nargs="+", default=["r18vd", "r50vd"], choices=list(VARIANTS))
     noise.add_argument("--sizes", nargs="+", default=["256"], metavar="S|HxW",
                        help="training sizes: S (the checks' rectangles around S) or HxW "
                             "(default 256)")
-    noise.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                       help="seeds of the weights and batches (default 0 1 2)")
+    noise.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                       help="seeds of the weights and batches (default 0 1)")
     noise.add_argument("--steps", type=int, default=5, help="trajectory steps per case (default 5)")
     noise.add_argument("--out", default="parity/noise_derivation.json",
                        help="the record parity/tolerances.py reads (default)")

@@ -444,8 +444,9 @@ class SampleCells(_Kinks):
     def replay_locations(cls, path: str, locations: torch.Tensor, shapes: list,
                          reference: np.ndarray, band: float | None = None) -> tuple[torch.Tensor, float]:
         """A replay's locations: within ``band`` (default the decision entry's ``atol``) of an edge, a
-        point on the other side than the fp32 reference's is moved 1e-9 px across it (the
-        gradient is unchanged: the shift is a constant); elsewhere they are its own.
+        point on the other side than the fp32 reference's is moved across it (the gradient is
+        unchanged: the shift is a constant) by a nudge its dtype resolves: 8 epsilons of the
+        largest level side in pixels, at least 1e-9 px; elsewhere they are its own.
 
         Returns:
             The locations to sample, the robust distance between their pixel coordinates
@@ -459,7 +460,8 @@ class SampleCells(_Kinks):
         tie = np.abs(reference) <= (tolerance("decision", path).atol if band is None else band)
         other = cls.branch(reference) != cls.branch(own)
         wrong = tie & other
-        target = reference_edge + np.where(cls.branch(reference), 1e-9, -1e-9)
+        nudge = max(1e-9, 8 * float(torch.finfo(locations.dtype).eps) * max(max(s) for s in shapes))
+        target = reference_edge + np.where(cls.branch(reference), nudge, -nudge)
         sizes = np.array([[w, h] for h, w in shapes], np.float64).reshape(1, 1, 1, len(shapes), 1, 2)
         shift = np.where(wrong, (target - position) / sizes, 0.0)
         return (locations + torch.from_numpy(shift).to(locations.dtype), robust_error(own, reference),

@@ -311,3 +311,26 @@ def test_a_wide_band_forces_the_reference_cell_not_the_nearest_edges_side() -> N
     assert ties.flips == {row.path: 0}
     # ... but a band that wide is no tie band: the row fails on the band cap.
     assert not row.passed and "exceeds 0.25 of the quantity's scale" in row.reason
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_replay_forces_its_own_dtypes_cell(dtype: torch.dtype) -> None:
+    """A point a hair (1e-5 px) on the other side of an edge than the reference's is moved
+    across it in the replay's own precision, at every edge of levels whose sides are no
+    powers of two: in fp32 a nudge below the location's resolution rounds back across the
+    edge at some of them, and the replay then takes the other branch."""
+    missed = []
+    for w in (48, 80, 100):
+        for e in range(1, w - 1):
+            locations = torch.empty((1, 1, 1, 1, 1, 2), dtype=dtype)
+            locations[..., 0] = (e - 1e-5 + 0.5) / w  # just left of edge e (x = (pos + 0.5) / w)
+            locations[..., 1] = (3.25 + 0.5) / 8  # inside a cell in y
+            reference = np.array([[[[[[1e-5, 0.25]]]]]])  # the reference: just right of it
+            forced, _, flips = SampleCells.replay_locations("train.sample_cell.x", locations,
+                                                             [(8, w)], reference, band=1e-3)
+            offsets, edge = cell_offsets(forced.numpy(), [(8, w)])
+            if not (edge[..., 0].item() == e and offsets[..., 0].item() >= 0):
+                missed.append((w, e))
+            assert flips.size == 1 and flips[0] == pytest.approx(1e-5)
+    assert missed == []
