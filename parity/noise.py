@@ -47,8 +47,6 @@ from .replay import Float64Replay, numpy_params, snapshot, trainable
 from .training import (_recorded_step, _rel_l2, _torch_optimizer_state, analytically_zero,
                        ema_updates, reference_pass, reference_step)
 from .tolerances import NOISE_KINDS as KINDS
-from .tolerances import NOISE_RECORD as RECORD
-from .tolerances import noise_record as read_record
 from .trajectory import training_batches
 
 MARGIN = 2.0
