@@ -289,6 +289,9 @@ class PResNet(nn.Module):
         out_strides: Strides of each returned feature map.
     """
 
+    # The max pooling after the stem.
+    STEM_POOL = {"kernel_size": 3, "stride": 2, "padding": 1}
+
     def __init__(
         self,
         depth: int,
@@ -411,6 +414,11 @@ class PResNet(nn.Module):
             else:
                 cls._freeze_norm(child)
 
+    def stem_pool(self, x: jt.Var) -> jt.Var:
+        """The stem's max pooling (:data:`STEM_POOL`); a method, so that a parity check can
+        shadow it on one model."""
+        return max_pool2d(x, **self.STEM_POOL)
+
     def execute(self, x: jt.Var) -> List[jt.Var]:
         """Extracts multi-scale features.
 
@@ -422,7 +430,7 @@ class PResNet(nn.Module):
             ``[bs, out_channels[i], H / out_strides[i], W / out_strides[i]]``.
         """
         stem = self.conv1(x)
-        x = max_pool2d(stem, kernel_size=3, stride=2, padding=1)
+        x = self.stem_pool(stem)
         outs = []
         for idx, stage in enumerate(self.res_layers):
             x = stage(x)

@@ -131,16 +131,23 @@ def run_bench(specs: list[BenchSpec], warmup: int = 2, reps: int = 5) -> list[di
     return rows
 
 
+# Console columns of the benchmark table: (label, row key, format).
+_BENCH_COLUMNS = (("task", "task", None), ("variant", "variant", None), ("batch", "batch", "d"),
+                  ("size", "size", "d"), ("torch s", "torch_s", ".3f"),
+                  ("jittor s", "jittor_s", ".3f"), ("J/T time", "time_ratio", ".2f"),
+                  ("torch MB", "torch_peak_mb", ".0f"), ("jittor MB", "jittor_peak_mb", ".0f"),
+                  ("J/T mem", "mem_ratio", ".2f"))
+
+
 def format_rows(rows: list[dict]) -> str:
-    """A fixed-width table of benchmark rows."""
-    head = (f"{'task':6} {'variant':8} {'batch':>5} {'size':>5} {'torch s':>9} {'jittor s':>9} "
-            f"{'J/T time':>9} {'torch MB':>9} {'jittor MB':>10} {'J/T mem':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['task']:6} {r['variant']:8} {r['batch']:>5} {r['size']:>5} "
-                     f"{r['torch_s']:>9.3f} {r['jittor_s']:>9.3f} {r['time_ratio']:>9.2f} "
-                     f"{r['torch_peak_mb']:>9.0f} {r['jittor_peak_mb']:>10.0f} {r['mem_ratio']:>8.2f}")
-    return "\n".join(lines)
+    """The benchmark rows as a console table (median seconds, peak RSS and Jittor/PyTorch ratios)."""
+    import pandas as pd
+
+    from .tables import text_table
+
+    frame = pd.DataFrame([{label: r[key] for label, key, _ in _BENCH_COLUMNS} for r in rows],
+                         columns=[label for label, _, _ in _BENCH_COLUMNS])
+    return text_table(frame, {label: spec for label, _, spec in _BENCH_COLUMNS if spec})
 
 
 def _child_main(argv: list[str]) -> None:

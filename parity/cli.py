@@ -15,34 +15,31 @@
 from __future__ import annotations
 
 import argparse
-import csv
+import hashlib
 import json
 import math
+import re
 import sys
+import time
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
 
 from rtdetr_common.configs import VARIANTS, Size, format_size
 from rtdetr_common.weights import atomic_write
 
 from .commands import add_commands
+from .progress import format_seconds
+from .tables import text_table, write_csv
 
 
 PARTS = ("outputs", "modules", "training")
 # Image sides must be multiples of the deepest feature stride (the encoder fuses levels 2x apart).
 SIZE_MULTIPLE = 32
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Writes dict rows as CSV atomically (the header is the union of their keys, in order)."""
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Path]:
@@ -67,13 +64,13 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
              "precision_floor": result.precision_floor.get(r.comparison.path, "")}
             for r in result.rows]
     written = [out_dir / f"check_{variant}.csv"]
-    _write_csv(written[-1], rows)
+    write_csv(written[-1], rows)
     for report in modules:
         written.append(out_dir / f"modules_{variant}_{report.mode}.csv")
-        _write_csv(written[-1], report.as_dicts())
+        write_csv(written[-1], report.as_dicts())
     if trajectory is not None:
         written.append(out_dir / f"trajectory_{variant}.csv")
-        _write_csv(written[-1], trajectory.rows())
+        write_csv(written[-1], trajectory.rows())
     payload = {"variant": variant, "weights": result.weights, "size": result.size,
                "passed": result.passed and all(m.passed for m in modules),
                "notes": result.notes, "seconds": result.seconds,
@@ -91,79 +88,268 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
     return written
 
 
-# Row kinds with one row per parameter or buffer: the table gives one line per kind (count,
+# Row kinds with one row per parameter or buffer: the console gives one line per kind (count,
 # worst row) and lists their failing rows; every row is in the CSV and JSON files.
 _PER_TENSOR_KINDS = ("grad", "step", "ema", "buffer.step")
-
-
-def _table_line(path: str, kind: str, c, status: str) -> str:
-    return (f"{path[-44:]:44} {kind:11} {c.max_abs:>10.3g} {c.rel_l2:>10.3g} "
-            f"{c.cosine:>12.9f} {status}")
+# Number formats of the console tables' columns (the other columns are text).
+_FORMATS = {"max abs": ".3g", "rel L2": ".3g", "cosine": ".9f", "fp32 floor": ".2g",
+            "compared": "d", "flipped": "d", "forced": "d", "band": ".3g", "max gap": ".3g",
+            "rows": "d", "passed": "d", "failed": "d"}
 
 
 def _status(result, r) -> str:
+    """``ok`` or ``FAIL: <reason>``; a passing row's reason (a tie, a noise floor) follows ``ok``."""
     c = r.comparison
-    status = "ok" if c.passed else f"FAIL: {c.reason}"
-    if c.path in result.precision_floor:
-        status += f" (fp32 floor {result.precision_floor[c.path]:.2g})"
-    return status
+    if c.passed:
+        return f"ok ({c.reason})" if c.reason else "ok"
+    return f"FAIL: {c.reason}"
+
+
+def _is_decision(r) -> bool:
+    return r.kind == "decision" or r.comparison.compared is not None
+
+
+def _metric_row(result, r, kind: str | None = None) -> dict:
+    c = r.comparison
+    return {"path": c.path, "kind": kind or r.kind, "max abs": c.max_abs, "rel L2": c.rel_l2,
+            "cosine": c.cosine, "fp32 floor": result.precision_floor.get(c.path),
+            "status": _status(result, r)}
+
+
+def _decision_row(result, r) -> dict:
+    """Counts of one decision row; rows without counts (a plain index comparison) are counted
+    from their shape and the share of equal elements."""
+    c = r.comparison
+    compared, flipped = c.compared, c.flipped
+    if compared is None:
+        compared = int(math.prod(c.shape_ref)) if c.shape_ref else None
+    if flipped is None and compared is not None and math.isfinite(c.within):
+        flipped = int(round((1.0 - c.within) * compared))
+    return {"path": c.path, "kind": r.kind, "compared": compared, "flipped": flipped,
+            "forced": c.forced, "band": c.band, "max gap": c.max_abs,
+            "status": _status(result, r)}
+
+
+def _worst(rows: list):
+    """The failing row, else the row, of largest rel L2 (rows without one count as smallest)."""
+    def key(r) -> tuple:
+        rel = r.comparison.rel_l2
+        return (not r.passed, math.isnan(rel) and not r.passed, -math.inf if math.isnan(rel) else rel)
+    return max(rows, key=key)
+
+
+# Decisions made many times over (one row per gate, cell, match or denoising quantity) are
+# summarised per family: the path up to one of these names (``train.relu_gate``).
+_DECISION_FAMILIES = ("relu_gate", "sample_cell", "l1_sign", "match", "dn_meta", "denoising")
+
+
+def _decision_family(path: str) -> str:
+    """``train.relu_gate.backbone.conv1.act`` -> ``train.relu_gate``; trajectory steps pooled
+    (``trajectory.step[3].train.match.final`` -> ``trajectory.step[*].train.match``)."""
+    parts = re.sub(r"^trajectory\.step\[\d+\]", "trajectory.step[*]", path).split(".")
+    for i, part in enumerate(parts):
+        if part in _DECISION_FAMILIES:
+            return ".".join(parts[:i + 1])
+    return ".".join(parts)
+
+
+def _decision_summary(result, rows: list) -> list[dict]:
+    """One line per decision family: rows, failed, summed counts, widest band, largest gap."""
+    families: dict[tuple[str, str], list] = {}
+    for r in rows:
+        families.setdefault((_decision_family(r.comparison.path), r.kind), []).append(r)
+    lines = []
+    for (family, kind), members in families.items():
+        counted = [_decision_row(result, r) for r in members]
+        bad = [r for r in members if not r.passed]
+        worst = max(members, key=lambda r: (not r.passed, -math.inf if math.isnan(r.comparison.max_abs)
+                                             else r.comparison.max_abs))
+
+        def total(column: str) -> int | None:
+            values = [c[column] for c in counted if c[column] is not None]
+            return sum(values) if values else None
+
+        bands = [c["band"] for c in counted if c["band"] is not None]
+        first = bad[0].comparison if bad else None
+        status = ("ok" if first is None else
+                  f"FAIL: {first.reason}" if len(members) == 1 else
+                  f"FAIL: {len(bad)} rows, first {first.path}: {first.reason}")
+        lines.append({"decisions": family, "kind": kind, "rows": len(members), "failed": len(bad),
+                      "compared": total("compared"), "flipped": total("flipped"),
+                      "forced": total("forced"), "band": max(bands) if bands else None,
+                      "max gap": worst.comparison.max_abs,
+                      "largest gap at": worst.comparison.path if len(members) > 1 else "",
+                      "status": status})
+    return lines
 
 
 def format_check(result, failures_per_kind: int = 20) -> str:
-    """The compact table: path, kind, max abs, rel L2, cosine, status.
+    """The console summary of a check (pandas tables; names in full).
 
-    Outputs, decisions, detections, losses and trajectory steps get a line each; the
-    per-parameter kinds (gradients, optimizer step, EMA, BatchNorm buffers) get one line with
-    their row count and worst row, followed by up to ``failures_per_kind`` failing rows.
+    Sections: outputs, detections, losses and trajectory steps, a line each (max abs, rel L2,
+    cosine, fp32 floor, status); decisions one line per family (``train.relu_gate``: every
+    gate) with their summed counts (compared, flipped, forced), widest band and largest gap,
+    then up to ``failures_per_kind`` failing decision rows; the per-parameter kinds (gradients, optimizer step, EMA, BatchNorm buffers)
+    one line per kind (rows, passed, failed, the row of largest rel L2), then up to
+    ``failures_per_kind`` failing rows of each kind.
     """
-    head = f"{'path':44} {'kind':11} {'max abs':>10} {'rel L2':>10} {'cosine':>12} status"
-    lines = [head, "-" * len(head)]
+    values = [_metric_row(result, r) for r in result.rows
+              if r.kind not in _PER_TENSOR_KINDS and not _is_decision(r)]
+    decisions = [r for r in result.rows if r.kind not in _PER_TENSOR_KINDS and _is_decision(r)]
     grouped: dict[str, list] = {}
     for r in result.rows:
         if r.kind in _PER_TENSOR_KINDS:
             grouped.setdefault(r.kind, []).append(r)
-        else:
-            lines.append(_table_line(r.comparison.path, r.kind, r.comparison, _status(result, r)))
-    for kind, rows in grouped.items():
-        failing = [r for r in rows if not r.passed]
-        worst = max(rows, key=lambda r: (math.isnan(r.comparison.rel_l2), r.comparison.rel_l2))
-        lines.append(_table_line(worst.comparison.path, kind, worst.comparison,
-                                 f"largest rel L2 of {len(rows)} tensors: "
-                                 f"{len(rows) - len(failing)} ok, {len(failing)} failed"))
-        lines.extend(_table_line(r.comparison.path, kind, r.comparison, _status(result, r))
-                     for r in failing[:failures_per_kind])
-        if len(failing) > failures_per_kind:
-            lines.append(f"... {len(failing) - failures_per_kind} more failing {kind} rows")
-    return "\n".join(lines)
+    parts = []
+    if values:
+        parts += ["values (outputs, detections, losses, trajectory):",
+                  text_table(pd.DataFrame(values), _FORMATS)]
+    if decisions:
+        failing = [_decision_row(result, r) for r in decisions if not r.passed]
+        parts += ["", f"decisions ({len(decisions)} rows by family: elements compared, set "
+                  "differently by the port, forced to the reference's choice, widest tie band, "
+                  "largest reference gap among the flips; every row is in the CSV):",
+                  text_table(pd.DataFrame(_decision_summary(result, decisions)), _FORMATS)]
+        if failing:
+            parts += ["", f"failing decision rows (up to {failures_per_kind}):",
+                      text_table(pd.DataFrame(failing[:failures_per_kind]), _FORMATS)]
+            if len(failing) > failures_per_kind:
+                parts.append(f"... {len(failing) - failures_per_kind} more failing decision rows "
+                             "(all in the CSV)")
+    if grouped:
+        summary, failing, more = [], [], []
+        for kind, rows in grouped.items():
+            bad = [r for r in rows if not r.passed]
+            worst = _worst(rows)
+            c = worst.comparison
+            summary.append({"kind": kind, "rows": len(rows), "passed": len(rows) - len(bad),
+                            "failed": len(bad), "worst path": c.path, "rel L2": c.rel_l2,
+                            "max abs": c.max_abs, "cosine": c.cosine,
+                            "fp32 floor": result.precision_floor.get(c.path),
+                            "worst status": _status(result, worst)})
+            failing += [_metric_row(result, r) for r in bad[:failures_per_kind]]
+            if len(bad) > failures_per_kind:
+                more.append(f"... {len(bad) - failures_per_kind} more failing {kind} rows "
+                            "(all in the CSV)")
+        parts += ["", f"per-parameter kinds ({sum(len(v) for v in grouped.values())} rows; "
+                  "worst: the row with the largest rel L2 of its kind; every row is in the CSV):",
+                  text_table(pd.DataFrame(summary), _FORMATS)]
+        if failing:
+            parts += ["", f"failing per-parameter rows (up to {failures_per_kind} per kind):",
+                      text_table(pd.DataFrame(failing), _FORMATS), *more]
+    return "\n".join(parts)
+
+
+# Console columns of the trajectory table: (label, Trajectory.rows() key, format or None).
+_TRAJECTORY_COLUMNS = (
+    ("step", "step", "d"), ("torch loss", "torch_loss", ".5f"),
+    ("jittor loss", "jittor_loss", ".5f"), ("float64 loss", "float64_loss", ".5f"),
+    ("rel diff", "loss_rel_diff", ".2g"), ("fp32 floor", "loss_floor", ".2g"),
+    ("weights rel L2", "weights_rel_l2", ".3g"), ("worst param", "max_param", None),
+    ("its rel L2", "max_param_rel_l2", ".3g"), ("its floor", "max_param_floor", ".2g"),
+    ("tie flips", "tie_flips", "d"), ("forced", "tie_forced", "d"),
+    ("replay flips", "tie_floor_flips", "d"),
+)
 
 
 def format_trajectory(trajectory) -> str:
-    """Per-step total loss of both sides, their difference and the weight drift."""
-    head = (f"{'step':>4} {'torch loss':>11} {'jittor loss':>11} {'rel diff':>9} {'fp32 floor':>10} "
-            f"{'weights rel L2':>14} {'worst param':>11} {'tie flips':>10}")
-    lines = [head, "-" * len(head)]
-    for s in trajectory.steps:
-        lines.append(f"{s.step:>4} {s.torch_loss:>11.5f} {s.jittor_loss:>11.5f} "
-                     f"{s.loss_rel_diff:>9.2g} {s.loss_floor:>10.2g} {s.weights_rel_l2:>14.3g} "
-                     f"{s.max_param_rel_l2:>11.3g} {s.tie_flips:>10}")
-    return "\n".join(lines)
+    """Per-step losses of both sides and the float64 replay, their difference against the
+    reference's own fp32 error, the weight drift (overall and its worst parameter) and the
+    kink decisions set differently, forced, and set differently by the float64 replay where
+    recorded (pandas table; seconds are in the CSV)."""
+    frame = pd.DataFrame(trajectory.rows())
+    if frame.empty:
+        return "(no steps)"
+    shown = pd.DataFrame({label: frame[key] for label, key, _ in _TRAJECTORY_COLUMNS
+                          if key in frame})
+    return text_table(shown, {label: spec for label, _, spec in _TRAJECTORY_COLUMNS if spec})
 
 
-def _module_reports(pair, args: argparse.Namespace) -> list:
-    """Per-module accumulated and isolated comparison, in eval and in training (denoising on)."""
+def _module_reports(pair, args: argparse.Namespace,
+                    on_step: Callable[[int, int], None] | None = None) -> list:
+    """Per-module accumulated and isolated comparison, in eval and in training (denoising on).
+
+    ``on_step(done, total)`` counts compared calls over both modes (the training pass's count
+    taken as the eval pass's until it is known).
+    """
     from rtdetr_common.seeded import seeded_images, seeded_targets
 
     from .modules import run_module_check
 
     images = seeded_images(1, args.module_size, seed=4)
     targets = seeded_targets([4], pair.cfg.num_classes, seed=5)
-    return [run_module_check(pair, mode="eval", images=images),
-            run_module_check(pair, mode="train", images=images, targets=targets)]
+    first = [0]
+
+    def eval_step(done: int, total: int) -> None:
+        first[0] = total
+        if on_step is not None:
+            on_step(done, 2 * total)
+
+    def train_step(done: int, total: int) -> None:
+        if on_step is not None:
+            on_step(first[0] + done, first[0] + total)
+
+    return [run_module_check(pair, mode="eval", images=images, on_step=eval_step),
+            run_module_check(pair, mode="train", images=images, targets=targets,
+                             on_step=train_step)]
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+@dataclass
+class CheckMeasurement:
+    """Everything one parity check measured, before anything is printed or written.
+
+    Attributes:
+        result: The :class:`~parity.check.CheckResult` (outputs, decisions, losses, training).
+        modules: :class:`~parity.modules.ModuleReport` per mode that ran.
+        trajectory: The :class:`~parity.trajectory.Trajectory`, or None.
+        parameters: One dict per parameter name: element counts in each framework
+            (``torch``, ``jittor``; 0 where a side lacks it) and whether each side trains it.
+        weights_sha256: SHA-256 of the loaded reference state dict (names and bytes, in order).
+        seconds: Wall time of each part.
+    """
+
+    result: Any
+    modules: list
+    trajectory: Any
+    parameters: list[dict]
+    weights_sha256: str
+    seconds: dict[str, float]
+
+
+def _parameter_table(pair) -> list[dict]:
+    """Per parameter name: element counts and trainability in both frameworks."""
+    from jittor_impl.common import named_parameters, trainable_parameters
+
+    torch_all = dict(pair.torch_model.named_parameters())
+    jittor_all = dict(named_parameters(pair.jittor_model))
+    jittor_trained = {name for name, _ in trainable_parameters(pair.jittor_model)}
+    names = list(torch_all) + [n for n in jittor_all if n not in torch_all]
+    return [{"name": n,
+             "torch": int(torch_all[n].numel()) if n in torch_all else 0,
+             "jittor": int(np.prod(jittor_all[n].shape)) if n in jittor_all else 0,
+             "torch_trainable": bool(n in torch_all and torch_all[n].requires_grad),
+             "jittor_trainable": n in jittor_trained} for n in names]
+
+
+def _state_sha256(pair) -> str:
+    """SHA-256 over the reference state dict's names and little-endian bytes, in order."""
+    digest = hashlib.sha256()
+    for name, value in pair.torch_model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(value.detach().numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def measure_check(args: argparse.Namespace,
+                  on_part: Callable[[str], None] | None = None,
+                  on_step: Callable[[int, int], None] | None = None) -> CheckMeasurement:
+    """Runs the parts of a parity check that ``args`` names (the ``check`` options).
+
+    ``on_part(name)`` is called as each part (``outputs``, ``modules``, ``training``) starts;
+    ``on_step(done, total)`` as the modules part compares each call and the training part
+    finishes each step (e.g. :meth:`parity.progress.Progress.update`).
+    """
     from .check import CheckResult, run_check
-    from .divergences import format_report
     from .models import ModelPair, build_pair
     from .trajectory import run_training_checks
 
@@ -174,20 +360,77 @@ def cmd_check(args: argparse.Namespace) -> int:
         return build_pair(args.variant, num_classes=args.num_classes, size=size,
                           weights=args.weights, seed=args.seed)
 
+    def starting(part: str) -> float:
+        if on_part is not None:
+            on_part(part)
+        return time.perf_counter()
+
     parts = args.parts
+    seconds: dict[str, float] = {}
+    start = starting("outputs") if "outputs" in parts else time.perf_counter()
     pair = fresh_pair(args.size)
-    print(f"rtdetr-parity check: variant {args.variant}, weights {pair.weights_source}, "
-          f"parts {', '.join(parts)}")
+    parameters, sha = _parameter_table(pair), _state_sha256(pair)
     result = (run_check(pair, args.size, train_size=args.train_size) if "outputs" in parts
               else CheckResult(pair.cfg.name, pair.weights_source, args.size))
-    modules = _module_reports(fresh_pair(args.module_size), args) if "modules" in parts else []
+    seconds["outputs"] = time.perf_counter() - start
+    del pair
+    modules = []
+    if "modules" in parts:
+        start = starting("modules")
+        modules = _module_reports(fresh_pair(args.module_size), args, on_step)
+        seconds["modules"] = time.perf_counter() - start
     trajectory = None
     if "training" in parts:
+        start = starting("training")
         training, trajectory = run_training_checks(fresh_pair(args.training_size),
-                                                   args.training_size, steps=args.steps)
+                                                   args.training_size, steps=args.steps,
+                                                   on_step=on_step)
         result.rows.extend(training.rows)
         result.notes.extend(training.notes)
         result.seconds.update(training.seconds)
+        seconds["training"] = time.perf_counter() - start
+    return CheckMeasurement(result, modules, trajectory, parameters, sha, seconds)
+
+
+# Screen labels of the check's parts (the phases of ``check``'s progress display).
+_PART_LABELS = {"outputs": "outputs, decisions, losses",
+                "modules": "every module, eval and train",
+                "training": "gradients, optimizer step, trajectory"}
+_LOAD_PHASE = "load PyTorch and Jittor"
+
+
+def check_progress(args: argparse.Namespace, command: str = "check", extra: tuple[str, ...] = ()):
+    """The :class:`~parity.progress.Progress` of a check: loading, one phase per part of
+    ``args.parts`` (the labels of :data:`_PART_LABELS`; pass :meth:`Progress.phase` of them to
+    :func:`measure_check` as ``on_part``), then the ``extra`` phases (e.g. a report's own).
+
+    Quiet unless ``args.verbose``: everything else the process prints goes to a new log
+    ``runs/logs/<command>-<time>.log``. The estimate of the time left comes from the last run
+    of the same command with the same options.
+    """
+    from .progress import Progress, default_log_dir, log_file
+
+    options = {k: v for k, v in sorted(vars(args).items())
+               if k not in ("func", "out", "verbose", "force", "command")}
+    parts = getattr(args, "parts", PARTS)
+    phases = [_LOAD_PHASE] + [_PART_LABELS[p] for p in PARTS if p in parts] + list(extra)
+    return Progress(phases, log=log_file(command), verbose=getattr(args, "verbose", False),
+                    history=default_log_dir() / "phase-times.json",
+                    key=f"{command} {json.dumps(options, default=str, sort_keys=True)}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .divergences import format_report
+
+    print(f"rtdetr-parity check: variant {args.variant}, weights {args.weights or f'seeded:{args.seed}'}, "
+          f"parts {', '.join(args.parts)}", flush=True)
+    with check_progress(args) as progress:
+        progress.phase(_LOAD_PHASE)
+        import_module(".check", __package__)  # imports torch and Jittor (Jittor loads here)
+
+        measured = measure_check(args, on_part=lambda part: progress.phase(_PART_LABELS[part]),
+                                 on_step=progress.update)
+    result, modules, trajectory = measured.result, measured.modules, measured.trajectory
     print(format_check(result))
     for report in modules:
         print(f"\nmodules: {report.summary()}")
@@ -204,9 +447,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     written = _write_results(result, modules, trajectory, Path(args.out))
     failed = sum(not r.passed for r in result.rows)
     failed_modules = sum(len(m.failures()) for m in modules)
-    print(f"{len(result.rows) - failed} passed, {failed} failed; module rows failed: "
-          f"{failed_modules}  (results: {', '.join(map(str, written))})")
-    return 0 if failed == 0 and failed_modules == 0 else 1
+    verdict = "PASS" if failed == 0 and failed_modules == 0 else "FAIL"
+    print(f"\n{verdict}: {len(result.rows) - failed} passed, {failed} failed; module rows failed: "
+          f"{failed_modules}  (in {format_seconds(progress.elapsed)})")
+    print(f"results: {', '.join(map(str, written))}")
+    if progress.quiet:
+        print(f"log (compiler and library output): {progress.log}")
+    return 0 if verdict == "PASS" else 1
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -307,6 +554,12 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import cmd_report as run
+
+    return run(args)
+
+
 def cmd_compare_runs(args: argparse.Namespace) -> int:
     from .runs import compare_runs, format_comparison
 
@@ -316,8 +569,8 @@ def cmd_compare_runs(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_csv(out / "runs_steps.csv", comparison.steps)
-        _write_csv(out / "runs_epochs.csv", comparison.epochs)
+        write_csv(out / "runs_steps.csv", comparison.steps)
+        write_csv(out / "runs_epochs.csv", comparison.epochs)
         print(f"wrote {out / 'runs_steps.csv'} and {out / 'runs_epochs.csv'}")
     for problem in problems:
         print(f"FAIL: {problem}")
@@ -356,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--out", default="reports/out", help="folder for CSV/JSON results")
+    check.add_argument("--verbose", action="store_true",
+                       help="show Jittor's compiler output and everything else on the screen "
+                            "(default: phases with progress here, the rest in runs/logs/)")
     check.set_defaults(func=cmd_check)
 
     conv = sub.add_parser("convert", help="convert weights between .pth, .pkl and neutral files")
@@ -461,6 +717,42 @@ def build_parser() -> argparse.ArgumentParser:
                               "$RTDETR_PARITY_COCO_WEIGHTS)")
     nightly.set_defaults(func=cmd_nightly)
 
+    report = sub.add_parser("report", help="the migration report of a variant: report.md, a "
+                                           "self-contained report.html, data/ and summary.json")
+    report.add_argument("--variant", nargs="+", default=["r18vd"], metavar="V",
+                        help="variants, one report folder each (default r18vd)")
+    report.add_argument("--weights", default=None,
+                        help="weights in the official layout (default: seeded, no download)")
+    report.add_argument("--num-classes", type=int, default=80)
+    report.add_argument("--out", default=None,
+                        help="report folder (default reports/<variant>; with several variants "
+                             "the parent of one folder per variant)")
+    report.add_argument("--force", action="store_true", help="replace an existing report folder")
+    report.add_argument("--verbose", action="store_true",
+                        help="show every library's output (default: phases with progress here, "
+                             "the rest in runs/logs/)")
+    report.add_argument("--from", dest="from_dir", default=None, metavar="DIR",
+                        help="regenerate the report in DIR from its stored DIR/data (no model "
+                             "runs); written to --out, or in place with --force")
+    for flag, what in (("--size", "eval"), ("--train-size", "train-loss"),
+                       ("--module-size", "per-module"), ("--training-size", "training-check")):
+        report.add_argument(flag, type=_side, nargs="+", action=_SizeAction, default=None,
+                            metavar="N", help=f"{what} input size: S or H W (default: the "
+                                              "check's)")
+    report.add_argument("--steps", type=int, default=None,
+                        help="trajectory length (default: the check's)")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--bench", choices=("quick", "default", "none"), default="quick",
+                        help="quick: eval at 320 and a training step at 256 of the variant; "
+                             "default: `rtdetr-parity bench`'s tasks (default quick)")
+    report.add_argument("--faults", choices=("run", "stored", "none"), default="stored",
+                        help="run: the fault catalogue's fast tier; stored: the table "
+                             "`rtdetr-parity faults` left in reports/out (default stored)")
+    report.add_argument("--nightly", default="reports/nightly/cpu", metavar="DIR|none",
+                        help="the `rtdetr-parity nightly` result to include "
+                             "(default reports/nightly/cpu)")
+    report.set_defaults(func=cmd_report)
+
     add_commands(sub)
     return parser
 
@@ -468,9 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rtdetr-parity`` command."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"rtdetr-parity {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

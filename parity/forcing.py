@@ -3,10 +3,11 @@
 A train-mode forward makes discrete decisions: the encoder's top-k query selection, the
 Hungarian matches of every decoder output, and at every kink of a piecewise function the side
 an element lies on (ReLU gates, the bilinear cell a deformable-attention point samples from,
-the sign of an L1 box difference). Where two fp32 implementations tie, rounding decides; so
-that rounding cannot send the two sides down different branches, the reference records its
-decisions (:meth:`Forcing.recording`, around the torch forward) and the port then takes the
-reference's side where the two tie (:meth:`Forcing.forcing`, around the Jittor forward).
+the sign of an L1 box difference, the element of a max-pool window that takes its gradient).
+Where two fp32 implementations tie, rounding decides; so that rounding cannot send the two
+sides down different branches, the reference records its decisions (:meth:`Forcing.recording`,
+around the torch forward) and the port then takes the reference's side where the two tie
+(:meth:`Forcing.forcing`, around the Jittor forward).
 
 Every decision is a counted ``decision`` row: how many were compared, how many the port put
 on the other side (``flipped``), how many of those were replaced by the reference's
@@ -30,7 +31,10 @@ import jittor as jt
 import numpy as np
 import torch
 
+import jittor_impl._kernels as jittor_kernels
+import jittor_impl.backbone as jittor_backbone
 import jittor_impl.decoder as jittor_decoder
+import torch_ref.backbone as torch_backbone
 import torch_ref.decoder as torch_decoder
 from jittor_impl.common import named_modules
 
@@ -112,8 +116,9 @@ class Decisions:
 class _Kinks(abc.ABC):
     """Forces the reference's side of a kink into the port where the two sides tie.
 
-    Base of :class:`ReluGates`, :class:`L1Signs` and :class:`SampleCells` (which passes the
-    cells to the port's own sampling instead). Each kinked call
+    Base of :class:`ReluGates`, :class:`L1Signs`, :class:`SampleCells` (which passes the
+    cells to the port's own sampling instead) and :class:`MaxPoolArgmax` (which passes the
+    windows' argmax to the port's own pooling backward). Each kinked call
     ``y = x * branch(x)`` is recorded on the reference side by name, in call order; the port's
     call of the same name and index returns its own result (its own kernel, forward and
     backward), except within the name's tie band (:meth:`band`), where it returns ``x`` times
@@ -228,6 +233,16 @@ class _Kinks(abc.ABC):
         """Which elements the port put on the other side of the kink than the reference."""
         return self.branch(reference) != self.branch(test)
 
+    def _flip_gaps(self, path: str, reference: list[np.ndarray],
+                   test: list[np.ndarray]) -> list[np.ndarray]:
+        """Per call, the reference's distance from the kink of every flipped decision."""
+        return [np.abs(r[self._flipped(r, t)]) for r, t in zip(reference, test)]
+
+    @staticmethod
+    def _compared(reference: list[np.ndarray]) -> int:
+        """How many decisions the reference's calls made."""
+        return sum(r.size for r in reference)
+
     def decisions(self) -> list[Comparison]:
         """One counted ``decision`` row per kink name, all its calls pooled.
 
@@ -247,7 +262,8 @@ class _Kinks(abc.ABC):
                 c.reason = f"called {len(test)} times in Jittor, {len(ref)} times in torch"
                 rows.append(c)
                 continue
-            flipped = [np.abs(r[self._flipped(r, t)]) for r, t in zip(ref, test)]
+            flipped = self._flip_gaps(path, ref, test)
+            c.compared = size = self._compared(ref)
             c.flipped = self.flips[path] = sum(f.size for f in flipped)
             c.forced = sum(int(np.sum(f <= c.band)) for f in flipped)
             c.max_abs = max((float(f.max()) for f in flipped if f.size), default=0.0)
@@ -468,6 +484,130 @@ class SampleCells(_Kinks):
                 np.abs(reference[other]))
 
 
+class _ForcedMaxPool2d(jittor_kernels._MaxPool2d):
+    """The port's max-pool kernel (its own maxima) whose backward sends each window's gradient
+    to the element ``choose(own argmax)`` returns."""
+
+    def execute(self, x: jt.Var, header: str, shape: tuple, choose: Callable) -> jt.Var:
+        y = super().execute(x, header, shape)
+        size, own, header = self.saved
+        self.saved = (size, jt.array(choose(own.numpy())), header)
+        return y
+
+    def grad(self, grad_y: jt.Var) -> tuple:
+        return (*super().grad(grad_y), None)
+
+
+class MaxPoolArgmax(_Kinks):
+    """The element of each window of the backbone's stem max pooling that takes the window's
+    gradient (its first maximum).
+
+    Every ``PResNet.stem_pool`` of the torch model records its input in call order; the
+    same-named Jittor backbone pools with its own kernel (its own maxima, so its forward values
+    are its own) and sends each window's gradient to its own argmax, except where the
+    reference's values at the reference's argmax and at the port's differ by no more than the
+    band: there it sends it to the reference's. A window's distance from the kink is that gap
+    on the reference's input (0 where the two agree). Paths are
+    ``train.maxpool_argmax.<module name>``.
+
+    Attributes:
+        own: ``path -> [the port's own argmax of each call]``.
+
+    Raises:
+        ValueError: When the two models' backbones have different names.
+    """
+
+    prefix = "train.maxpool_argmax"
+    what = "stem max pool"
+
+    def __init__(self, pair: ModelPair) -> None:
+        super().__init__()
+        self.own: dict[str, list[np.ndarray]] = {}
+        self.torch_modules = {name: m for name, m in pair.torch_model.named_modules()
+                              if isinstance(m, torch_backbone.PResNet)}
+        self.jittor_modules = {name: m for name, m in named_modules(pair.jittor_model)
+                               if isinstance(m, jittor_backbone.PResNet)}
+        _same_names(self.torch_modules, self.jittor_modules, "PResNet backbones")
+
+    @staticmethod
+    def branch(x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Each window's first maximum (torch's rule), a flat index into its plane."""
+        x = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        return torch.nn.functional.max_pool2d(x, **torch_backbone.PResNet.STEM_POOL,
+                                              return_indices=True)[1].numpy()
+
+    @staticmethod
+    def gap(reference: np.ndarray, chosen: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """Per window, ``reference`` at index ``chosen`` minus at ``other`` (flat plane indices)."""
+        b, c = reference.shape[:2]
+        planes = np.asarray(reference, np.float64).reshape(b, c, -1)
+        at = [np.take_along_axis(planes, i.reshape(b, c, -1), 2).reshape(i.shape) for i in (chosen, other)]
+        return at[0] - at[1]
+
+    def names(self) -> list[str]:
+        return list(self.torch_modules)
+
+    def forcing(self) -> contextlib.AbstractContextManager:
+        self.own.clear()
+        return super().forcing()
+
+    def _recorders(self) -> list:
+        def record(name: str, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            self._record(name, x.detach().numpy().copy())
+            return type(m).stem_pool(m, x)
+        return [(m, "stem_pool", lambda x, name=name, m=m: record(name, m, x))
+                for name, m in self.torch_modules.items()]
+
+    def _jittor_pool(self, name: str, m: Any, x: jt.Var) -> jt.Var:
+        if jt.flags.use_cuda:
+            raise RuntimeError("forcing the max-pool argmax needs the port's CPU kernel; "
+                               "run the training checks on CPU")
+        path = self.path(name)
+        reference = self._take_call(name, x)
+        chosen = self.branch(reference)
+
+        def choose(own: np.ndarray) -> np.ndarray:
+            self.own.setdefault(path, []).append(own.copy())
+            tie = self.gap(reference, chosen, own) <= self.band(path)
+            return np.where(tie, chosen, own).astype(np.int32)
+        header, shape = jittor_kernels._pool_geometry("max_pool2d", x, ceil_mode=False, **m.STEM_POOL)
+        return _ForcedMaxPool2d.apply(x, header, shape, choose)
+
+    def _forcers(self) -> list:
+        return [(m, "stem_pool", lambda x, name=name, m=m: self._jittor_pool(name, m, x))
+                for name, m in self.jittor_modules.items()]
+
+    def _flip_gaps(self, path: str, reference: list[np.ndarray],
+                   test: list[np.ndarray]) -> list[np.ndarray]:
+        gaps = []
+        for r, own in zip(reference, self.own.get(path, [])):
+            chosen = self.branch(r)
+            gaps.append(self.gap(r, chosen, own)[chosen != own])
+        return gaps
+
+    @classmethod
+    def _compared(cls, reference: list[np.ndarray]) -> int:
+        return sum(cls.branch(r).size for r in reference)
+
+    @classmethod
+    def replay(cls, path: str, x: torch.Tensor, reference: np.ndarray,
+               band: float | None = None) -> torch.Tensor:
+        """A replay's pooling: each window's value at the fp32 reference's argmax where the
+        reference's gap to the replay's own is within ``band`` (default the decision entry's
+        ``atol``), at its own elsewhere."""
+        own, chosen = cls.branch(x), cls.branch(reference)
+        tie = cls.gap(reference, chosen, own) <= (tolerance("decision", path).atol if band is None else band)
+        index = torch.from_numpy(np.where(tie, chosen, own))
+        return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+
+    @classmethod
+    def replay_flips(cls, x: torch.Tensor, reference: np.ndarray) -> np.ndarray:
+        """The reference's gap of every window whose argmax in the replay differs from the
+        fp32 reference's."""
+        own, chosen = cls.branch(x), cls.branch(reference)
+        return cls.gap(reference, chosen, own)[chosen != own]
+
+
 def _same_names(torch_modules: dict, jittor_modules: dict, what: str) -> None:
     if set(torch_modules) != set(jittor_modules):
         only_t = sorted(set(torch_modules) - set(jittor_modules))
@@ -603,8 +743,9 @@ class Matches:
 
 
 class Forcing:
-    """Every forced decision of a training pass: top-k, matches, ReLU gates, sampling cells and
-    L1 signs, recorded around the reference's forward and forced around the port's.
+    """Every forced decision of a training pass: top-k, matches, ReLU gates, sampling cells,
+    L1 signs and the stem max-pool's argmax, recorded around the reference's forward and forced
+    around the port's.
 
     Args:
         pair: The model pair.
@@ -616,7 +757,8 @@ class Forcing:
                  jittor_criterion: Any) -> None:
         self.topk = TopkSelection(pair)
         self.matches = Matches(torch_criterion, jittor_criterion)
-        self.kinks = (ReluGates(pair), SampleCells(pair), L1Signs(torch_criterion, jittor_criterion))
+        self.kinks = (ReluGates(pair), SampleCells(pair), L1Signs(torch_criterion, jittor_criterion),
+                      MaxPoolArgmax(pair))
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:

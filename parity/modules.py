@@ -170,19 +170,24 @@ class ModuleReport:
         return [r.as_dict() for r in self.rows]
 
     def format_table(self, only_failures: bool = False, limit: int | None = None) -> str:
-        """A compact text table: module path, mode, kind, max abs, rel L2, cosine, status."""
-        head = (f"{'module -> leaf':60} {'mode':11} {'kind':18} {'max abs':>9} {'rel L2':>9} "
-                f"{'cosine':>11} status")
-        lines = [head, "-" * len(head)]
+        """A console table (pandas): module -> leaf in full, mode, kind, max abs, rel L2,
+        cosine, status; at most ``limit`` rows, then how many more there are."""
+        import pandas as pd
+
+        from .tables import text_table
+
         rows = self.failures() if only_failures else self.rows
-        for r in rows[:limit]:
-            c = r.comparison
-            status = "ok" if c.passed else f"FAIL: {c.reason}"
-            lines.append(f"{c.path[-60:]:60} {r.mode:11} {r.kind:18} {c.max_abs:>9.2g} "
-                         f"{c.rel_l2:>9.2g} {c.cosine:>11.8f} {status}")
+        frame = pd.DataFrame(
+            [{"module -> leaf": r.comparison.path, "mode": r.mode, "kind": r.kind,
+              "max abs": r.comparison.max_abs, "rel L2": r.comparison.rel_l2,
+              "cosine": r.comparison.cosine,
+              "status": "ok" if r.passed else f"FAIL: {r.comparison.reason}"}
+             for r in rows[:limit]],
+            columns=["module -> leaf", "mode", "kind", "max abs", "rel L2", "cosine", "status"])
+        text = text_table(frame, {"max abs": ".2g", "rel L2": ".2g", "cosine": ".8f"})
         if limit is not None and len(rows) > limit:
-            lines.append(f"... {len(rows) - limit} more rows")
-        return "\n".join(lines)
+            text += f"\n... {len(rows) - limit} more rows"
+        return text
 
     def summary(self) -> str:
         """One paragraph: counts, worst errors, first failure, time and memory."""
@@ -430,7 +435,8 @@ class _Context:
 
 def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
                      targets: list[dict] | None = None, modules: Any = None,
-                     isolation: str = "own") -> ModuleReport:
+                     isolation: str = "own",
+                     on_step: Callable[[int, int], None] | None = None) -> ModuleReport:
     """Compares every selected module of the pair, accumulated and isolated.
 
     Args:
@@ -447,6 +453,7 @@ def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
             children's outputs and the inputs it hands them are compared, so each row holds
             the module's own error only. ``'subtree'``: the children run for real, so a
             container's isolated error includes its children's.
+        on_step: Called as ``on_step(done, total)`` after each recorded call is compared.
 
     Returns:
         The report; both models are left as they were found.
@@ -521,7 +528,7 @@ def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
         ctx = _Context(pair, mode, isolation, jit_modules, {id(m): n for n, m in jit_named},
                        jbuf, jbuf.snapshot(), topk_name, forced,
                        None if scores is None else scores.scores, report.notes)
-        _compare_calls(report, tcap.calls, jcap.by_key(), internal, ctx)
+        _compare_calls(report, tcap.calls, jcap.by_key(), internal, ctx, on_step)
         report.seconds["compare_and_isolated"] = time.perf_counter() - timer
     finally:
         with torch.no_grad():
@@ -539,7 +546,8 @@ def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
 
 
 def _compare_calls(report: ModuleReport, tcalls: list[Call], jcalls: dict[str, Call],
-                   internal: set[str], ctx: _Context) -> None:
+                   internal: set[str], ctx: _Context,
+                   on_step: Callable[[int, int], None] | None = None) -> None:
     """Accumulated, isolated, buffer and call-count rows for every recorded torch call.
 
     Calls are compared in execution order, so a call's enclosing call (which needs its
@@ -550,7 +558,9 @@ def _compare_calls(report: ModuleReport, tcalls: list[Call], jcalls: dict[str, C
     for call in tcalls:
         kids.setdefault(call.parent, []).append(call)
     seen, cache = set(), {}
-    for call in tcalls:
+    for done, call in enumerate(tcalls):
+        if on_step is not None:
+            on_step(done, len(tcalls))
         key = call.key
         seen.add(key)
 
@@ -583,6 +593,8 @@ def _compare_calls(report: ModuleReport, tcalls: list[Call], jcalls: dict[str, C
         for kind, comparisons in _isolated(call, ref, kids.get(call.start, []), ctx).items():
             add(kind, "isolated", comparisons)
         call.release()
+    if on_step is not None:
+        on_step(len(tcalls), len(tcalls))
     for key, jcall in jcalls.items():
         if key not in seen and jcall.name not in internal:
             report.rows.append(ModuleRow(key, "isolated", "calls", Comparison(

@@ -564,16 +564,18 @@ def write_outputs(out: Path, summary: dict, runs: pd.DataFrame, curves: pd.DataF
 
 
 def format_table(runs: pd.DataFrame) -> str:
-    """Per seed: AP of each role and the two differences."""
+    """Per seed: AP of each role and the two differences (a pandas console table)."""
+    from .tables import text_table
+
     wide = runs.pivot(index="seed", columns="role", values="AP")
-    lines = [f"{'seed':>4} {'torch AP':>9} {'jittor AP':>10} {'control AP':>11} "
-             f"{'jittor-torch':>13} {'control-torch':>14}"]
-    for seed, row in wide.iterrows():
-        lines.append(f"{seed:>4} {row.get('torch', math.nan):>9.2f} "
-                     f"{row.get('jittor', math.nan):>10.2f} {row.get('control', math.nan):>11.2f} "
-                     f"{row.get('jittor', math.nan) - row.get('torch', math.nan):>+13.2f} "
-                     f"{row.get('control', math.nan) - row.get('torch', math.nan):>+14.2f}")
-    return "\n".join(lines)
+    ap = {role: wide[role] if role in wide else pd.Series(math.nan, index=wide.index)
+          for role in ("torch", "jittor", "control")}
+    table = pd.DataFrame({"seed": wide.index, "torch AP": ap["torch"].values,
+                          "jittor AP": ap["jittor"].values, "control AP": ap["control"].values,
+                          "jittor-torch": (ap["jittor"] - ap["torch"]).values,
+                          "control-torch": (ap["control"] - ap["torch"]).values})
+    return text_table(table, {"seed": "d", "torch AP": ".2f", "jittor AP": ".2f",
+                              "control AP": ".2f", "jittor-torch": "+.2f", "control-torch": "+.2f"})
 
 
 # ----------------------------------------------------------------------------------- job

@@ -270,8 +270,14 @@ def cmd_noise(args: Any) -> int:
         raise SystemExit(f"rtdetr-parity noise: {e}") from None
     command = ("rtdetr-parity noise " + " ".join(sys.argv[2:])).strip()
     record = write_derivation(Path(args.out), args.variants, sizes, args.seeds, command, args.steps)
-    for kind, d in record["kinds"].items():
-        print(f"{kind:<16} {d['samples']:>6} samples: median {d['p50']:.2f}, p99.9 {d['p99.9']:.2f}, "
-              f"max {d['max']:.2f} -> factor {d['factor']:.2f}")
+    import pandas as pd
+
+    from .tables import text_table
+
+    print(text_table(pd.DataFrame(
+        [{"kind": kind, "samples": d["samples"], "median": d["p50"], "p99.9": d["p99.9"],
+          "max": d["max"], "factor": d["factor"]} for kind, d in record["kinds"].items()],
+        columns=["kind", "samples", "median", "p99.9", "max", "factor"]),
+        {"samples": "d", "median": ".2f", "p99.9": ".2f", "max": ".2f", "factor": ".2f"}))
     print(f"wrote {args.out}")
     return 0

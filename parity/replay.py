@@ -1,9 +1,10 @@
 """The float64 replay of the reference: its precision floor for every training-side check.
 
 A float64 copy of the torch model replays the fp32 reference's step with the same weights,
-denoising noise and decisions (top-k, matches, and the sides of the kinks within their
-decision entries' ``atol``), so the only difference from the fp32 reference is rounding: the
-reference's own fp32 error against it is the floor the port's error is judged by.
+denoising noise and decisions (top-k, matches, and the sides of the kinks, the max-pool
+windows' argmax among them, within their decision entries' ``atol``), so the only difference
+from the fp32 reference is rounding: the reference's own fp32 error against it is the floor
+the port's error is judged by.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numpy as np
 import torch
 
 import torch_ref
+import torch_ref.backbone as torch_backbone
 import torch_ref.decoder as torch_decoder
 
 from .decisions import matcher_costs
-from .forcing import (Decisions, L1Signs, Matches, ReluGates, SampleCells, TopkSelection, override,
-                      robust_error)
+from .forcing import (Decisions, L1Signs, Matches, MaxPoolArgmax, ReluGates, SampleCells,
+                      TopkSelection, override, robust_error)
 from .models import ModelPair, to_numpy, to_torch
 
 
@@ -81,6 +83,8 @@ class Float64Replay:
             to it in the last replayed forward (widens the port's tie bands).
         flips: Per kink path, ``|reference input|`` of every element whose own side differed
             from the fp32 reference's in the last replayed forward (forced or not).
+        topk_flips: Queries of the fp32 reference's top-k that the replay's own scores would
+            not have selected in the last replayed forward.
         losses: Every loss term and ``loss`` of the last replayed forward.
         grads: The gradients of the last replayed step before clipping.
         clipped: The same after clipping (equal to ``grads`` without a step).
@@ -97,6 +101,7 @@ class Float64Replay:
         self.emas: list[torch_ref.ema.ModelEMA] = []
         self.tie_errors: dict[str, float] = {}
         self.flips: dict[str, list[np.ndarray]] = {}
+        self.topk_flips = 0
         self.losses: dict[str, float] = {}
         self.grads: dict[str, np.ndarray | None] = {}
         self.clipped: dict[str, np.ndarray | None] = {}
@@ -129,6 +134,7 @@ class Float64Replay:
         self._calls = {path: iter(calls) for path, calls in decisions.ties.items()}
         self.tie_errors = {}
         self.flips = {}
+        self.topk_flips = 0
         l1 = L1Signs.path(L1Signs.name)
         targets_ = ([(m, "forward", lambda x, path=ReluGates.path(name): self._relu(path, x))
                      for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
@@ -137,7 +143,10 @@ class Float64Replay:
                        for name, m in model.named_modules()
                        if isinstance(m, torch_decoder.MSDeformableAttention)]
                     + [(self.criterion, "l1_distance",
-                        lambda src, target: self._forced(l1, L1Signs, src - target))])
+                        lambda src, target: self._forced(l1, L1Signs, src - target))]
+                    + [(m, "stem_pool", lambda x, path=MaxPoolArgmax.path(name):
+                        self._forced(path, MaxPoolArgmax, x))
+                       for name, m in model.named_modules() if isinstance(m, torch_backbone.PResNet)])
         head = model.decoder.enc_score_head
         scores: list = []
         targets_.append((head, "forward", lambda x: scores.append(type(head).forward(head, x)) or scores[-1]))
@@ -151,8 +160,10 @@ class Float64Replay:
         finally:
             model.decoder.forced_topk_ind = None
         if decisions.scores is not None:
-            self._note(TopkSelection.path, robust_error(scores[0].detach().max(-1).values.numpy(),
-                                                        decisions.scores))
+            best = scores[0].detach().max(-1).values
+            self._note(TopkSelection.path, robust_error(best.numpy(), decisions.scores))
+            own = torch.topk(best, decisions.topk.shape[1], dim=1).indices.numpy()
+            self.topk_flips = sum(len(set(r) - set(o)) for r, o in zip(decisions.topk, own))
         if decisions.costs:
             with torch.no_grad():
                 costs = matcher_costs(self.criterion.matcher, out, tg, list(decisions.costs))
@@ -198,3 +209,13 @@ class Float64Replay:
     def weights(self) -> dict[str, np.ndarray]:
         """The trainable weights, float64."""
         return numpy_params(trainable(self.model))
+
+    def flip_counts(self) -> dict[str, int]:
+        """Per kind of decision, how many of the last replayed forward's would have gone the
+        other way than the fp32 reference's: per kind of kink (``relu_gate``, ``sample_cell``,
+        ``l1_sign``, ``maxpool_argmax``; :attr:`flips`) and ``topk`` (:attr:`topk_flips`)."""
+        counts: dict[str, int] = {"topk": self.topk_flips}
+        for path, arrays in self.flips.items():
+            kind = path.split(".")[1]
+            counts[kind] = counts.get(kind, 0) + int(sum(a.size for a in arrays))
+        return counts

@@ -144,23 +144,29 @@ def compare_runs(reference: str | Path, test: str | Path,
 
 def format_comparison(c: RunComparison, first: int) -> str:
     """The first steps' losses, every common evaluation, the summed step times and, with a
-    control run, the reference's own spread."""
+    control run, the reference's own spread (pandas tables)."""
+    import pandas as pd
+
+    from .tables import text_table
+
     runs = ["reference", "test"] + ([] if c.control is None else ["control"])
     head = f"reference {c.reference}  vs  test {c.test}"
-    lines = [head if c.control is None else f"{head}  (control {c.control})",
-             f"{'step':>5} {'reference loss':>15} {'test loss':>12} {'rel diff':>9}"
-             + ("" if c.control is None else f" {'control loss':>13} {'rel diff':>9}")]
-    for s in c.steps[:first]:
-        line = f"{s['step']:>5} {s['reference']:>15.6f} {s['test']:>12.6f} {s['rel_diff']:>9.2e}"
-        if c.control is not None:
-            line += f" {s['control']:>13.6f} {s['control_rel_diff']:>9.2e}"
-        lines.append(line)
+    steps = pd.DataFrame({"step": [s["step"] for s in c.steps[:first]],
+                          "reference loss": [s["reference"] for s in c.steps[:first]],
+                          "test loss": [s["test"] for s in c.steps[:first]],
+                          "rel diff": [s["rel_diff"] for s in c.steps[:first]]})
+    if c.control is not None:
+        steps["control loss"] = [s["control"] for s in c.steps[:first]]
+        steps["control rel diff"] = [s["control_rel_diff"] for s in c.steps[:first]]
     label = "/".join({"reference": "ref"}.get(r, r) for r in runs)
-    width = 9 * len(runs) - 1
-    lines.append(f"{'epoch':>5} " + " ".join(f"{m + ' ' + label:>{width}}" for m in METRICS))
-    for e in c.epochs:
-        cells = ["/".join(f"{100 * e[f'{m}_{r}']:.2f}" for r in runs) for m in METRICS]
-        lines.append(f"{e['epoch'] + 1:>5} " + " ".join(f"{cell:>{width}}" for cell in cells))
+    epochs = pd.DataFrame({"epoch": [e["epoch"] + 1 for e in c.epochs],
+                           **{f"{m} {label}": ["/".join(f"{100 * e[f'{m}_{r}']:.2f}" for r in runs)
+                                               for e in c.epochs] for m in METRICS}})
+    lines = [head if c.control is None else f"{head}  (control {c.control})",
+             text_table(steps, {"step": "d", "reference loss": ".6f", "test loss": ".6f",
+                                "rel diff": ".2e", "control loss": ".6f",
+                                "control rel diff": ".2e"}),
+             text_table(epochs, {"epoch": "d"})]
     seconds = c.train_seconds
     lines.append(f"step time summed over the {len(c.steps)} common steps: reference "
                  f"{seconds['reference']:.0f} s, test {seconds['test']:.0f} s "

@@ -54,6 +54,7 @@ from .training import StepReference, StepStart, _rel_l2, port_step, reference_st
 
 # Row kinds of a shadow point, by path prefix (the first match wins).
 KINDS = (("train_loss.", "loss"), ("grad.", "grad"), ("update", "update"), ("param.", "update"),
+         ("frozen.", "update"),
          ("exp_avg", "moment"), ("step_count.", "moment"), ("optimizer.", "moment"),
          ("ema", "ema"), ("buffer", "buffer"), ("train.", "decision"))
 # The kinds the plot draws (largest error / floor ratio per point).
@@ -609,21 +610,24 @@ def _json_value(value: Any) -> Any:
 
 
 def format_result(result: ShadowResult) -> str:
-    """A short table: per point the verdict and the largest ratios of the plotted kinds."""
+    """A short console table (pandas): per point the loss error and its fp32 floor, the
+    largest error / floor ratio of each plotted kind, and the verdict with the first failure."""
+    from .tables import text_table
+
     table = result.table()
-    head = (f"{'step':>6} {'loss rel':>9} {'floor':>9} " + " ".join(f"{k:>8}" for k in PLOTTED)
-            + "  verdict")
-    lines = [head, "-" * len(head)]
+    lines = []
     for point in result.points:
         rows = table[table["step"] == point.step].set_index("kind")
         loss = point.loss_row()
-        ratios = " ".join(f"{rows.loc[k, 'ratio']:>8.3g}" if k in rows.index else f"{'-':>8}"
-                          for k in PLOTTED)
         verdict = "ok" if point.passed else "FAIL: " + next(
-            f"{c.path}: {c.reason}" for c in point.rows if not c.passed)[:150]
-        lines.append(f"{point.step:>6} {loss['loss_rel_diff']:>9.2g} {loss['loss_floor']:>9.2g} "
-                     f"{ratios}  {verdict}")
-    return "\n".join(lines)
+            f"{c.path}: {c.reason}" for c in point.rows if not c.passed)
+        lines.append({"step": point.step, "loss rel": loss["loss_rel_diff"],
+                      "floor": loss["loss_floor"],
+                      **{k: rows.loc[k, "ratio"] if k in rows.index else None for k in PLOTTED},
+                      "verdict": verdict})
+    frame = pd.DataFrame(lines, columns=["step", "loss rel", "floor", *PLOTTED, "verdict"])
+    return text_table(frame, {"step": "d", "loss rel": ".2g", "floor": ".2g",
+                              **{k: ".3g" for k in PLOTTED}})
 
 
 def cmd_shadow(args: Any) -> int:

@@ -23,14 +23,14 @@ import torch_ref
 import torch_ref.decoder
 from jittor_impl.box_ops import inverse_sigmoid
 from parity.check import CheckResult
-from parity.compare import compare_tree
+from parity.compare import Comparison, compare_tree
 from parity.divergences import KnownDivergence, jittor_kernels, unexpected_failures, xfail_reason
 from parity.models import ModelPair, build_pair
 from parity.tolerances import tolerance
 from parity.forcing import L1Signs, SampleCells, cell_offsets
 from parity.training import (add_rows, check_gradients, check_optimizer_step, compare_gradients,
                              row_kind, train_pass)
-from parity.trajectory import run_trajectory, training_batches
+from parity.trajectory import Trajectory, TrajectoryStep, run_trajectory, training_batches
 from rtdetr_common.configs import variant_at_size
 
 SLOW = pytest.mark.slow
@@ -334,3 +334,81 @@ def test_a_replay_forces_its_own_dtypes_cell(dtype: torch.dtype) -> None:
                 missed.append((w, e))
             assert flips.size == 1 and flips[0] == pytest.approx(1e-5)
     assert missed == []
+
+
+def _kink_row(path: str, compared: int, flipped: int, forced: int) -> Comparison:
+    return Comparison(path, (compared,), (compared,), "bool", "bool", compared=compared,
+                      flipped=flipped, forced=forced, band=0.01, max_abs=0.005, passed=True)
+
+
+def _two_step_trajectory(flipped: int, floor: int) -> Trajectory:
+    """A hand-made two-step trajectory whose second step flips ``flipped`` ReLU gates against
+    the float64 replay's ``floor``; losses and weights agree exactly."""
+    step = dict(torch_loss=1.0, jittor_loss=1.0, float64_loss=1.0, loss_rel_diff=0.0,
+                loss_floor=1e-7, weights_rel_l2=0.0, max_param_rel_l2=0.0, max_param="w",
+                max_param_floor=1e-7, worst_excess=0.0, tie_flips=0, tie_forced=0,
+                tie_max_gap=0.0, tie_floor_flips=0, seconds_torch=0.0, seconds_jittor=0.0)
+    traj = Trajectory("r18vd", (64, 96), 2)
+    for k, (f, fl) in enumerate([(0, 0), (flipped, floor)], 1):
+        traj.steps.append(TrajectoryStep(step=k, **step))
+        traj.drift.append({"w": (0.0, 1e-7)})
+        traj.decisions.append([_kink_row("train.relu_gate.a", 10**6, f, f),
+                               _kink_row("train.sample_cell.b", 10**5, 0, 0)])
+        traj.floor_flips.append({"relu_gate": fl})
+    return traj
+
+
+@pytest.mark.parametrize("flipped, floor, passed", [
+    (0, 0, True), (2, 0, True), (3, 0, False),  # no floor: the forced count decides
+    ("within", 50, True), ("past", 50, False),  # else the trajectory factor times the floor
+])
+def test_later_trajectory_steps_judge_kink_counts_against_the_float64_replays(flipped, floor, passed) -> None:
+    """From step 2 a kind of kink is one counted row judged against the float64 replay's own
+    flips of that step: a port flipping past that allowance fails, whatever the tie band."""
+    factor = tolerance("noise", "trajectory.step[2].ties.relu_gate").atol
+    if isinstance(flipped, str):
+        flipped = int(factor * floor) + (1 if flipped == "past" else 0)
+    rows = {c.path: c for c in _two_step_trajectory(flipped, floor).comparisons()}
+    assert "trajectory.step[1].train.relu_gate.a" in rows  # step 1: the one-step rows
+    assert not any(p.startswith("trajectory.step[2].train.relu_gate") for p in rows)
+    row = rows["trajectory.step[2].ties.relu_gate"]
+    assert (row.compared, row.flipped, row.passed) == (10**6, flipped, passed), row.reason
+    assert rows["trajectory.step[2].ties.sample_cell"].passed
+    assert row_kind(row.path) == "trajectory"
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_frozen_stem_is_checked_unchanged_and_its_ema_judged_by_it(monkeypatch, moved: bool) -> None:
+    """With the stem frozen (``freeze_at=0``, as r50vd and r101vd officially), no optimizer
+    group holds its parameters: each gets a ``frozen`` row (unchanged by the step), and its
+    EMA change is judged by that row. A port that moves a frozen parameter fails there."""
+    import dataclasses
+
+    import parity.models
+    import parity.training
+
+    def frozen(*args, **kwargs):
+        cfg = variant_at_size(*args, **kwargs)
+        return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, freeze_at=0))
+
+    monkeypatch.setattr(parity.models, "variant_at_size", frozen)
+    pair = build_pair("r18vd", size=None)
+    key = "backbone.conv1.conv1_1.conv.weight"
+    assert not dict(pair.torch_model.named_parameters())[key].requires_grad
+    if moved:
+        step = parity.training.jittor_engine.train_step
+
+        def train_step(model, *args, **kwargs):
+            out = step(model, *args, **kwargs)
+            weight = dict(model.named_parameters())[key]
+            weight.assign(weight + 1e-3)
+            return out
+        monkeypatch.setattr(parity.training.jittor_engine, "train_step", train_step)
+    images, targets = training_batches(pair.cfg.num_classes, (128, 160), batch=2)[0]
+    rows = {c.path: c for c in check_optimizer_step(pair, images, targets)}
+    stem = [p for p in rows if p.startswith("frozen.backbone.conv1.")]
+    assert len(stem) == 9  # three ConvNormLayers: a conv weight and a norm weight / bias each
+    assert rows[f"frozen.{key}"].passed is not moved
+    assert all(rows[p].passed for p in stem if p != f"frozen.{key}")
+    emas = [p for p in rows if p.startswith("ema_delta[") and p.endswith(f"].{key}")]
+    assert emas and all(rows[p].passed is not moved for p in emas), [rows[p].reason for p in emas]

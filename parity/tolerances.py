@@ -87,6 +87,14 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # edge may be sampled from either cell (measured r18vd at 256: torch and Jittor locations
     # up to 1.3e-3 px apart in the last decoder layer); widened by the reference's own error.
     ("decision", "train.sample_cell", Tolerance(atol=1e-3), "sampling cells: differ only within 1e-3 px of an edge"),
+    # Max-pool argmax (the stem's pooling, parity/forcing.py MaxPoolArgmax): which element of a
+    # window takes its gradient, the gap being the reference's value at its own argmax minus at
+    # the port's. The pooled activations are train-mode BatchNorm outputs carrying ~1e-5
+    # relative fp32 error (as the top-k scores); measured r18vd 160 px fine-tuning (shadow
+    # steps 12, 22, 28): the port's flipped windows have reference gaps 0 to 8.3e-7, the
+    # reference's own |fp32 - float64| at the pooled input reaches 5.9e-6 (99.9th percentile
+    # 3.5e-6), the port's 8.9e-6. Closer than 1e-4 is a tie.
+    ("decision", "train.maxpool_argmax", Tolerance(atol=1e-4), "max-pool argmax: ties within 1e-4"),
     ("decision", "", Tolerance(atol=0.0), "other decisions: identical"),
     # Forcing may only settle ties. A counted decision row (parity/forcing.py) fails when more
     # of its decisions were forced than max(atol, rtol x compared), and when its band exceeds
@@ -142,7 +150,10 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # control (the reference in fp32 under a change that must not matter) needs, per kind;
     # noise_derivation.json holds the figures and the command that measured them.
     ("noise", "].loss", _derived("trajectory_loss"), "trajectory loss: port error <= atol x the reference's own"),
-    ("noise", "trajectory", _derived("trajectory"), "trajectory drift: port drift <= atol x the reference's own"),
+    # Kink counts from a trajectory's second step share the drift's factor: elements within a
+    # distance of a kink are as many as the distance is long (parity/trajectory.py).
+    ("noise", "trajectory", _derived("trajectory"),
+     "trajectory drift, and kink flips from step 2: port's <= atol x the reference's own"),
     ("noise", "grad.", _derived("grad"), "gradients: port error <= atol x the reference's fp32 error"),
     ("noise", "update.", _derived("grad"), "update noise band: atol x the gradient's fp32 error"),
     ("noise", "exp_avg", _derived("step"), "AdamW moments: port error <= atol x the reference's"),

@@ -758,7 +758,8 @@ def port_step(pair: ModelPair, ref: StepReference, gradients: bool = False) -> l
     ``ema.<key>`` (values), ``ema_delta[<updates>].<key>`` (after minus before, against the
     reference's) and ``ema_same_weights[<updates>].<key>`` (against the reference's formula
     on the port's own weights: the averaging alone), ``buffer.<key>`` and
-    ``buffer_delta.<key>`` (BatchNorm running statistics and counts), the step's loss
+    ``buffer_delta.<key>`` (BatchNorm running statistics and counts), ``frozen.<key>`` (a
+    parameter no optimizer group holds, e.g. a frozen backbone stem: unchanged), the step's loss
     (``train_loss.step``), and every forced decision.
     """
     cfg, jm = pair.cfg, pair.jittor_model
@@ -849,8 +850,13 @@ def port_step(pair: ModelPair, ref: StepReference, gradients: bool = False) -> l
         path = f"step_count.{name}"
         rows.append(compare_arrays(state[name]["step"], ref.state[name]["step"], _tolerance(path), path))
     rows += _buffer_rows(ref, buffers_before, to_numpy(dict(named_buffers(jm))))
+    model_state = to_numpy(jm.state_dict())
+    for key in ref.port_state.keys() - set(before) - set(buffers_before):
+        path = f"frozen.{key}"  # a parameter neither side trains (frozen) must not move
+        if key in model_state and np.asarray(ref.port_state[key]).dtype.kind == "f":
+            rows.append(compare_arrays(model_state[key], ref.port_state[key], Tolerance(atol=0.0), path))
     verdicts = {c.path: c.passed for c in rows}
-    rows += _ema_rows(cfg, ref, emas, ema_before, counts, to_numpy(jm.state_dict()), verdicts)
+    rows += _ema_rows(cfg, ref, emas, ema_before, counts, model_state, verdicts)
     return rows
 
 
@@ -860,8 +866,8 @@ def _ema_rows(cfg, ref: StepReference, emas: list, ema_before: dict, counts: tup
     reference's formula on the port's own weights (``ema_same_weights``: the averaging
     alone) and against the reference's change (``ema_delta``). The change is ``(1 - d)`` times
     the model's, so a cross row beyond its noise allowance is judged as the change of the
-    model it averages (``update.<key>`` or ``buffer_delta.<key>``, ``verdicts``) when the
-    averaging itself agreed."""
+    model it averages (``update.<key>``, ``buffer_delta.<key>`` or ``frozen.<key>``,
+    ``verdicts``) when the averaging itself agreed."""
     rows = []
     if not counts:
         return rows
@@ -890,7 +896,8 @@ def _ema_rows(cfg, ref: StepReference, emas: list, ema_before: dict, counts: tup
             c = compare_arrays(delta, ref_delta, _tolerance(path), path)
             c = noise_aware(c, _rel_l2(ref_delta, ref.ema_after64[updates][key] - ref_start),
                             "EMA change")
-            source = next((p for p in (f"update.{key}", f"buffer_delta.{key}") if p in verdicts), None)
+            source = next((p for p in (f"update.{key}", f"buffer_delta.{key}", f"frozen.{key}")
+                           if p in verdicts), None)
             if not c.passed and same.passed and source is not None:
                 c.passed = verdicts[source]
                 c.reason += f"; judged as {source}, whose change it averages"

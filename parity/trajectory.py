@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import numpy as np
 
@@ -24,6 +25,11 @@ from .training import (TwoSteps, _check_batch, _rel_l2, add_rows, check_gradient
 # Target counts of the images of the fixed training batches; batch i starts at offset 3 * i,
 # so the first batch of two images is (4, 0): one image without any target.
 _COUNTS = (4, 0, 7, 2, 1, 5, 3, 6)
+# Decisions judged by count from a trajectory's second step: their rows' path prefixes, and
+# the kinds of the float64 replay's counts (Float64Replay.flip_counts).
+_COUNTED = {"train.relu_gate.": "relu_gate", "train.sample_cell.": "sample_cell",
+            "train.l1_sign": "l1_sign", "train.maxpool_argmax.": "maxpool_argmax",
+            "train.decoder.topk_ind": "topk"}
 
 
 def training_sizes(size: int | tuple[int, int]) -> list[tuple[int, int]]:
@@ -76,6 +82,8 @@ class TrajectoryStep:
             entry (0 when none).
         tie_flips / tie_forced / tie_max_gap: Kink decisions of the step's forward the port
             set differently, how many were forced, and the largest reference ``|x|`` among them.
+        tie_floor_flips: Kink decisions the float64 replay would have set differently from the
+            fp32 reference in the same step (the reference's own count).
         seconds_torch / seconds_jittor: Wall time of each side's step.
     """
 
@@ -93,6 +101,7 @@ class TrajectoryStep:
     tie_flips: int
     tie_forced: int
     tie_max_gap: float
+    tie_floor_flips: int
     seconds_torch: float
     seconds_jittor: float
 
@@ -107,6 +116,7 @@ class Trajectory:
     steps: list[TrajectoryStep] = field(default_factory=list)
     drift: list[dict[str, tuple[float, float]]] = field(default_factory=list)
     decisions: list[list[Comparison]] = field(default_factory=list)
+    floor_flips: list[dict[str, int]] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         """One flat dict per step (for a table or CSV)."""
@@ -118,15 +128,20 @@ class Trajectory:
         A step's loss passes within the ``trajectory.loss`` entry or the ``noise`` factor of
         the reference's own fp32 loss error at that step; its weights when every parameter's
         drift is within the ``trajectory.weights`` entry or the ``noise`` factor of its
-        reference fp32 drift. The first step's forced decisions are judged as in one step
-        (counted, capped, banded); from the second on the sides start from states that differ
-        by the earlier steps' rounding, the reference's own fp32 run parts from its float64
-        replay too (on seeded weights its tie bands outgrow the quantities' scales within a
-        few steps), so those counts are reported in :meth:`rows` (``tie_flips``,
-        ``tie_forced``), not judged.
+        reference fp32 drift. Decisions: the first step's are judged as in one step (counted,
+        capped, banded); so are the match rows of every later step. From the second
+        step the sides start from states that differ by the earlier steps' rounding, so a
+        kink's inputs differ by more than one step's noise and its band no longer separates
+        ties; each kind of kink (max-pool argmaxes among them), and the top-k selection, is
+        then one row per step, judged by
+        its count: the port's flips within the trajectory's ``noise`` factor times the float64
+        replay's own flips of that step (elements within a distance of a kink are as many as
+        the distance is long, so a count grows as the drift of the kink's inputs, which that
+        factor bounds), or within the ``decision.forced`` entry's count.
         """
         rows = []
-        for s, drift, decisions in zip(self.steps, self.drift, self.decisions):
+        for s, drift, decisions, floor in zip(self.steps, self.drift, self.decisions,
+                                              self.floor_flips):
             path = f"trajectory.step[{s.step}].loss"
             factor = tolerance("noise", path).atol
             c = compare_arrays(np.float64(s.jittor_loss), np.float64(s.torch_loss),
@@ -152,22 +167,56 @@ class Trajectory:
                             f"{factor:g}x the reference's own fp32 error; worst {name}: "
                             f"{d:.3g} against {f:.3g}")
             rows.append(c)
-            if s.step == 1:  # both sides start from one state: the one-step rule applies
-                for d in decisions:
-                    d.path = f"trajectory.step[{s.step}].{d.path}"
-                    rows.append(d)
+            for d in decisions:
+                if s.step == 1 or _counted_kind(d.path) is None:
+                    rows.append(replace(d, path=f"trajectory.step[{s.step}].{d.path}"))
+            if s.step > 1:
+                rows += _kink_rows(s.step, decisions, floor)
         return rows
 
 
+def _counted_kind(path: str) -> str | None:
+    """The kind of a decision row judged by count from a trajectory's second step, else None."""
+    return next((kind for prefix, kind in _COUNTED.items() if path.startswith(prefix)), None)
+
+
+def _kink_rows(step: int, decisions: list[Comparison], floor: dict[str, int]) -> list[Comparison]:
+    """One counted row per kind of kink, and the top-k row, of a later trajectory step (see
+    :meth:`Trajectory.comparisons`)."""
+    rows = []
+    for kind in dict.fromkeys(_COUNTED.values()):
+        mine = [d for d in decisions if _counted_kind(d.path) == kind]
+        if not mine:
+            continue
+        path = f"trajectory.step[{step}].ties.{kind}"
+        compared = sum(d.compared or 0 for d in mine)
+        flipped = sum(d.flipped or 0 for d in mine)
+        factor = tolerance("noise", path).atol
+        allowed = max(tolerance("decision.forced", path).atol, factor * floor.get(kind, 0))
+        c = Comparison(path, (compared,), (compared,), "bool", "bool", compared=compared,
+                       flipped=flipped, forced=sum(d.forced or 0 for d in mine),
+                       band=max((d.band or 0.0) for d in mine),
+                       max_abs=max((d.max_abs for d in mine if d.flipped), default=0.0),
+                       within=1.0 - flipped / max(compared, 1), passed=flipped <= allowed)
+        c.reason = (f"{flipped} of {compared} flipped ({c.forced} forced); the float64 replay "
+                    f"{floor.get(kind, 0)}; allowed {allowed:g} ({factor:g}x the replay's, at "
+                    f"least the forced count)")
+        if not c.passed:
+            worst = max(mine, key=lambda d: d.flipped or 0)
+            c.reason += f"; most in {worst.path} ({worst.flipped})"
+        rows.append(c)
+    return rows
+
+
 def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]],
-                   steps: int = 10) -> Trajectory:
+                   steps: int = 10, on_step: Callable[[int], None] | None = None) -> Trajectory:
     """Trains both sides for ``steps`` official steps on ``batches`` (cycled).
 
     Both sides start from the reference's state (loaded into the Jittor model, buffers
     included). Each step is the engines' ``train_step`` with the official AdamW groups and
     clipping (no EMA: it does not feed back into training); the reference's decisions of each
     step are forced into the port and into a float64 replay of the reference, which gives the
-    reference's own fp32 drift per step.
+    reference's own fp32 drift per step. ``on_step(i)`` is called after step ``i``.
 
     Raises:
         ValueError: Without batches, or with a batch of fewer than two images.
@@ -195,9 +244,11 @@ def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]]
         worst = max(drift, key=lambda n: drift[n][0])
         diff2 = sum(float(np.sum((w_j[n] - w_t[n]) ** 2)) for n in w_t)
         norm2 = sum(float(np.sum(w_t[n] ** 2)) for n in w_t)
-        kinks = [c for c in two_steps.rows if c.path.split(".")[1] in ("relu_gate", "sample_cell", "l1_sign")]
+        kinks = [c for c in two_steps.rows if _counted_kind(c.path) not in (None, "topk")]
+        floor = replay.flip_counts()
         traj.drift.append(drift)
         traj.decisions.append(two_steps.rows)
+        traj.floor_flips.append(floor)
         traj.steps.append(TrajectoryStep(
             step=i + 1, torch_loss=loss_t, jittor_loss=loss_j, float64_loss=loss_64,
             loss_rel_diff=abs(loss_j - loss_t) / max(abs(loss_t), 1e-30),
@@ -209,12 +260,16 @@ def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]]
             tie_flips=sum(c.flipped or 0 for c in kinks),
             tie_forced=sum(c.forced or 0 for c in kinks),
             tie_max_gap=max((c.max_abs for c in kinks), default=0.0),
+            tie_floor_flips=sum(n for kind, n in floor.items() if kind != "topk"),
             seconds_torch=two_steps.seconds[0], seconds_jittor=two_steps.seconds[1]))
+        if on_step is not None:
+            on_step(i + 1)
     return traj
 
 
 def run_training_checks(pair: ModelPair, size: int | tuple[int, int], batch: int = 2,
-                        steps: int = 10) -> tuple[CheckResult, Trajectory]:
+                        steps: int = 10, on_step: Callable[[int, int], None] | None = None,
+                        ) -> tuple[CheckResult, Trajectory]:
     """Gradients, one optimizer step and an N-step trajectory of one model pair, in that
     order on the same pair (each from where the previous one left the weights).
 
@@ -223,6 +278,8 @@ def run_training_checks(pair: ModelPair, size: int | tuple[int, int], batch: int
         size: One int (rectangles around it, :func:`training_sizes`) or ``(h, w)``.
         batch: Images per batch (>= 2).
         steps: Trajectory length.
+        on_step: Called as ``on_step(done, steps + 2)`` after the gradients, the optimizer
+            step and each trajectory step.
 
     Returns:
         The rows and timings, and the trajectory (its :meth:`Trajectory.rows` make the table).
@@ -230,14 +287,22 @@ def run_training_checks(pair: ModelPair, size: int | tuple[int, int], batch: int
     result = CheckResult(pair.cfg.name, pair.weights_source, size)
     batches = training_batches(pair.cfg.num_classes, size, batch)
     images, targets = batches[0]
+
+    def done(count: int) -> None:
+        if on_step is not None:
+            on_step(count, steps + 2)
+
+    done(0)
     start = time.perf_counter()
     add_rows(result, check_gradients(pair, images, targets))
     result.seconds["gradients"] = time.perf_counter() - start
+    done(1)
     start = time.perf_counter()
     add_rows(result, check_optimizer_step(pair, images, targets))
     result.seconds["optimizer_step"] = time.perf_counter() - start
+    done(2)
     start = time.perf_counter()
-    trajectory = run_trajectory(pair, batches, steps)
+    trajectory = run_trajectory(pair, batches, steps, on_step=lambda i: done(2 + i))
     add_rows(result, trajectory.comparisons())
     result.seconds["trajectory"] = time.perf_counter() - start
     return result, trajectory

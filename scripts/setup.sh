@@ -3,6 +3,7 @@
 # reachable) so that both PyTorch and Jittor run:
 #   1. Debian packages: libdnnl-dev (oneDNN for Jittor, which would otherwise download it),
 #      g++ and python3.X-dev (Jittor compiles its kernels against Python's headers).
+#      and chromium (headless; the report test renders report.html in it).
 #   2. A virtual environment in .venv at the repository root.
 #   3. The project and its pinned dependencies: pip install -e '.[dev]'.
 #   4. A check that torch is the CPU build 2.13.0+cpu (never a multi-GB CUDA build).
@@ -42,7 +43,7 @@ else
 fi
 PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 need=()
-for pkg in libdnnl-dev g++ "python${PYVER}-dev" "python${PYVER}-venv"; do
+for pkg in libdnnl-dev g++ "python${PYVER}-dev" "python${PYVER}-venv" chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -9,7 +9,7 @@ from typing import List, Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
+from torch.nn.functional import max_pool2d
 
 from .common import ConvNormLayer, get_activation
 
@@ -277,6 +277,9 @@ class PResNet(nn.Module):
         out_strides: Strides of each returned feature map.
     """
 
+    # The max pooling after the stem.
+    STEM_POOL = {"kernel_size": 3, "stride": 2, "padding": 1}
+
     def __init__(
         self,
         depth: int,
@@ -385,6 +388,11 @@ class PResNet(nn.Module):
             else:
                 cls._freeze_norm(child)
 
+    def stem_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's max pooling (:data:`STEM_POOL`); a method, so that a parity check can
+        shadow it on one model."""
+        return max_pool2d(x, **self.STEM_POOL)
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Extracts multi-scale features.
 
@@ -396,7 +404,7 @@ class PResNet(nn.Module):
             ``[bs, out_channels[i], H / out_strides[i], W / out_strides[i]]``.
         """
         stem = self.conv1(x)
-        x = F.max_pool2d(stem, kernel_size=3, stride=2, padding=1)
+        x = self.stem_pool(stem)
         outs = []
         for idx, stage in enumerate(self.res_layers):
             x = stage(x)
