@@ -851,7 +851,7 @@ def port_step(pair: ModelPair, ref: StepReference, gradients: bool = False) -> l
         rows.append(compare_arrays(state[name]["step"], ref.state[name]["step"], _tolerance(path), path))
     rows += _buffer_rows(ref, buffers_before, to_numpy(dict(named_buffers(jm))))
     model_state = to_numpy(jm.state_dict())
-    for key in ref.port_state.keys() - set(before) - set(buffers_before):
+    for key in sorted(ref.port_state.keys() - set(before) - set(buffers_before)):
         path = f"frozen.{key}"  # a parameter neither side trains (frozen) must not move
         if key in model_state and np.asarray(ref.port_state[key]).dtype.kind == "f":
             rows.append(compare_arrays(model_state[key], ref.port_state[key], Tolerance(atol=0.0), path))
