@@ -61,7 +61,8 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     variant = result.variant
     rows = [{"kind": r.kind, **r.comparison.as_row(),
-             "precision_floor": result.precision_floor.get(r.comparison.path, "")}
+             "precision_floor": result.precision_floor.get(r.comparison.path,
+                                                           r.comparison.floor)}
             for r in result.rows]
     written = [out_dir / f"check_{variant}.csv"]
     write_csv(written[-1], rows)
@@ -112,7 +113,7 @@ def _is_decision(r) -> bool:
 def _metric_row(result, r, kind: str | None = None) -> dict:
     c = r.comparison
     return {"path": c.path, "kind": kind or r.kind, "max abs": c.max_abs, "rel L2": c.rel_l2,
-            "cosine": c.cosine, "fp32 floor": result.precision_floor.get(c.path),
+            "cosine": c.cosine, "fp32 floor": result.precision_floor.get(c.path, c.floor),
             "status": _status(result, r)}
 
 
@@ -225,7 +226,7 @@ def format_check(result, failures_per_kind: int = 20) -> str:
             summary.append({"kind": kind, "rows": len(rows), "passed": len(rows) - len(bad),
                             "failed": len(bad), "worst path": c.path, "rel L2": c.rel_l2,
                             "max abs": c.max_abs, "cosine": c.cosine,
-                            "fp32 floor": result.precision_floor.get(c.path),
+                            "fp32 floor": result.precision_floor.get(c.path, c.floor),
                             "worst status": _status(result, worst)})
             failing += [_metric_row(result, r) for r in bad[:failures_per_kind]]
             if len(bad) > failures_per_kind:

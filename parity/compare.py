@@ -56,6 +56,9 @@ class Comparison:
     flipped: int | None = None
     forced: int | None = None
     band: float | None = None
+    # The reference's own fp32 error at this tensor (rel L2 against its float64 replay),
+    # where the check measured it.
+    floor: float | None = None
 
     def as_row(self) -> dict:
         """A flat dict for CSV/JSON output."""

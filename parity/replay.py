@@ -21,7 +21,7 @@ import torch_ref.decoder as torch_decoder
 
 from .decisions import matcher_costs
 from .forcing import (Decisions, L1Signs, Matches, MaxPoolArgmax, ReluGates, SampleCells,
-                      TopkSelection, override, robust_error)
+                      TopkSelection, match_flips, override, robust_error)
 from .models import ModelPair, to_numpy, to_torch
 
 
@@ -85,6 +85,8 @@ class Float64Replay:
             from the fp32 reference's in the last replayed forward (forced or not).
         topk_flips: Queries of the fp32 reference's top-k that the replay's own scores would
             not have selected in the last replayed forward.
+        match_flips: (query, target) pairs of the fp32 reference's matches that the replay's
+            own matcher, on its own outputs, would not have made in the last replayed forward.
         losses: Every loss term and ``loss`` of the last replayed forward.
         grads: The gradients of the last replayed step before clipping.
         clipped: The same after clipping (equal to ``grads`` without a step).
@@ -102,6 +104,7 @@ class Float64Replay:
         self.tie_errors: dict[str, float] = {}
         self.flips: dict[str, list[np.ndarray]] = {}
         self.topk_flips = 0
+        self.match_flips = 0
         self.losses: dict[str, float] = {}
         self.grads: dict[str, np.ndarray | None] = {}
         self.clipped: dict[str, np.ndarray | None] = {}
@@ -135,6 +138,13 @@ class Float64Replay:
         self.tie_errors = {}
         self.flips = {}
         self.topk_flips = 0
+        own_matches: dict[str, list] = {}
+        criterion = self.criterion
+
+        def decide(key, layer_outputs, targets, decide, num_copies=1):
+            own_matches[key] = [(s.numpy(), t.numpy()) for s, t in decide()]
+            return type(criterion)._decide(criterion, key, layer_outputs, targets, decide,
+                                           num_copies)
         l1 = L1Signs.path(L1Signs.name)
         targets_ = ([(m, "forward", lambda x, path=ReluGates.path(name): self._relu(path, x))
                      for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)]
@@ -147,6 +157,7 @@ class Float64Replay:
                     + [(m, "stem_pool", lambda x, path=MaxPoolArgmax.path(name):
                         self._forced(path, MaxPoolArgmax, x))
                        for name, m in model.named_modules() if isinstance(m, torch_backbone.PResNet)])
+        targets_.append((criterion, "_decide", decide))
         head = model.decoder.enc_score_head
         scores: list = []
         targets_.append((head, "forward", lambda x: scores.append(type(head).forward(head, x)) or scores[-1]))
@@ -164,6 +175,7 @@ class Float64Replay:
             self._note(TopkSelection.path, robust_error(best.numpy(), decisions.scores))
             own = torch.topk(best, decisions.topk.shape[1], dim=1).indices.numpy()
             self.topk_flips = sum(len(set(r) - set(o)) for r, o in zip(decisions.topk, own))
+        self.match_flips = match_flips(own_matches, decisions.matches)
         if decisions.costs:
             with torch.no_grad():
                 costs = matcher_costs(self.criterion.matcher, out, tg, list(decisions.costs))
@@ -213,8 +225,9 @@ class Float64Replay:
     def flip_counts(self) -> dict[str, int]:
         """Per kind of decision, how many of the last replayed forward's would have gone the
         other way than the fp32 reference's: per kind of kink (``relu_gate``, ``sample_cell``,
-        ``l1_sign``, ``maxpool_argmax``; :attr:`flips`) and ``topk`` (:attr:`topk_flips`)."""
-        counts: dict[str, int] = {"topk": self.topk_flips}
+        ``l1_sign``, ``maxpool_argmax``; :attr:`flips`), ``topk`` (:attr:`topk_flips`) and
+        ``match`` (:attr:`match_flips`)."""
+        counts: dict[str, int] = {"topk": self.topk_flips, "match": self.match_flips}
         for path, arrays in self.flips.items():
             kind = path.split(".")[1]
             counts[kind] = counts.get(kind, 0) + int(sum(a.size for a in arrays))

@@ -212,7 +212,8 @@ def _check_rows(result) -> list[dict]:
     rows = []
     for r in result.rows:
         c = r.comparison
-        row = {"kind": r.kind, **c.as_row(), "precision_floor": result.precision_floor.get(c.path)}
+        row = {"kind": r.kind, **c.as_row(),
+               "precision_floor": result.precision_floor.get(c.path, c.floor)}
         floor = re.search(r"fp32 floor (\d[\d.]*(?:e[-+]?\d+)?)", c.reason or "")
         if r.kind == "loss" and row["precision_floor"] is None and floor:
             row["precision_floor"] = float(floor.group(1))  # as the check's message gives it

@@ -78,25 +78,36 @@ def module_depth(per_module: pd.DataFrame, first_failures: dict[str, str | None]
         _save(fig, path)
 
 
-def error_over_floor(ratios: pd.Series, factor: float | None, what: str, path: Path) -> None:
-    """Histogram of error / fp32 floor (log10 bins) with the allowed noise factor marked."""
-    values = pd.to_numeric(ratios, errors="coerce").to_numpy(dtype=float)
-    values = values[np.isfinite(values)]
-    zeros = int((values == 0).sum())
+def error_over_floor(ratios: dict[str, tuple[pd.Series, float | None]], what: str,
+                     path: Path) -> None:
+    """Histograms of error / fp32 floor (log10 bins), one per labelled series, each with its
+    allowed noise factor marked."""
+    series = {label: pd.to_numeric(r, errors="coerce").to_numpy(dtype=float)
+              for label, (r, _) in ratios.items()}
+    series = {label: v[np.isfinite(v)] for label, v in series.items()}
+    logs = {label: np.log10(v[v > 0]) for label, v in series.items()}
+    zeros = sum(int((v == 0).sum()) for v in series.values())
+    drawn = [v for v in logs.values() if v.size]
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(8, 3.2))
         ax = fig.subplots()
-        logs = np.log10(values[values > 0])
-        if logs.size:
-            low, high = math.floor(logs.min() * 4) / 4, math.ceil(logs.max() * 4) / 4 + 0.25
-            ax.hist(logs, bins=np.arange(low, high + 0.25, 0.25), color=COLORS["jittor"], alpha=0.8)
-        if factor is not None:
-            ax.axvline(math.log10(factor), color="k", ls="--", lw=1,
-                       label=f"allowed: {factor:.3g} x the floor")
+        if drawn:
+            low = math.floor(min(v.min() for v in drawn) * 4) / 4
+            high = math.ceil(max(v.max() for v in drawn) * 4) / 4 + 0.25
+            bins = np.arange(low, high + 0.25, 0.25)
+            colors = [COLORS["jittor"], COLORS["torch"], COLORS["control"], COLORS["float64"]]
+            for (label, v), color in zip(logs.items(), colors * len(logs)):
+                if v.size:
+                    ax.hist(v, bins=bins, color=color, alpha=0.55, label=f"{label} ({v.size})")
+                factor = ratios[label][1]
+                if factor is not None:
+                    ax.axvline(math.log10(factor), color=color, ls="--", lw=1,
+                               label=f"{label} allowed: {factor:.3g} x the floor")
             ax.legend(loc="upper right", fontsize=7)
         ax.set_xlabel("log10(port error / reference's own fp32 error)")
         ax.set_ylabel("count")
-        ax.set_title(f"{what}\n({values.size} values; {zeros} exact zeros not drawn)")
+        total = sum(v.size for v in series.values())
+        ax.set_title(f"{what}\n({total} values; {zeros} exact zeros not drawn)")
         _save(fig, path)
 
 

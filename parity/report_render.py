@@ -22,6 +22,8 @@ import pandas as pd
 from .report import REPORT_FORMAT, read_meta, read_table, write_json
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+# A section that ran but whose measurements cannot decide (a nightly with too few seeds).
+INCONCLUSIVE = "inconclusive"
 
 
 # --- blocks: what a section shows, rendered to Markdown and HTML ------------------------------
@@ -158,12 +160,12 @@ th { background: #f0f0f0; }
 code { background: #f4f4f4; padding: 0 3px; }
 img { max-width: 100%; border: 1px solid #ddd; }
 .pass { color: #17702a; font-weight: bold; } .fail { color: #b00020; font-weight: bold; }
-.notrun { color: #666; font-weight: bold; }
+.notrun { color: #666; font-weight: bold; } .inconclusive { color: #a15c00; font-weight: bold; }
 """
 
 
 def _verdict_html(verdict: str) -> str:
-    cls = {PASS: "pass", FAIL: "fail"}.get(verdict, "notrun")
+    cls = {PASS: "pass", FAIL: "fail", INCONCLUSIVE: "inconclusive"}.get(verdict, "notrun")
     return f'<span class="{cls}">{html.escape(verdict)}</span>'
 
 
@@ -270,11 +272,15 @@ def overall(sections: list[Section]) -> tuple[str, str]:
     judged = [s for s in sections if s.verdict is not None]
     failed = [s for s in judged if s.verdict == FAIL]
     not_run = [s for s in judged if s.verdict == NOT_RUN]
-    verdict = FAIL if failed else PASS
-    line = (f"{verdict.upper()}: {len(judged) - len(failed) - len(not_run)} sections pass, "
-            f"{len(failed)} fail, {len(not_run)} not run")
+    open_ = [s for s in judged if s.verdict == INCONCLUSIVE]
+    verdict = FAIL if failed else INCONCLUSIVE if open_ else PASS
+    passed = len(judged) - len(failed) - len(not_run) - len(open_)
+    line = (f"{verdict.upper()}: {passed} sections pass, {len(failed)} fail, "
+            + (f"{len(open_)} inconclusive, " if open_ else "") + f"{len(not_run)} not run")
     if failed:
         line += f"; first failure: {failed[0].title}: {failed[0].first_failure}"
+    elif open_:
+        line += f"; undecided: {open_[0].title}: {open_[0].compared}"
     return verdict, line
 
 

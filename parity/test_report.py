@@ -79,7 +79,7 @@ def test_report_shows_every_section_with_its_verdict(regenerated: Path) -> None:
                       "Known divergences and framework differences"]
     assert md.index(f"**Verdict: {summary['verdict_line']}**") < md.index("## Outputs and detections")
     for s in summary["sections"]:
-        assert s["verdict"] in ("pass", "fail", "not run")
+        assert s["verdict"] in ("pass", "fail", "inconclusive", "not run")
         assert f"## {s['title']}" in md
         assert f"**Verdict: {s['verdict']}**" in md
     for title in summary["reference_sections"]:
@@ -100,6 +100,26 @@ def _module_line(md: str, module: str) -> list[str]:
         if len(cells) > 2 and cells[1] == module and (cells[0].isdigit() or cells[0] == "order"):
             return cells
     raise AssertionError(f"no module-map row of {module}")
+
+
+@needs_committed
+@pytest.mark.parametrize("nightly, section, top", [
+    ("inconclusive", "inconclusive", "inconclusive"), ("different", "fail", "fail")])
+def test_an_undecided_training_comparison_is_inconclusive_not_a_pass_or_a_fail(
+        tmp_path: Path, nightly: str, section: str, top: str) -> None:
+    """The nightly's verdict reaches the report as it is: inconclusive (too few seeds to
+    decide) is neither a pass nor a fail, and makes the top verdict inconclusive; different
+    fails."""
+    source = _copy_report(tmp_path)
+    path = source / "data" / "nightly_summary.json"
+    summary = json.loads(path.read_text())
+    summary["verdict"], summary["verdict_line"] = nightly, f"{nightly}: measured"
+    path.write_text(json.dumps(summary))
+    after = _regenerate(source, tmp_path / "out")
+    verdicts = {s["key"]: s["verdict"] for s in after["sections"]}
+    assert verdicts["training-comparison"] == section
+    assert after["verdict"] == top and after["verdict_line"].startswith(top.upper())
+    assert "Training comparison" in after["verdict_line"]
 
 
 @needs_committed

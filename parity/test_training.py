@@ -9,6 +9,7 @@ model and asserts that the gradient check catches it while the forward still agr
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Optional, Sequence
 
@@ -27,7 +28,7 @@ from parity.compare import Comparison, compare_tree
 from parity.divergences import KnownDivergence, jittor_kernels, unexpected_failures, xfail_reason
 from parity.models import ModelPair, build_pair
 from parity.tolerances import tolerance
-from parity.forcing import L1Signs, SampleCells, cell_offsets
+from parity.forcing import L1Signs, SampleCells, _Kinks, cell_offsets
 from parity.training import (add_rows, check_gradients, check_optimizer_step, compare_gradients,
                              row_kind, train_pass)
 from parity.trajectory import Trajectory, TrajectoryStep, run_trajectory, training_batches
@@ -341,40 +342,74 @@ def _kink_row(path: str, compared: int, flipped: int, forced: int) -> Comparison
                       flipped=flipped, forced=forced, band=0.01, max_abs=0.005, passed=True)
 
 
-def _two_step_trajectory(flipped: int, floor: int) -> Trajectory:
-    """A hand-made two-step trajectory whose second step flips ``flipped`` ReLU gates against
-    the float64 replay's ``floor``; losses and weights agree exactly."""
+# Per counted kind of a later trajectory step: the path of a decision row of that kind.
+_KIND_ROWS = {"relu_gate": "train.relu_gate.a", "match": "train.match.final"}
+
+
+def _two_step_trajectory(flipped: int, floor: int, kind: str = "relu_gate") -> Trajectory:
+    """A hand-made two-step trajectory whose second step flips ``flipped`` decisions of
+    ``kind`` against the float64 replay's ``floor``; losses and weights agree exactly."""
     step = dict(torch_loss=1.0, jittor_loss=1.0, float64_loss=1.0, loss_rel_diff=0.0,
                 loss_floor=1e-7, weights_rel_l2=0.0, max_param_rel_l2=0.0, max_param="w",
                 max_param_floor=1e-7, worst_excess=0.0, tie_flips=0, tie_forced=0,
                 tie_max_gap=0.0, tie_floor_flips=0, seconds_torch=0.0, seconds_jittor=0.0)
     traj = Trajectory("r18vd", (64, 96), 2)
+    compared = 10**6 if kind == "relu_gate" else 200
     for k, (f, fl) in enumerate([(0, 0), (flipped, floor)], 1):
         traj.steps.append(TrajectoryStep(step=k, **step))
         traj.drift.append({"w": (0.0, 1e-7)})
-        traj.decisions.append([_kink_row("train.relu_gate.a", 10**6, f, f),
+        traj.decisions.append([_kink_row(_KIND_ROWS[kind], compared, f, f),
                                _kink_row("train.sample_cell.b", 10**5, 0, 0)])
-        traj.floor_flips.append({"relu_gate": fl})
+        traj.floor_flips.append({kind: fl})
     return traj
 
 
+@pytest.mark.parametrize("kind", sorted(_KIND_ROWS))
 @pytest.mark.parametrize("flipped, floor, passed", [
     (0, 0, True), (2, 0, True), (3, 0, False),  # no floor: the forced count decides
-    ("within", 50, True), ("past", 50, False),  # else the trajectory factor times the floor
+    ("within", 5, True), ("past", 5, False),  # else the trajectory factor times the floor
+    (150, 50, True),  # an allowance over every decision: passes, said to be saturated
 ])
-def test_later_trajectory_steps_judge_kink_counts_against_the_float64_replays(flipped, floor, passed) -> None:
-    """From step 2 a kind of kink is one counted row judged against the float64 replay's own
-    flips of that step: a port flipping past that allowance fails, whatever the tie band."""
-    factor = tolerance("noise", "trajectory.step[2].ties.relu_gate").atol
+def test_later_trajectory_steps_judge_counts_against_the_float64_replays(kind, flipped, floor,
+                                                                         passed) -> None:
+    """From step 2 a kind of kink, and the matches, are one counted row each, judged against
+    the float64 replay's own flips of that step: a port flipping past that allowance fails,
+    whatever the tie band."""
+    factor = tolerance("noise", f"trajectory.step[2].ties.{kind}").atol
     if isinstance(flipped, str):
         flipped = int(factor * floor) + (1 if flipped == "past" else 0)
-    rows = {c.path: c for c in _two_step_trajectory(flipped, floor).comparisons()}
-    assert "trajectory.step[1].train.relu_gate.a" in rows  # step 1: the one-step rows
-    assert not any(p.startswith("trajectory.step[2].train.relu_gate") for p in rows)
-    row = rows["trajectory.step[2].ties.relu_gate"]
-    assert (row.compared, row.flipped, row.passed) == (10**6, flipped, passed), row.reason
+    rows = {c.path: c for c in _two_step_trajectory(flipped, floor, kind).comparisons()}
+    assert f"trajectory.step[1].{_KIND_ROWS[kind]}" in rows  # step 1: the one-step rows
+    assert not any(p.startswith(f"trajectory.step[2].{_KIND_ROWS[kind]}") for p in rows)
+    row = rows[f"trajectory.step[2].ties.{kind}"]
+    assert (row.flipped, row.passed) == (flipped, passed), row.reason
+    assert ("saturated" in row.reason) == (factor * floor >= row.compared), row.reason
     assert rows["trajectory.step[2].ties.sample_cell"].passed
     assert row_kind(row.path) == "trajectory"
+
+
+def test_the_float64_replay_counts_the_matches_its_own_matcher_would_not_make() -> None:
+    """The replay's ``match`` count is the reference pairs its own matcher, on its own
+    outputs, does not make: none on the reference's own decisions at the same weights, and
+    exactly the pairs of a reference assignment with two targets swapped."""
+    from parity.replay import Float64Replay
+    from parity.training import _recorded_step
+
+    pair = build_pair("r18vd", size=None)
+    images, targets = training_batches(pair.cfg.num_classes, (128, 160), batch=2)[1]
+    replay = Float64Replay(pair)  # a copy of the weights the decisions are recorded at
+    optimizer = torch_ref.build_optimizer(pair.torch_model, pair.cfg)
+    _, forcing, _, rng_state = _recorded_step(pair, optimizer, images, targets)
+    decisions = forcing.recorded(rng_state)
+    replay.gradients(images, targets, decisions)
+    assert replay.flip_counts()["match"] == 0
+    image = next(i for i, t in enumerate(targets) if len(t["labels"]) >= 2)
+    final = [(s.copy(), t.copy()) for s, t in decisions.matches["final"]]
+    src, tgt = final[image]
+    tgt[[0, 1]] = tgt[[1, 0]]
+    swapped = dataclasses.replace(decisions, matches={**decisions.matches, "final": final})
+    replay.gradients(images, targets, swapped)
+    assert replay.flip_counts()["match"] == 2
 
 
 @pytest.mark.parametrize("moved", [False, True])
@@ -412,3 +447,46 @@ def test_a_frozen_stem_is_checked_unchanged_and_its_ema_judged_by_it(monkeypatch
     assert all(rows[p].passed for p in stem if p != f"frozen.{key}")
     emas = [p for p in rows if p.startswith("ema_delta[") and p.endswith(f"].{key}")]
     assert emas and all(rows[p].passed is not moved for p in emas), [rows[p].reason for p in emas]
+
+
+class _Gates(_Kinks):
+    """ReLU-like kinks of hand-made inputs, one name (``x``)."""
+
+    prefix, what = "train.relu_gate", "gate"
+    branch = staticmethod(lambda x: x > 0)
+
+    def names(self) -> list[str]:
+        return ["x"]
+
+    def _recorders(self) -> list:
+        return []
+
+    def _forcers(self) -> list:
+        return []
+
+
+@pytest.mark.parametrize("noise, outside, passed", [
+    (1e-4, 1, True),  # one flip past the band, the port's error quantile within it: the tail
+    (1e-4, 11, False),  # more flips past the band than the quantile's tail can hold
+    (1e-2, 1, False),  # the port's error at the quantile is past the band itself
+])
+def test_flips_outside_the_band_are_the_tail_only_while_the_port_error_is_within_it(
+        noise: float, outside: int, passed: bool) -> None:
+    """A band is the noise factor times a quantile of the reference's error, so a correct port
+    may flip a few elements just past it; many such flips, or a port whose error at that
+    quantile exceeds the band, fail."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=10_000)
+    reference = (np.sign(normal) * (0.5 + np.abs(normal))).astype(np.float32)  # none near 0
+    test = reference + rng.normal(scale=noise, size=reference.shape).astype(np.float32)
+    gates = _Gates()
+    path = gates.path("x")
+    band = gates.band(path)
+    reference[:outside] = 2 * band  # past the band, and the port on the other side
+    test[:outside] = -band
+    gates.reference[path] = [reference]
+    gates.test[path] = [jt.array(test)]
+    [row] = gates.decisions()
+    assert (row.flipped, row.forced) == (outside, 0)
+    assert row.passed is passed, row.reason
+    assert "outside the band" in row.reason

@@ -150,10 +150,11 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # control (the reference in fp32 under a change that must not matter) needs, per kind;
     # noise_derivation.json holds the figures and the command that measured them.
     ("noise", "].loss", _derived("trajectory_loss"), "trajectory loss: port error <= atol x the reference's own"),
-    # Kink counts from a trajectory's second step share the drift's factor: elements within a
-    # distance of a kink are as many as the distance is long (parity/trajectory.py).
+    # Kink, top-k and match counts from a trajectory's second step share the drift's factor:
+    # decisions within a distance of their kink or threshold are as many as the distance is
+    # long (parity/trajectory.py).
     ("noise", "trajectory", _derived("trajectory"),
-     "trajectory drift, and kink flips from step 2: port's <= atol x the reference's own"),
+     "trajectory drift, and decision flips from step 2: port's <= atol x the reference's own"),
     ("noise", "grad.", _derived("grad"), "gradients: port error <= atol x the reference's fp32 error"),
     ("noise", "update.", _derived("grad"), "update noise band: atol x the gradient's fp32 error"),
     ("noise", "exp_avg", _derived("step"), "AdamW moments: port error <= atol x the reference's"),

@@ -72,7 +72,10 @@ def _check_batch(images: np.ndarray, what: str) -> None:
 def noise_aware(c: Comparison, floor: float, what: str) -> Comparison:
     """Lets a comparison that failed only on ``rel_l2``/``cosine`` pass within the ``noise``
     factor of the reference's own fp32 error ``floor`` (relative L2 against its float64
-    replay); the cosine limit follows as ``1 - (factor * floor) ** 2 / 2``."""
+    replay); the cosine limit follows as ``1 - (factor * floor) ** 2 / 2``. Records ``floor``
+    on the row."""
+    if math.isfinite(floor):
+        c.floor = floor
     if c.passed or not math.isfinite(floor) or c.within < 1.0 or c.shape_ref != c.shape_test:
         return c
     factor = tolerance("noise", c.path).atol

@@ -29,7 +29,9 @@ _COUNTS = (4, 0, 7, 2, 1, 5, 3, 6)
 # the kinds of the float64 replay's counts (Float64Replay.flip_counts).
 _COUNTED = {"train.relu_gate.": "relu_gate", "train.sample_cell.": "sample_cell",
             "train.l1_sign": "l1_sign", "train.maxpool_argmax.": "maxpool_argmax",
-            "train.decoder.topk_ind": "topk"}
+            "train.decoder.topk_ind": "topk", "train.match.": "match"}
+# The counted kinds that are choices among candidates rather than sides of a kink.
+_CHOICES = ("topk", "match")
 
 
 def training_sizes(size: int | tuple[int, int]) -> list[tuple[int, int]]:
@@ -129,15 +131,14 @@ class Trajectory:
         the reference's own fp32 loss error at that step; its weights when every parameter's
         drift is within the ``trajectory.weights`` entry or the ``noise`` factor of its
         reference fp32 drift. Decisions: the first step's are judged as in one step (counted,
-        capped, banded); so are the match rows of every later step. From the second
-        step the sides start from states that differ by the earlier steps' rounding, so a
-        kink's inputs differ by more than one step's noise and its band no longer separates
-        ties; each kind of kink (max-pool argmaxes among them), and the top-k selection, is
-        then one row per step, judged by
-        its count: the port's flips within the trajectory's ``noise`` factor times the float64
-        replay's own flips of that step (elements within a distance of a kink are as many as
-        the distance is long, so a count grows as the drift of the kink's inputs, which that
-        factor bounds), or within the ``decision.forced`` entry's count.
+        capped, banded). From the second step the sides start from states that differ by the
+        earlier steps' rounding, so a decision's inputs differ by more than one step's noise
+        and its band no longer separates ties; each kind of kink (max-pool argmaxes among
+        them), the top-k selection and the Hungarian matches are then one row per step each,
+        judged by its count: the port's flips within the trajectory's ``noise`` factor times
+        the float64 replay's own flips of that step (elements within a distance of a kink are
+        as many as the distance is long, so a count grows as the drift of the kink's inputs,
+        which that factor bounds), or within the ``decision.forced`` entry's count.
         """
         rows = []
         for s, drift, decisions, floor in zip(self.steps, self.drift, self.decisions,
@@ -201,6 +202,9 @@ def _kink_rows(step: int, decisions: list[Comparison], floor: dict[str, int]) ->
         c.reason = (f"{flipped} of {compared} flipped ({c.forced} forced); the float64 replay "
                     f"{floor.get(kind, 0)}; allowed {allowed:g} ({factor:g}x the replay's, at "
                     f"least the forced count)")
+        if allowed >= compared:
+            c.reason += ("; saturated: the reference's own flips make every count noise here, "
+                         "so this step cannot tell a port by its count")
         if not c.passed:
             worst = max(mine, key=lambda d: d.flipped or 0)
             c.reason += f"; most in {worst.path} ({worst.flipped})"
@@ -244,7 +248,7 @@ def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]]
         worst = max(drift, key=lambda n: drift[n][0])
         diff2 = sum(float(np.sum((w_j[n] - w_t[n]) ** 2)) for n in w_t)
         norm2 = sum(float(np.sum(w_t[n] ** 2)) for n in w_t)
-        kinks = [c for c in two_steps.rows if _counted_kind(c.path) not in (None, "topk")]
+        kinks = [c for c in two_steps.rows if _counted_kind(c.path) not in (None, *_CHOICES)]
         floor = replay.flip_counts()
         traj.drift.append(drift)
         traj.decisions.append(two_steps.rows)
@@ -260,7 +264,7 @@ def run_trajectory(pair: ModelPair, batches: list[tuple[np.ndarray, list[dict]]]
             tie_flips=sum(c.flipped or 0 for c in kinks),
             tie_forced=sum(c.forced or 0 for c in kinks),
             tie_max_gap=max((c.max_abs for c in kinks), default=0.0),
-            tie_floor_flips=sum(n for kind, n in floor.items() if kind != "topk"),
+            tie_floor_flips=sum(n for kind, n in floor.items() if kind not in _CHOICES),
             seconds_torch=two_steps.seconds[0], seconds_jittor=two_steps.seconds[1]))
         if on_step is not None:
             on_step(i + 1)
