@@ -99,8 +99,9 @@ class Equivalence:
     def describe(self) -> str:
         """One line: verdict, mean, interval, margin (and the seeds still needed)."""
         e = self.effect
-        text = (f"{self.verdict}: mean {e.mean:+.3f}, {100 * e.confidence:.0f}% CI "
-                f"[{e.ci_low:+.3f}, {e.ci_high:+.3f}] vs margin +-{self.margin:g} (n={e.n})")
+        interval = (f"{100 * e.confidence:.0f}% CI [{e.ci_low:+.3f}, {e.ci_high:+.3f}]"
+                    if e.n >= 2 else "no interval from one seed")
+        text = f"{self.verdict}: mean {e.mean:+.3f}, {interval} vs margin +-{self.margin:g} (n={e.n})"
         if self.verdict == INCONCLUSIVE:
             text += (f"; needs {self.more_seeds} more seeds" if self.more_seeds is not None
                      else "; more seeds cannot decide at this mean (it sits on the margin)")

@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from rtdetr_common.signals import owned_handler
 from rtdetr_common.train_config import read_log
 from rtdetr_common.weights import NEUTRAL_SUFFIXES, atomic_write
 
@@ -621,7 +622,8 @@ def run_nightly(prof: Profile, *, out: Path, runs_dir: Path, seeds: int | None =
     progress(f"rtdetr-parity nightly: profile {prof.name}, {seeds} seeds x {len(ROLES)} runs, "
              f"{prof.parallel} at a time, runs in {runs_dir}"
              + (f", fault {fault} in the Jittor runs" if fault else ""))
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: launcher.stop(signum))
+    previous = signal.signal(signal.SIGTERM,
+                             owned_handler(lambda signum, frame: launcher.stop(signum)))
     try:
         codes = run_all(specs, prof.parallel, launcher, progress)
     except KeyboardInterrupt:
@@ -653,11 +655,16 @@ def run_nightly(prof: Profile, *, out: Path, runs_dir: Path, seeds: int | None =
     progress(format_table(runs))
     if not failed:
         c = summary["control"]["equivalence"]["effect"]
-        progress(f"control (reference against itself): AP diff sd {c['sd']:.3f}, mean "
-                 f"{c['mean']:+.3f}, CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
-        progress(f"detectable: a true shift of {summary['detectable_shift_ap_points']:.2f} AP "
-                 f"points from zero, a gap of {summary['detectable_difference_ap_points']:.2f} "
-                 f"called different (80% power)")
+        if c["n"] >= 2:
+            progress(f"control (reference against itself): AP diff sd {c['sd']:.3f}, mean "
+                     f"{c['mean']:+.3f}, CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]")
+            progress(f"detectable: a true shift of {summary['detectable_shift_ap_points']:.2f} "
+                     f"AP points from zero, a gap of "
+                     f"{summary['detectable_difference_ap_points']:.2f} called different (80% "
+                     f"power)")
+        else:
+            progress(f"control (reference against itself): AP diff {c['mean']:+.3f} (one seed: "
+                     f"no spread, no interval)")
     progress(f"verdict: {summary['verdict_line']}")
     progress(f"wrote {', '.join(str(p) for p in paths)}")
     if failed:

@@ -42,6 +42,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from rtdetr_common.signals import owned_handler
+
 ROOT = Path(__file__).resolve().parent.parent
 # Floats in data/*.csv: 7 significant digits (a report shows 3; a module row is judged again
 # from its stored error, next to the check's own verdict).
@@ -600,7 +602,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     A termination request (SIGTERM) unwinds like an error: the temporary folder is removed and
     the report in place stays as it was.
     """
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, owned_handler(_terminate))
     try:
         return _report(args)
     finally:
