@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from rtdetr_common.signals import owned_handler
+from rtdetr_common.signals import install
 from rtdetr_common.train_config import read_log
 from rtdetr_common.weights import NEUTRAL_SUFFIXES, atomic_write
 
@@ -622,8 +622,7 @@ def run_nightly(prof: Profile, *, out: Path, runs_dir: Path, seeds: int | None =
     progress(f"rtdetr-parity nightly: profile {prof.name}, {seeds} seeds x {len(ROLES)} runs, "
              f"{prof.parallel} at a time, runs in {runs_dir}"
              + (f", fault {fault} in the Jittor runs" if fault else ""))
-    previous = signal.signal(signal.SIGTERM,
-                             owned_handler(lambda signum, frame: launcher.stop(signum)))
+    previous = install(signal.SIGTERM, lambda signum, frame: launcher.stop(signum))
     try:
         codes = run_all(specs, prof.parallel, launcher, progress)
     except KeyboardInterrupt:

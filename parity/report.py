@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from rtdetr_common.signals import owned_handler
+from rtdetr_common.signals import install
 
 ROOT = Path(__file__).resolve().parent.parent
 # Floats in data/*.csv: 7 significant digits (a report shows 3; a module row is judged again
@@ -602,7 +602,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     A termination request (SIGTERM) unwinds like an error: the temporary folder is removed and
     the report in place stays as it was.
     """
-    previous = signal.signal(signal.SIGTERM, owned_handler(_terminate))
+    previous = install(signal.SIGTERM, _terminate)
     try:
         return _report(args)
     finally:

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable
 
 Handler = Callable[[int, Any], Any]
 
+# The signals this process installed owned handlers for; a forked child resets them.
+_OWNED: set[int] = set()
+
+
+def _defaults_in_child() -> None:
+    """In a process just forked (a library's worker pool: Jittor compiles in one), the signals
+    this module handles take their default actions again. A Python handler runs only when the
+    interpreter gets control, so a worker blocked on a lock it inherited held would ignore the
+    SIGTERM its pool stops it with, and its parent would wait for it at exit."""
+    for signum in _OWNED:
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except ValueError:  # forked from a thread other than the main one
+            pass
+
+
+os.register_at_fork(after_in_child=_defaults_in_child)
+
 
 def owned_handler(handler: Handler) -> Handler:
-    """``handler`` for the calling process only.
-
-    A process forked from it inherits its handlers; a library's worker pool (Jittor compiles
-    in one) is then stopped with SIGTERM at exit and would run the parent's handler instead of
-    ending, leaving the parent waiting for it. In any process but the installing one the
-    returned handler ends the process at once, as the default action would.
-    """
+    """``handler`` for the calling process only: a process forked from it ends at once on the
+    signal, as the default action would, instead of running the parent's handler."""
     owner = os.getpid()
 
     def handle(signum: int, frame: Any) -> Any:
@@ -23,3 +37,11 @@ def owned_handler(handler: Handler) -> Handler:
             os._exit(128 + signum)
         return handler(signum, frame)
     return handle
+
+
+def install(signum: int, handler: Handler) -> Any:
+    """Installs ``handler`` for ``signum`` in this process only (:func:`owned_handler`; a
+    forked child takes the default action from its first instruction on); returns the
+    previous handler, for :func:`signal.signal` to restore."""
+    _OWNED.add(signum)
+    return signal.signal(signum, owned_handler(handler))

@@ -48,7 +48,7 @@ from .configs import VARIANTS, EMAConfig, ScheduleConfig, VariantConfig, variant
 from .pipeline.coco_dataset import CocoDetection
 from .pipeline.loader import DataLoader
 from .pipeline.transforms import AUGMENTATIONS, eval_transforms, train_transforms
-from .signals import owned_handler
+from .signals import install
 from .weights import _NumpyOnlyUnpickler, atomic_write
 
 CHECKPOINT_FORMAT = "rtdetr-parity-train"
@@ -552,7 +552,7 @@ class StopOnSignal:
 
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, owned_handler(self._handle))
+                self._previous[sig] = install(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
