@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -665,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights in the official layout (default: seeded, no download)")
     faults.add_argument("--num-classes", type=int, default=80, help="the weights' class count")
     faults.add_argument("--out", default="reports/out", help="folder of the CSV table")
+    faults.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes sharing the catalogue (default: up to 2, one per core)")
     faults.set_defaults(func=cmd_faults)
 
     noise = sub.add_parser("noise", help="measure the reference against itself (controls) and "

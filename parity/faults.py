@@ -377,19 +377,58 @@ class FaultRunner:
         return result
 
 
-def run_catalogue(variant: str, size: tuple[int, int], tier: str, ids: list[str] | None = None,
-                  progress: Any = None, weights: str | Path | None = None,
-                  num_classes: int = 80) -> tuple[dict[str, list[Comparison]], list[FaultResult]]:
-    """The clean port's failing rows per part (the baseline) and every fault's result."""
+def _run_part(variant: str, size: tuple[int, int], tier: str, ids: list[str],
+              weights: str | Path | None, num_classes: int
+              ) -> tuple[dict[str, list[Comparison]], list[FaultResult]]:
+    """The baseline and the results of the faults ``ids`` in a fresh runner (a worker's share)."""
     faults = catalogue(ids)
     runner = FaultRunner(variant, size, tier, weights, num_classes)
-    baseline = runner.baseline()
-    results = []
-    for fault in faults:
-        results.append(runner.run(fault))
-        if progress is not None:
-            progress(results[-1])
-    return baseline, results
+    return runner.baseline(), [runner.run(fault) for fault in faults]
+
+
+def run_catalogue(variant: str, size: tuple[int, int], tier: str, ids: list[str] | None = None,
+                  progress: Any = None, weights: str | Path | None = None,
+                  num_classes: int = 80, workers: int = 1
+                  ) -> tuple[dict[str, list[Comparison]], list[FaultResult]]:
+    """The clean port's failing rows per part (the baseline) and every fault's result.
+
+    With ``workers`` > 1 every ``workers``-th fault (from the second on) runs in its own
+    spawned process with its own runner, beside this one (each checks the clean port too);
+    the results come back in catalogue order and the baselines merged. ``progress(result)``
+    is called for each of this process's results as it comes.
+    """
+    faults = catalogue(ids)
+    shares = [faults[i::max(1, workers)] for i in range(max(1, workers))]
+    shares = [share for share in shares if share]
+    pool = None
+    futures = []
+    if len(shares) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(len(shares) - 1, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(_run_part, variant, size, tier, [f.id for f in share], weights,
+                               num_classes) for share in shares[1:]]
+    try:
+        runner = FaultRunner(variant, size, tier, weights, num_classes)
+        baseline = runner.baseline()
+        results = []
+        for fault in shares[0] if shares else []:
+            results.append(runner.run(fault))
+            if progress is not None:
+                progress(results[-1])
+        for future in futures:
+            other, done = future.result()
+            for part, rows in other.items():
+                baseline.setdefault(part, [])
+                baseline[part] += [c for c in rows
+                                   if c.path not in {b.path for b in baseline[part]}]
+            results += done
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    order = {f.id: i for i, f in enumerate(faults)}
+    return baseline, sorted(results, key=lambda r: order[r.fault.id])
 
 
 def write_table(results: list[FaultResult], path: Path) -> None:
@@ -408,11 +447,13 @@ def cmd_faults(args: Any) -> int:
           f"weights {args.weights or 'seeded'}")
     baseline, results = run_catalogue(
         args.variant, size, args.tier, args.only, weights=args.weights, num_classes=args.num_classes,
-        progress=lambda r: print(f"  {r.fault.id:<28} "
+        workers=args.workers, progress=lambda r: print(f"  {r.fault.id:<28} "
                                  f"{'ERROR' if r.error else 'caught' if r.caught else 'MISSED'}  "
                                  f"{r.caught_by}", flush=True))
     dirty = {part: rows for part, rows in baseline.items() if rows}
     table = pd.DataFrame([r.row() for r in results])
+    if args.workers > 1:
+        print(f"(the faults of {args.workers - 1} other worker(s) are in the table only)")
     print(table[["id", "area", "caught", "caught_by"]].to_string(index=False, max_colwidth=90))
     if args.out:
         write_table(results, Path(args.out) / f"faults_{args.variant}_{args.tier}.csv")

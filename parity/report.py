@@ -414,7 +414,8 @@ def _faults(settings: ReportSettings, data: Path, on_phase: Callable[[str], None
     size = (128, 192)
     baseline, results = run_catalogue(settings.variant, size, "fast",
                                       weights=settings.check.weights,
-                                      num_classes=settings.check.num_classes)
+                                      num_classes=settings.check.num_classes,
+                                      workers=min(2, os.cpu_count() or 1))
     write_table(data, "faults", [r.row() for r in results])
     return {"state": "run", "tier": "fast", "size": list(size),
             "baseline_failures": sum(len(v) for v in baseline.values())}

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from jittor_impl.common import BatchNorm2d, named_modules, set_child
-from parity.faults import Fault, FaultError, FaultRunner, _resolve, applied, catalogue
+from parity.faults import (Fault, FaultError, FaultRunner, _resolve, applied, catalogue,
+                           run_catalogue)
 from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, run_module_check
 from rtdetr_common.seeded import seeded_images, seeded_targets
@@ -85,6 +86,18 @@ def test_catalogue_fault_is_caught(runner: FaultRunner, fault: Fault) -> None:
     assert result.caught, f"{fault.id} ({fault.what}) went unnoticed by {result.parts_run}"
     if runner.tier == "full":
         assert result.parts_run == runner.parts
+
+
+@pytest.mark.slow  # a spawned worker builds its own runner: about a minute
+def test_workers_share_the_catalogue() -> None:
+    """Two workers (this process and a spawned one) each run their share against a clean
+    baseline; the results come back complete, in catalogue order, each fault caught."""
+    ids = [f.id for f in catalogue()[:2]]
+    baseline, results = run_catalogue("r18vd", FAULT_SIZE, "fast", ids=ids, workers=2)
+    assert not any(baseline.values())
+    assert [r.fault.id for r in results] == ids
+    assert all(r.caught and not r.error and r.caught_by for r in results), \
+        [(r.fault.id, r.caught_by, r.error) for r in results]
 
 
 @pytest.fixture
