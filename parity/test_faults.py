@@ -88,7 +88,7 @@ def test_catalogue_fault_is_caught(runner: FaultRunner, fault: Fault) -> None:
         assert result.parts_run == runner.parts
 
 
-@pytest.mark.slow  # a spawned worker builds its own runner: about a minute
+@pytest.mark.slow  # a spawned worker builds a second runner of its own
 def test_workers_share_the_catalogue() -> None:
     """Two workers (this process and a spawned one) each run their share against a clean
     baseline; the results come back complete, in catalogue order, each fault caught."""
