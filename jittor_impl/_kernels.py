@@ -1428,7 +1428,7 @@ class _Conv1x1(jt.Function):
 
 
 def conv1x1(x: jt.Var, weight: jt.Var, bias: Optional[jt.Var] = None) -> jt.Var:
-    """A 1x1 convolution (stride 1, no padding, one group) as oneDNN ``sgemm``\ s (CPU only).
+    """A 1x1 convolution (stride 1, no padding, one group) as oneDNN ``sgemm`` calls (CPU only).
 
     Needs :func:`has_dnnl_sgemm`. Jittor's CPU convolution reorders the maps to a blocked
     layout and back around oneDNN's convolution; a pointwise one is a matrix product per

@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--tier", choices=("fast", "full"), default="fast",
                         help="fast: stop at the first part that catches a fault, no module "
                              "check; full: every part")
-    _add_size(faults, "--size", (128, 192), "input size of every check")
+    _add_size(faults, "--size", (128, 192), "input size of every check")  # faults.CATALOGUE_SIZE
     faults.add_argument("--only", nargs="+", metavar="ID", help="run these faults only")
     faults.add_argument("--weights", default=None,
                         help="weights in the official layout (default: seeded, no download)")

@@ -300,6 +300,11 @@ class FaultResult:
                 "parts": ",".join(self.parts_run), "seconds": round(self.seconds, 1)}
 
 
+# The catalogue's input size: non-square, so that height/width swaps show; small, so that the
+# fast tier fits the default test tier.
+CATALOGUE_SIZE = (128, 192)
+
+
 class FaultRunner:
     """Runs the checks of a tier on one model pair, the reference side computed once.
 
@@ -312,7 +317,7 @@ class FaultRunner:
         num_classes: The weights' class count.
     """
 
-    def __init__(self, variant: str = "r18vd", size: tuple[int, int] = (128, 192),
+    def __init__(self, variant: str = "r18vd", size: tuple[int, int] = CATALOGUE_SIZE,
                  tier: str = "fast", weights: str | Path | None = None,
                  num_classes: int = 80) -> None:
         if tier not in TIERS:
@@ -386,6 +391,80 @@ def _run_part(variant: str, size: tuple[int, int], tier: str, ids: list[str],
     return runner.baseline(), [runner.run(fault) for fault in faults]
 
 
+def split_faults(faults: list[Fault], workers: int, own_share: float | None = None
+                 ) -> tuple[list[Fault], list[list[Fault]]]:
+    """This process's faults (every ``round(1 / own_share)``-th, from the first) and each
+    other worker's (the rest, round-robin); ``own_share`` defaults to ``1 / workers``.
+    Workers left without a fault are dropped."""
+    workers = max(1, workers)
+    share = 1.0 / workers if own_share is None else own_share
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"own_share must lie in (0, 1], got {share}")
+    if workers == 1:
+        return list(faults), []
+    step = max(1, round(1.0 / share))
+    rest = [f for i, f in enumerate(faults) if i % step]
+    others = [rest[i::workers - 1] for i in range(workers - 1)]
+    return list(faults[::step]), [part for part in others if part]
+
+
+class CatalogueRun:
+    """A catalogue run shared over ``workers`` processes.
+
+    The spawned workers start at construction; this process runs its own share in
+    :meth:`finish`, so that other work can run here in between (the report's check does).
+    ``own_share`` is the fraction of the faults this process keeps (``1 / workers`` unless
+    given; less when it has other work to do first); the rest go round-robin to the workers.
+    Each process checks the clean port too (the baselines are merged).
+    """
+
+    def __init__(self, variant: str, size: tuple[int, int], tier: str, ids: list[str] | None = None,
+                 weights: str | Path | None = None, num_classes: int = 80, workers: int = 1,
+                 own_share: float | None = None) -> None:
+        self.args = (variant, size, tier, weights, num_classes)
+        self.faults = catalogue(ids)
+        self.own, others = split_faults(self.faults, workers, own_share)
+        others = [[f.id for f in part] for part in others]
+        self.pool = None
+        self.futures = []
+        if others:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(len(others), mp_context=multiprocessing.get_context("spawn"))
+            self.futures = [self.pool.submit(_run_part, variant, size, tier, part, weights, num_classes)
+                            for part in others]
+
+    def finish(self, progress: Any = None) -> tuple[dict[str, list[Comparison]], list[FaultResult]]:
+        """Runs this process's share, then gathers the workers' (see :func:`run_catalogue`)."""
+        variant, size, tier, weights, num_classes = self.args
+        try:
+            runner = FaultRunner(variant, size, tier, weights, num_classes)
+            baseline = runner.baseline()
+            results = []
+            for fault in self.own:
+                results.append(runner.run(fault))
+                if progress is not None:
+                    progress(results[-1])
+            for future in self.futures:
+                other, done = future.result()
+                for part, rows in other.items():
+                    baseline.setdefault(part, [])
+                    baseline[part] += [c for c in rows
+                                       if c.path not in {b.path for b in baseline[part]}]
+                results += done
+        finally:
+            self.close()
+        order = {f.id: i for i, f in enumerate(self.faults)}
+        return baseline, sorted(results, key=lambda r: order[r.fault.id])
+
+    def close(self) -> None:
+        """Stops the workers (a run not finished is abandoned)."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
 def run_catalogue(variant: str, size: tuple[int, int], tier: str, ids: list[str] | None = None,
                   progress: Any = None, weights: str | Path | None = None,
                   num_classes: int = 80, workers: int = 1
@@ -397,38 +476,7 @@ def run_catalogue(variant: str, size: tuple[int, int], tier: str, ids: list[str]
     the results come back in catalogue order and the baselines merged. ``progress(result)``
     is called for each of this process's results as it comes.
     """
-    faults = catalogue(ids)
-    shares = [faults[i::max(1, workers)] for i in range(max(1, workers))]
-    shares = [share for share in shares if share]
-    pool = None
-    futures = []
-    if len(shares) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(len(shares) - 1, mp_context=multiprocessing.get_context("spawn"))
-        futures = [pool.submit(_run_part, variant, size, tier, [f.id for f in share], weights,
-                               num_classes) for share in shares[1:]]
-    try:
-        runner = FaultRunner(variant, size, tier, weights, num_classes)
-        baseline = runner.baseline()
-        results = []
-        for fault in shares[0] if shares else []:
-            results.append(runner.run(fault))
-            if progress is not None:
-                progress(results[-1])
-        for future in futures:
-            other, done = future.result()
-            for part, rows in other.items():
-                baseline.setdefault(part, [])
-                baseline[part] += [c for c in rows
-                                   if c.path not in {b.path for b in baseline[part]}]
-            results += done
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    order = {f.id: i for i, f in enumerate(faults)}
-    return baseline, sorted(results, key=lambda r: order[r.fault.id])
+    return CatalogueRun(variant, size, tier, ids, weights, num_classes, workers).finish(progress)
 
 
 def write_table(results: list[FaultResult], path: Path) -> None:

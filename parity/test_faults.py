@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 
 from jittor_impl.common import BatchNorm2d, named_modules, set_child
-from parity.faults import (Fault, FaultError, FaultRunner, _resolve, applied, catalogue,
-                           run_catalogue)
+from parity.conftest import background_catalogue
+from parity.faults import (CATALOGUE_SIZE, Fault, FaultError, FaultResult, FaultRunner, _resolve, applied,
+                           catalogue, run_catalogue, split_faults)
 from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, run_module_check
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
-# The catalogue's size: non-square, so that height/width swaps show. The module faults below
-# use it too (the same compiled kernels).
-FAULT_SIZE = SIZE = (128, 192)
+# The module faults below use the catalogue's size too (the same compiled kernels).
+FAULT_SIZE = SIZE = CATALOGUE_SIZE
 # Every area a porting bug can sit in; the catalogue covers each.
 AREAS = {"forward", "geometry", "backward", "optimizer", "ema", "batchnorm", "loss", "matcher",
          "denoising", "data"}
@@ -39,6 +39,13 @@ def test_catalogue_is_well_formed() -> None:
         with applied(fault):
             assert vars(owner)[name] is not original, fault.id
         assert vars(owner)[name] is original, fault.id
+
+
+def test_the_faults_command_defaults_to_the_catalogue_size() -> None:
+    from parity.cli import build_parser
+
+    args = build_parser().parse_args(["faults"])
+    assert tuple(args.size) == CATALOGUE_SIZE
 
 
 def test_a_fault_reaches_every_holder_of_its_target() -> None:
@@ -69,23 +76,54 @@ RUNS = [pytest.param(("r18vd", FAULT_SIZE, "fast"), id="r18vd-fast"),
         pytest.param(("r50vd", (640, 480), "fast"), id="r50vd-640-fast", marks=pytest.mark.slow)]
 
 
+class _Finished:
+    """A catalogue run done elsewhere (the session's spawned process), read fault by fault."""
+
+    def __init__(self, tier: str, results: list[FaultResult]) -> None:
+        self.tier = tier
+        self.results = {r.fault.id: r for r in results}
+
+    def run(self, fault: Fault) -> FaultResult:
+        return self.results[fault.id]
+
+
 @pytest.fixture(scope="module", params=RUNS)
-def runner(request) -> FaultRunner:
-    """One runner per run of the table; the clean port must pass every part first."""
-    runner = FaultRunner(*request.param)
+def runner(request) -> FaultRunner | _Finished:
+    """One runner per run of the table, or the results of the session's spawned process where
+    it ran this one; the clean port must pass every part first."""
+    background = background_catalogue(request.config, request.param)
+    if background is not None:
+        baseline, results = background.result()
+        runner = _Finished(request.param[2], results)
+    else:
+        runner = FaultRunner(*request.param)
+        baseline = runner.baseline()
     dirty = {part: [f"{c.path}: {c.reason}" for c in rows[:5]]
-             for part, rows in runner.baseline().items() if rows}
+             for part, rows in baseline.items() if rows}
     assert dirty == {}, f"the clean port fails the catalogue's checks: {dirty}"
     return runner
 
 
 @pytest.mark.parametrize("fault", catalogue(), ids=lambda f: f.id)
-def test_catalogue_fault_is_caught(runner: FaultRunner, fault: Fault) -> None:
+def test_catalogue_fault_is_caught(runner: FaultRunner | _Finished, fault: Fault) -> None:
     result = runner.run(fault)
     assert not result.error, f"the patched port crashed instead of being checked: {result.error}"
     assert result.caught, f"{fault.id} ({fault.what}) went unnoticed by {result.parts_run}"
     if runner.tier == "full":
         assert result.parts_run == runner.parts
+
+
+@pytest.mark.parametrize("workers, own_share, own, others", [
+    (1, None, 32, []), (2, None, 16, [16]), (2, 1 / 3, 11, [21]), (3, None, 11, [11, 10]),
+    (4, 1.0, 32, [])])
+def test_the_catalogue_is_split_whole_and_once(workers, own_share, own, others) -> None:
+    faults = catalogue()[:32]
+    mine, theirs = split_faults(faults, workers, own_share)
+    assert (len(mine), [len(part) for part in theirs]) == (own, others)
+    ids = [f.id for f in mine] + [f.id for part in theirs for f in part]
+    assert sorted(ids) == sorted(f.id for f in faults)
+    with pytest.raises(ValueError, match="own_share"):
+        split_faults(faults, 2, 0.0)
 
 
 @pytest.mark.slow  # a spawned worker builds a second runner of its own

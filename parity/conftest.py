@@ -1,0 +1,77 @@
+"""The fault catalogue's default-tier run goes to a spawned process when the session starts.
+
+The catalogue's tests of the default tier (``test_catalogue_fault_is_caught`` at the fast
+tier) are moved to the end of the session, and the faults they select are run meanwhile by a
+second process, beside the other tests (which mostly keep one core busy). The tests then read
+that process's results (``background_catalogue``). A session that selects none of them starts
+nothing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import pytest
+
+CATALOGUE_TEST = "test_catalogue_fault_is_caught"
+_RUNS = pytest.StashKey[dict]()
+_POOL = pytest.StashKey[ProcessPoolExecutor]()
+
+
+def _worker_setup() -> None:
+    """The worker's numerics as the session's (deterministic), on one thread of its own."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+def _background_run(item: pytest.Item) -> tuple | None:
+    """``(variant, size, tier)`` of a default-tier catalogue test, else None."""
+    if getattr(item, "originalname", None) != CATALOGUE_TEST or item.get_closest_marker("slow"):
+        return None
+    run = item.callspec.params.get("runner")
+    return tuple(run) if run is not None and run[2] == "fast" else None
+
+
+@pytest.hookimpl(trylast=True)  # after the selection by -m / -k and the fixture ordering
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    runs: dict[tuple, list[str]] = {}
+    for item in items:
+        run = _background_run(item)
+        if run is not None:
+            runs.setdefault(run, []).append(item.callspec.params["fault"].id)
+    if not runs:
+        return
+    items[:] = ([i for i in items if _background_run(i) is None]
+                + [i for i in items if _background_run(i) is not None])
+    if config.option.collectonly:
+        return
+    from parity.faults import _run_part
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_setup)
+    config.stash[_POOL] = pool
+    config.stash[_RUNS] = {run: pool.submit(_run_part, run[0], run[1], run[2], ids, None, 80)
+                           for run, ids in runs.items()}
+
+
+def background_catalogue(config: pytest.Config, run: tuple) -> Future | None:
+    """The spawned process's ``(baseline, results)`` of ``run``, if the session started it."""
+    return config.stash.get(_RUNS, {}).get(tuple(run))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    pool = session.config.stash.get(_POOL, None)
+    if pool is None:
+        return
+    if all(f.done() for f in session.config.stash[_RUNS].values()):
+        pool.shutdown()
+        return
+    processes = list((pool._processes or {}).values())  # a run cut short is not waited for
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+        process.join(10)
