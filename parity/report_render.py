@@ -255,7 +255,7 @@ class Data:
 
 
 TABLES = ("checks", "modules", "module_runs", "parameters", "trajectory", "drift", "bench",
-          "faults", "nightly_runs", "nightly_curves", "known_divergences",
+          "bench_times", "faults", "nightly_runs", "nightly_curves", "known_divergences",
           "framework_differences", "tolerances", "noise")
 
 

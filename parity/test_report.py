@@ -123,6 +123,37 @@ def test_an_undecided_training_comparison_is_inconclusive_not_a_pass_or_a_fail(
 
 
 @needs_committed
+@pytest.mark.parametrize("slowed, factor, section", [
+    ("none", 1.0, "pass"),           # as measured
+    ("slowest", 4.0, "inconclusive"),  # one slow Jittor run: the runs' spread straddles the limit
+    ("all", 3.0, "fail")])           # every Jittor run three times slower: beyond the spread
+def test_the_speed_verdict_weighs_the_runs_spread(tmp_path: Path, slowed: str, factor: float,
+                                                 section: str) -> None:
+    """The training task's Jittor runs are slowed (all of them, or the slowest only); the
+    speed section passes, is undecided, or fails against its time limit accordingly."""
+    source = _copy_report(tmp_path)
+    times = pd.read_csv(source / "data" / "bench_times.csv")
+    bench = pd.read_csv(source / "data" / "bench.csv")
+    mine = (times["task"] == "train") & (times["framework"] == "jittor")
+    if slowed == "all":
+        times.loc[mine, "seconds"] *= factor
+    elif slowed == "slowest":
+        times.loc[times.loc[mine, "seconds"].idxmax(), "seconds"] *= factor
+    row = bench["task"] == "train"
+    jittor = times.loc[mine, "seconds"]
+    bench.loc[row, "jittor_min_s"] = jittor.min()
+    bench.loc[row, "jittor_median_s"] = jittor.median()
+    bench.loc[row, "time_ratio"] = jittor.min() / bench.loc[row, "torch_min_s"]
+    times.to_csv(source / "data" / "bench_times.csv", index=False)
+    bench.to_csv(source / "data" / "bench.csv", index=False)
+    after = _regenerate(source, tmp_path / "out")
+    verdicts = {s["key"]: s["verdict"] for s in after["sections"]}
+    assert verdicts["speed-and-memory"] == section
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert ("undecided: train" in report) == (section == "inconclusive")
+
+
+@needs_committed
 def test_a_perturbed_measurement_changes_cells_and_verdicts(tmp_path: Path, regenerated: Path) -> None:
     source = _copy_report(tmp_path)
     modules = pd.read_csv(source / "data" / "modules.csv")
