@@ -24,20 +24,27 @@ from pycocotools.cocoeval import COCOeval
 from .coco import CategoryMap
 from .weights import atomic_write
 
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-"""The metrics :func:`evaluate` returns: ``COCOeval.stats[0:6]`` in this order."""
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+"""The metrics :func:`evaluate` returns: all twelve ``COCOeval.stats``, in this order."""
+MISSING = -1.0
+"""pycocotools' value of a metric without ground truth (an area range with no object)."""
+# The area range (pycocotools' ``areaRng``, in square pixels) of each metric.
+_AREA = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, 1e10),
+         "ARs": (0, 32 ** 2), "ARm": (32 ** 2, 96 ** 2), "ARl": (96 ** 2, 1e10)}
 
-__all__ = ["CategoryMap", "CocoMetrics", "METRIC_NAMES", "detections_to_coco", "evaluate",
+__all__ = ["CategoryMap", "CocoMetrics", "METRIC_NAMES", "MISSING", "detections_to_coco", "evaluate",
            "load_coco", "write_results_json"]
 
 
 class CocoMetrics(dict):
-    """``{AP, AP50, AP75, APs, APm, APl}`` as floats in [0, 1], plus the printed summary.
+    """The twelve COCO statistics (:data:`METRIC_NAMES`) as floats in [0, 1], plus the printed
+    summary; :data:`MISSING` (-1) where there is no ground truth to measure (an area range
+    without objects), as pycocotools reports it.
 
     A plain dict for every purpose (JSON, logging); the extra attribute ``summary`` holds the
     twelve-line table ``COCOeval.summarize()`` prints (or a note when there was nothing to
-    evaluate). A metric pycocotools reports as -1 (no ground truth in that area range) is 0.0
-    here.
+    evaluate).
     """
 
     summary: str
@@ -157,8 +164,8 @@ def evaluate(ann_file_or_coco: str | Path | COCO, detections: str | Path | Itera
             all images of the ground truth when None.
 
     Returns:
-        :class:`CocoMetrics` with AP, AP50, AP75, APs, APm, APl. An empty detection list gives
-        all zeros.
+        :class:`CocoMetrics` with the twelve statistics. An empty detection list gives 0.0
+        for every metric that has ground truth, :data:`MISSING` for the others.
 
     Raises:
         ValueError: If a detection names an image or category the ground truth lacks, or
@@ -179,8 +186,13 @@ def evaluate(ann_file_or_coco: str | Path | COCO, detections: str | Path | Itera
         raise ValueError(f"detections name category ids not in the ground truth: {stray_cats[:10]} "
                          f"(known: {sorted(gt.getCatIds())}); was the label -> category map applied?")
     if not dets:
-        return CocoMetrics({name: 0.0 for name in METRIC_NAMES},
-                           "no detections: every metric is 0.0\n")
+        ids = known_images if image_ids is None else {int(i) for i in image_ids}
+        areas = [a["area"] for a in gt.dataset.get("annotations", [])
+                 if a["image_id"] in ids and not a.get("iscrowd", 0)]
+        ranges = {name: _AREA.get(name, (0, 1e10)) for name in METRIC_NAMES}
+        return CocoMetrics({name: 0.0 if any(lo <= a <= hi for a in areas) else MISSING
+                            for name, (lo, hi) in ranges.items()},
+                           "no detections: every metric with ground truth is 0.0\n")
     with contextlib.redirect_stdout(io.StringIO()):
         results = gt.loadRes(dets)
         coco_eval = COCOeval(gt, results, iouType="bbox")
@@ -191,5 +203,5 @@ def evaluate(ann_file_or_coco: str | Path | COCO, detections: str | Path | Itera
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         coco_eval.summarize()
-    stats = [max(float(v), 0.0) for v in coco_eval.stats[: len(METRIC_NAMES)]]
+    stats = [float(v) for v in coco_eval.stats[: len(METRIC_NAMES)]]
     return CocoMetrics(dict(zip(METRIC_NAMES, stats)), table.getvalue())

@@ -606,8 +606,9 @@ def eval_due(cfg: TrainConfig, epoch: int) -> bool:
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    """The metrics on one line, in percent: ``AP 12.34  AP50 ...``."""
-    return "  ".join(f"{k} {100 * float(v):.2f}" for k, v in metrics.items())
+    """The metrics on one line, in percent: ``AP 12.34  AP50 ...`` (``n/a`` where missing, -1)."""
+    return "  ".join(f"{k} {100 * float(v):.2f}" if float(v) >= 0 else f"{k} n/a"
+                     for k, v in metrics.items())
 
 
 def report_metrics(epoch: int, metrics: Mapping[str, float], stream: TextIO | None = None) -> None:

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from rtdetr_common.coco import CATEGORY_NAMES, LABEL_TO_CATEGORY, CategoryMap
-from rtdetr_common.coco_eval import (METRIC_NAMES, detections_to_coco, evaluate, load_coco,
-                                     write_results_json)
+from rtdetr_common.coco_eval import (METRIC_NAMES, MISSING, detections_to_coco, evaluate,
+                                     load_coco, write_results_json)
 from rtdetr_common.draw import draw_detections, save_png
 from rtdetr_common.synthetic import make_dataset
 
@@ -81,17 +81,30 @@ def test_wrong_category_scores_zero(coco_file):
     assert all(metrics[k] == 0.0 for k in METRIC_NAMES), metrics
 
 
-def test_empty_detections_give_zeros(coco_file):
+def test_all_twelve_statistics_are_kept():
+    assert METRIC_NAMES == ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                            "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def test_empty_detections_give_zeros_where_there_is_ground_truth(coco_file):
     metrics = evaluate(coco_file, [])
     assert dict(metrics) == {k: 0.0 for k in METRIC_NAMES}
     assert "no detections" in metrics.summary
+    # image 2 has a medium and a large object only: the small-area metrics are missing
+    only_two = evaluate(coco_file, [], image_ids=[2])
+    assert {k for k, v in only_two.items() if v == MISSING} == {"APs", "ARs"}
+    assert all(v == 0.0 for k, v in only_two.items() if k not in {"APs", "ARs"})
 
 
-def test_missing_area_range_reported_as_zero(coco_file):
-    """Only large objects on image 2 -> pycocotools' -1 for small objects becomes 0.0."""
+def test_missing_area_range_is_reported_missing_not_zero(coco_file):
+    """Only medium and large objects on image 2 -> pycocotools' -1 for small objects is kept."""
+    from rtdetr_common.train_config import format_metrics
+
     image_ids, results, cmap = _results()
     metrics = evaluate(coco_file, detections_to_coco(image_ids[1:2], results[1:2], cmap), image_ids=[2])
-    assert metrics["AP"] == pytest.approx(1.0) and metrics["APs"] == 0.0
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
+    assert metrics["APs"] == MISSING and metrics["ARs"] == MISSING
+    assert "APs n/a" in format_metrics(metrics) and "AP 100.00" in format_metrics(metrics)
     assert evaluate(coco_file, detections_to_coco(image_ids[1:2], results[1:2], cmap))["AP"] < 1.0
 
 

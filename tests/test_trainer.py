@@ -188,6 +188,31 @@ def test_log_truncated_to_resumed_progress(tmp_path):
         ("train", 0), ("train", 1), ("train", 2), ("eval", None)]
 
 
+def test_both_trainers_run_the_one_shared_loop():
+    """The loop lives once in ``rtdetr_common.trainer``: each framework's Trainer supplies
+    every hook (under the same names) and overrides nothing of the loop itself."""
+    import inspect
+
+    import jittor_impl.trainer as jittor_trainer
+    import torch_ref.trainer as torch_trainer
+    from rtdetr_common.trainer import BaseTrainer
+
+    hooks = {"seed", "read_weights", "load_model", "model_weights", "optimise", "as_tensor",
+             "no_grad", "runtime", "checkpoint_contents", "write_checkpoint", "read_checkpoint",
+             "restore"}
+    loop = {name for name, _ in inspect.getmembers(BaseTrainer, inspect.isfunction)} - hooks
+    assert {"train", "step", "set_lr", "evaluate", "predict", "detect"} <= loop
+    for module in (torch_trainer, jittor_trainer):
+        trainer = module.Trainer
+        assert issubclass(trainer, BaseTrainer) and trainer.FRAMEWORK == module.FRAMEWORK
+        own = set(vars(trainer)) - {"__module__", "__doc__", "__qualname__", "__firstlineno__",
+                                    "__static_attributes__"}
+        assert own - hooks == {"FRAMEWORK", "CHECKPOINT_SUFFIX", "build"}, module.__name__
+        assert hooks - {"runtime"} <= own, module.__name__  # runtime: neutral no-op by default
+    with pytest.raises(NotImplementedError):
+        BaseTrainer.optimise(None, None)
+
+
 # ------------------------------------------------------------------------------ training
 
 
