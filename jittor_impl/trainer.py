@@ -21,7 +21,11 @@ Differences from torch_ref/trainer.py:
   ``TrainConfig.threads`` applies to the torch trainer only.
 - The model is seeded with ``jt.set_global_seed`` (torch: ``torch.manual_seed``); a run from
   scratch therefore starts from other weights than the torch run unless ``init_weights`` is
-  given.
+  given. Jittor's random initialisers draw when they are evaluated, so ``materialise``
+  evaluates the model right after it is built: its initial weights then do not depend on what
+  is built or loaded after it (optimizer, EMA, backbone weights).
+- Backbone weights in the published ``.pth`` format are converted first
+  (``rtdetr-parity convert FILE.pth FILE.safetensors --variant V --backbone``).
 - Initial weights are read with :func:`jittor_impl.checkpoint.read_weightset` (``.pkl``,
   ``.safetensors``, ``.npz``); a ``.pth`` must be converted first (``rtdetr-parity convert``).
 - Targets' int64 labels are cast with ``.int64()`` (``jt.array`` would make them int32).
@@ -126,8 +130,13 @@ class Trainer(BaseTrainer):
     def load_model(model: nn.Module, state_dict: dict[str, np.ndarray], source: str) -> None:
         load_state_dict_strict(model, state_dict, source)
 
-    def model_weights(self) -> dict[str, np.ndarray]:
-        return model_state_dict(self.model)
+    @staticmethod
+    def materialise(model: nn.Module) -> None:
+        jt.sync(list(model.state_dict().values()))
+
+    @staticmethod
+    def weights_of(module: nn.Module) -> dict[str, np.ndarray]:
+        return model_state_dict(module)
 
     def optimise(self, batch: Batch) -> dict[str, float]:
         images, targets = to_tensors(batch)

@@ -2,7 +2,7 @@
 
     rtdetr-parity check --variant r18vd [--weights W] [--size 640 | --size H W]
                         [--parts outputs,modules,training] [--out reports/out]
-    rtdetr-parity convert SRC DST --variant r50vd
+    rtdetr-parity convert SRC DST --variant r50vd [--backbone]
     rtdetr-parity bench
     rtdetr-parity memory [--steps 200]
     rtdetr-parity make-dataset | train | eval | infer --framework {torch,jittor} ...
@@ -459,8 +459,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import convert, convert_backbone
 
+    if args.backbone:
+        ws = convert_backbone(args.src, args.dst, args.variant)
+        print(f"wrote {args.dst}: the {args.variant} backbone ({len(ws.model)} tensors)")
+        return 0
     ws = convert(args.src, args.dst, args.variant, args.num_classes)
     entries = [e for e in ("model", "ema") if getattr(ws, e) is not None]
     print(f"wrote {args.dst}: {', '.join(entries)} ({len(ws.preferred()[0])} tensors each)")
@@ -622,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--variant", required=True, choices=list(VARIANTS))
     conv.add_argument("--num-classes", type=int, default=None,
                       help="expected class count (default: read from the heads)")
+    conv.add_argument("--backbone", action="store_true",
+                      help="backbone weights alone (the published ImageNet PResNet files), for "
+                           "train --backbone-weights")
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="Jittor/PyTorch time and memory ratios, side by side")

@@ -62,6 +62,8 @@ _TRAIN_OPTIONS = {
     "threads": (int, "torch CPU threads (default: torch's; resume bit-exactly with the same)"),
     "init_weights": (str, "weights to start from (.pth, .pkl, .safetensors, .npz)"),
     "init_entry": (str, "entry of --init-weights loaded first: ema or model (default ema)"),
+    "backbone_weights": (str, "ImageNet PResNet weights for the backbone alone (the published "
+                              ".pth; Jittor: .safetensors/.npz/.pkl, see convert --backbone)"),
     "eval_every": (int, "evaluate every N epochs and after the last (default 1; 0: never)"),
     "log_every": (int, "log.jsonl line every N iterations (default 1)"),
 }
@@ -172,6 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"rtdetr-parity train: {args.framework}, {c.variant}, {c.num_classes} classes, "
           f"size {c.size} (multi-scale {c.multi_scale or 'off'}), batch {c.batch_size}, "
           f"{c.epochs} epochs, output {c.output_dir}", flush=True)
+    if trainer.backbone_loaded:
+        print(trainer.backbone_loaded, flush=True)
     ckpt = checkpoint_path(c, module.CHECKPOINT_SUFFIX)
     if ckpt.is_file():
         print(f"resuming from {ckpt}", flush=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rtdetr_common.configs import get_variant
-from rtdetr_common.state_dicts import TensorSpec, check_state_dict
+from rtdetr_common.state_dicts import (BACKBONE_PREFIX, TensorSpec, backbone_entries,
+                                      check_backbone, check_state_dict)
 from rtdetr_common.weights import (JITTOR_SUFFIXES, NEUTRAL_SUFFIXES, TORCH_SUFFIXES, WeightSet,
                                    save_jittor_pickle, save_neutral)
 
@@ -75,6 +76,27 @@ def check_weightset(ws: WeightSet, variant: str, source: str, num_classes: int |
         if sd is not None:
             found = {k: TensorSpec(tuple(v.shape), str(v.dtype)) for k, v in sd.items()}
             check_state_dict(expected, found, f"{source} [{entry}]")
+
+
+def convert_backbone(src: str | Path, dst: str | Path, variant: str) -> WeightSet:
+    """Converts backbone weights (a bare PResNet state_dict, as published, or a whole model's
+    ``backbone.*`` entries) to a bare backbone file after checking them against the variant's
+    backbone (:func:`rtdetr_common.state_dicts.check_backbone`).
+
+    Raises:
+        ValueError: If ``src`` and ``dst`` are the same file, or the depths differ.
+        StateDictMismatchError: If the entries do not fit the backbone otherwise.
+    """
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"refusing to convert {src} onto itself")
+    state, _ = backbone_entries(read_any(src).preferred("model")[0])
+    expected = {k[len(BACKBONE_PREFIX):]: v for k, v in expected_specs(variant, 80).items()
+                if k.startswith(BACKBONE_PREFIX)}
+    found = {k: TensorSpec(tuple(v.shape), str(v.dtype)) for k, v in state.items()}
+    check_backbone(expected, found, str(src))
+    ws = WeightSet(model=state)
+    write_any(ws, dst)
+    return ws
 
 
 def convert(src: str | Path, dst: str | Path, variant: str, num_classes: int | None = None) -> WeightSet:

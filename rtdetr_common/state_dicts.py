@@ -79,6 +79,60 @@ def check_state_dict(expected: Mapping[str, TensorSpec], found: Mapping[str, Ten
         raise StateDictMismatchError(source, missing, unexpected, mismatched)
 
 
+BACKBONE_PREFIX = "backbone."
+COUNTER = "num_batches_tracked"
+# PResNet depth by (blocks per stage, bottleneck blocks), as the official backbone builds them.
+_PRESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34,
+                   ((3, 4, 6, 3), True): 50, ((3, 4, 23, 3), True): 101}
+
+
+def presnet_depth(keys: Iterable[str]) -> int | None:
+    """The PResNet depth a backbone state_dict's keys describe (None when they describe none)."""
+    blocks: dict[int, int] = {}
+    bottleneck = False
+    for key in keys:
+        found = re.match(r"res_layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if found:
+            stage, block = int(found[1]), int(found[2])
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+        bottleneck |= ".branch2c." in key
+    stages = tuple(blocks.get(s, 0) for s in range(max(blocks, default=-1) + 1))
+    return _PRESNET_DEPTHS.get((stages, bottleneck))
+
+
+def backbone_entries(state_dict: Mapping[str, object]) -> tuple[dict[str, object], str]:
+    """The backbone's entries of a state_dict and where they came from: a bare PResNet
+    state_dict (the published ImageNet checkpoints) as it is, or the ``backbone.*`` entries of a
+    whole RT-DETR state_dict with the prefix removed."""
+    inner = {k[len(BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+    if inner:
+        return inner, f"the backbone.* entries of a whole model ({len(state_dict) - len(inner)} others left)"
+    return dict(state_dict), "a bare backbone state_dict"
+
+
+def check_backbone(expected: Mapping[str, TensorSpec], found: Mapping[str, TensorSpec],
+                   source: str) -> list[str]:
+    """Checks a backbone state_dict against the model's backbone, strictly except that a
+    BatchNorm's ``num_batches_tracked`` (a step counter, absent from some published files) may
+    be missing.
+
+    Returns:
+        The missing counters (the model keeps its own values there).
+
+    Raises:
+        ValueError: If ``found`` describes a PResNet of another depth (both depths named).
+        StateDictMismatchError: For any other missing, unexpected or mismatched entry.
+    """
+    want, have = presnet_depth(expected), presnet_depth(found)
+    if have != want:
+        what = f"PResNet-{have}" if have else "no PResNet the official code builds"
+        raise ValueError(f"{source}: holds {what}; this model's backbone is PResNet-{want} "
+                         f"(backbone weights must come from the same depth)")
+    counters = sorted(k for k in set(expected) - set(found) if k.rsplit(".", 1)[-1] == COUNTER)
+    check_state_dict({k: v for k, v in expected.items() if k not in counters}, found, source)
+    return counters
+
+
 def assign_param_groups(names: Iterable[str], patterns: Sequence[str]) -> list[list[str]]:
     """Splits parameter names into the official regex optimizer groups.
 

@@ -111,6 +111,10 @@ class TrainConfig:
             file must stay); None: the framework's official random initialisation (seeded, so
             the two frameworks start from different weights unless given a file).
         init_entry: Which state_dict of ``init_weights`` to load first (``ema`` or ``model``).
+        backbone_weights: ImageNet weights of the backbone alone (the published PResNet
+            checkpoints: a bare PResNet state_dict), loaded strictly into the backbone before
+            the optimizer and EMA are built (also before resuming, so the file must stay);
+            excludes ``init_weights``, which loads the whole model.
         eval_every: Evaluate on the val split every N epochs and after the last (0: never
             during training).
         log_every: Write one JSON log line every N iterations.
@@ -145,6 +149,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     init_weights: str | None = None
     init_entry: str = "ema"
+    backbone_weights: str | None = None
     eval_every: int = 1
     log_every: int = 1
 
@@ -180,6 +185,9 @@ class TrainConfig:
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
             (self.init_entry in ("ema", "model"), "init_entry must be 'ema' or 'model'"),
+            (self.init_weights is None or self.backbone_weights is None,
+             "init_weights (the whole model) and backbone_weights (the backbone alone) exclude "
+             "each other; give one"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (self.log_every >= 1, "log_every must be at least 1"),
         ]
@@ -212,6 +220,8 @@ class TrainConfig:
         out.multi_scale = [int(s) for s in out.multi_scale]
         if out.init_weights is not None:
             out.init_weights = str(Path(out.init_weights).resolve())
+        if out.backbone_weights is not None:
+            out.backbone_weights = str(Path(out.backbone_weights).resolve())
         if not data:
             return out
         explicit = (out.train_images, out.train_ann, out.val_images, out.val_ann)

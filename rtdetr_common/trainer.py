@@ -32,11 +32,17 @@ from .pipeline.coco_dataset import CocoDetection
 from .pipeline.loader import Batch
 from .pipeline.transforms import eval_transforms
 from .random import SharedRandom
+from .state_dicts import (BACKBONE_PREFIX, TensorSpec, backbone_entries, check_backbone,
+                          presnet_depth)
 from .train_config import (JsonLog, Progress, ProgressBar, StopOnSignal, TrainConfig, TrainResult,
                            backbone_base_lr, categories_of, check_train_state, checkpoint_path,
                            config_differences, eval_due, eval_loader, loss_entry, lr_factor,
                            open_split, report_metrics, train_loader, train_state, variant_config)
 from .weights import WeightSet, atomic_write
+
+
+def _specs(state: dict[str, np.ndarray]) -> dict[str, TensorSpec]:
+    return {k: TensorSpec(tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in state.items()}
 
 
 class BaseTrainer:
@@ -57,6 +63,7 @@ class BaseTrainer:
         optimizer: AdamW over the official regex groups (every group with an explicit ``lr``).
         base_lrs: Each group's rate before the schedule factor.
         backbone_lr: The backbone groups' rate before the schedule factor (logged).
+        backbone_loaded: What ``cfg.backbone_weights`` loaded, in words ("" without one).
         ema: ModelEMA of the model, or None when ``cfg.use_ema`` is False.
         progress: Epoch / iteration counters.
         loader_state: The train loader's position to resume from.
@@ -83,9 +90,13 @@ class BaseTrainer:
         self.variant = variant_config(self.cfg, num_classes)
         self.seed(self.cfg.seed)
         self.model = self.build.build_model(self.variant, multi_scale=False, seed=self.cfg.seed)
+        self.materialise(self.model)
         if self.cfg.init_weights is not None:
             state_dict, entry = self.read_weights(self.cfg.init_weights).preferred(self.cfg.init_entry)
             self.load_model(self.model, state_dict, f"{self.cfg.init_weights} [{entry}]")
+        self.backbone_loaded = ""
+        if self.cfg.backbone_weights is not None:
+            self.backbone_loaded = self.load_backbone_weights(self.cfg.backbone_weights)
         self.criterion = self.build.build_criterion(self.variant)
         self.postprocessor = self.build.build_postprocessor(self.variant)
         self.optimizer = self.build.build_optimizer(self.model, self.variant)
@@ -115,8 +126,14 @@ class BaseTrainer:
         """Loads numpy weights into ``model``, strictly (official keys and shapes)."""
         raise NotImplementedError
 
-    def model_weights(self) -> dict[str, np.ndarray]:
-        """The model's state_dict as numpy arrays (official keys), e.g. to start other runs from."""
+    @staticmethod
+    def materialise(model: Any) -> None:
+        """Computes the freshly built model's initial values now (a framework that evaluates
+        lazily would otherwise draw them later, after whatever else draws random numbers)."""
+
+    @staticmethod
+    def weights_of(module: Any) -> dict[str, np.ndarray]:
+        """A module's state_dict as numpy arrays (official layout)."""
         raise NotImplementedError
 
     def optimise(self, batch: Batch) -> dict[str, float]:
@@ -158,6 +175,28 @@ class BaseTrainer:
     def restore(self, contents: dict, source: str) -> None:
         """Loads model, EMA and optimizer from a training checkpoint's contents."""
         raise NotImplementedError
+
+    def model_weights(self) -> dict[str, np.ndarray]:
+        """The model's state_dict as numpy arrays (official keys), e.g. to start other runs from."""
+        return self.weights_of(self.model)
+
+    def load_backbone_weights(self, path: str | Path) -> str:
+        """Loads backbone weights (see ``TrainConfig.backbone_weights``) into the model's
+        backbone, strictly; returns what was loaded, in words.
+
+        Raises:
+            ValueError: If the file holds a backbone of another depth.
+            StateDictMismatchError: If its entries do not fit the backbone otherwise.
+        """
+        state_dict, entry = self.read_weights(path).preferred("model")
+        state, where = backbone_entries(state_dict)
+        own = self.weights_of(self.model.backbone)
+        kept = check_backbone(_specs(own), _specs(state), f"{path} [{entry}]")
+        self.load_model(self.model.backbone, {**{k: own[k] for k in kept}, **state},
+                        f"{path} [backbone]")
+        note = f"; the model keeps its own {len(kept)} BatchNorm step counters" if kept else ""
+        return (f"backbone: {len(state)} tensors of PResNet-{presnet_depth(state)} from {path} "
+                f"({where}){note}")
 
     # ------------------------------------------------------------------------------ data
 

@@ -197,7 +197,7 @@ def test_both_trainers_run_the_one_shared_loop():
     import torch_ref.trainer as torch_trainer
     from rtdetr_common.trainer import BaseTrainer
 
-    hooks = {"seed", "read_weights", "load_model", "model_weights", "optimise", "as_tensor",
+    hooks = {"seed", "read_weights", "load_model", "weights_of", "materialise", "optimise", "as_tensor",
              "no_grad", "runtime", "checkpoint_contents", "write_checkpoint", "read_checkpoint",
              "restore"}
     loop = {name for name, _ in inspect.getmembers(BaseTrainer, inspect.isfunction)} - hooks
@@ -208,7 +208,8 @@ def test_both_trainers_run_the_one_shared_loop():
         own = set(vars(trainer)) - {"__module__", "__doc__", "__qualname__", "__firstlineno__",
                                     "__static_attributes__"}
         assert own - hooks == {"FRAMEWORK", "CHECKPOINT_SUFFIX", "build"}, module.__name__
-        assert hooks - {"runtime"} <= own, module.__name__  # runtime: neutral no-op by default
+        # runtime and materialise: neutral no-ops unless the framework needs them
+        assert hooks - {"runtime", "materialise"} <= own, module.__name__
     with pytest.raises(NotImplementedError):
         BaseTrainer.optimise(None, None)
 
@@ -381,3 +382,92 @@ def test_make_dataset_command(tmp_path):
     assert len(list((tmp_path / "d" / "train").glob("*.png"))) == 2
     again = _run(["make-dataset", "--root", str(tmp_path / "d")])
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+# ------------------------------------------------------------------------------ backbone weights
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    from rtdetr_common.synthetic import make_dataset
+
+    base = tmp_path_factory.mktemp("backbone")
+    return make_dataset(base / "data", num_train=2, num_val=1, num_classes=3,
+                        min_size=96, max_size=128).root
+
+
+def _published_backbone(path: Path, counters: bool) -> dict[str, np.ndarray]:
+    """A torch r18vd backbone of its own seed, saved as the published files are: a bare
+    PResNet state_dict (``torch.save``), with or without the BatchNorm step counters."""
+    import torch
+
+    from rtdetr_common.configs import get_variant
+    from torch_ref import build_model
+
+    torch.manual_seed(123)
+    backbone = build_model(get_variant("r18vd", 3)).backbone
+    state = {k: v for k, v in backbone.state_dict().items()
+             if counters or not k.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    return {k: v.numpy().copy() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("counters", [True, False], ids=["with-counters", "without-counters"])
+def test_backbone_weights_load_the_backbone_alone(framework, counters, small_data, tmp_path):
+    """The published format round trip: every backbone tensor (model and EMA) is the file's,
+    everything else is the trainer's own seeded initialisation."""
+    from parity.commands import _trainer_module
+    from parity.convert import convert_backbone
+
+    published = _published_backbone(tmp_path / "presnet18.pth", counters)
+    path = tmp_path / "presnet18.pth"
+    if framework == "jittor":  # Jittor reads no .pth: the converter checks and rewrites it
+        convert_backbone(path, tmp_path / "presnet18.safetensors", "r18vd")
+        path = tmp_path / "presnet18.safetensors"
+    module = _trainer_module(framework)
+    cfg = dict(dataset=str(small_data), size=128, output_dir=str(tmp_path / "out"))
+    plain = module.Trainer(TrainConfig(**cfg)).model_weights()
+    trainer = module.Trainer(TrainConfig(**cfg, backbone_weights=str(path)))
+    loaded = trainer.model_weights()
+    assert "PResNet-18" in trainer.backbone_loaded
+    assert ("step counters" in trainer.backbone_loaded) == (not counters)
+    backbone = {k for k in loaded if k.startswith("backbone.")}
+    assert {f"backbone.{k}" for k in published} <= backbone
+    for key in backbone:
+        name = key[len("backbone."):]
+        want = published[name] if name in published else plain[key]
+        np.testing.assert_array_equal(np.asarray(loaded[key]).reshape(np.shape(want)), want, err_msg=key)
+    for key in set(loaded) - backbone:
+        np.testing.assert_array_equal(loaded[key], plain[key], err_msg=key)
+    ema = trainer.ema.module.state_dict()
+    name = "backbone.conv1.conv1_1.conv.weight"
+    np.testing.assert_array_equal(np.asarray(ema[name].numpy()), published[name[len("backbone."):]])
+
+
+def test_backbone_weights_of_another_depth_are_refused_by_name(small_data, tmp_path):
+    import torch
+
+    from rtdetr_common.configs import load_official_manifest
+    from torch_ref.trainer import Trainer
+
+    specs = load_official_manifest()["r50vd"]["state_dict"]
+    torch.save({k[len("backbone."):]: torch.zeros(shape, dtype=getattr(torch, dtype))
+                for k, (shape, dtype, _) in specs.items() if k.startswith("backbone.")},
+               tmp_path / "presnet50.pth")
+    cfg = TrainConfig(dataset=str(small_data), size=128, output_dir=str(tmp_path / "out"),
+                      backbone_weights=str(tmp_path / "presnet50.pth"))
+    with pytest.raises(ValueError, match="holds PResNet-50; this model's backbone is PResNet-18"):
+        Trainer(cfg)
+
+
+def test_backbone_weights_exclude_init_weights_and_jittor_names_the_conversion(small_data, tmp_path):
+    from jittor_impl.trainer import Trainer
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        TrainConfig(init_weights="a.safetensors", backbone_weights="b.pth").validate()
+    _published_backbone(tmp_path / "presnet18.pth", counters=True)
+    cfg = TrainConfig(dataset=str(small_data), size=128, output_dir=str(tmp_path / "out"),
+                      backbone_weights=str(tmp_path / "presnet18.pth"))
+    with pytest.raises(ValueError, match="convert"):
+        Trainer(cfg)

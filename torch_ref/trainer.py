@@ -67,8 +67,9 @@ class Trainer(BaseTrainer):
         load_state_dict_strict(model, {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                                source)
 
-    def model_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().numpy().copy() for k, v in self.model.state_dict().items()}
+    @staticmethod
+    def weights_of(module: torch.nn.Module) -> dict[str, np.ndarray]:
+        return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
     def optimise(self, batch: Batch) -> dict[str, float]:
         images, targets = to_tensors(batch)
