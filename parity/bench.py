@@ -139,6 +139,44 @@ _BENCH_COLUMNS = (("task", "task", None), ("variant", "variant", None), ("batch"
                   ("J/T mem", "mem_ratio", ".2f"))
 
 
+def loader_throughput(workers: list[int], size: int = 640, batch: int = 4, batches: int = 8,
+                      dataset: str | None = None, seed: int = 0) -> list[dict]:
+    """Images per second of the training loader (official augmentation and multi-scale) with
+    each worker count, over ``batches`` batches after a first one (which starts the pool).
+
+    Args:
+        workers: Worker counts to time, one row each.
+        size: The training size (the multi-scale sizes scale with it, as the trainers do).
+        batch: Images per batch.
+        batches: Timed batches.
+        dataset: A COCO-format folder; None: the embedded synthetic dataset.
+        seed: The loader's seed.
+    """
+    from rtdetr_common.train_config import TrainConfig, open_split, train_loader
+
+    rows = []
+    for count in workers:
+        cfg = TrainConfig(dataset=dataset, size=size, batch_size=batch, num_workers=count,
+                          seed=seed).resolved()
+        split = open_split(cfg, "train", True)
+        if len(split) < (batches + 1) * batch:
+            raise ValueError(f"the dataset has {len(split)} train images; {batches + 1} batches "
+                             f"of {batch} need {(batches + 1) * batch}")
+        with train_loader(cfg, split, split.category_map) as loader:
+            feed = iter(loader)
+            first = next(feed)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(feed)
+            seconds = time.perf_counter() - start
+            feed.close()
+        rows.append({"workers": count, "size": size, "batch": batch, "batches": batches,
+                     "images_per_s": batches * batch / seconds,
+                     "float32_mb_per_batch": first.images.nbytes / 2**20,
+                     "shipped_mb_per_batch": first.images.nbytes / 2**20 / (4 if split.can_defer_float() else 1)})
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
     """The benchmark rows as a console table (median seconds, peak RSS and Jittor/PyTorch ratios)."""
     import pandas as pd

@@ -474,8 +474,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import DEFAULT_SPECS, format_rows, run_bench
+    from .bench import DEFAULT_SPECS, format_rows, loader_throughput, run_bench
 
+    if args.loader_workers:
+        import pandas as pd
+
+        rows = loader_throughput(args.loader_workers, size=args.loader_size, batch=args.loader_batch,
+                                 batches=args.loader_batches, dataset=args.dataset)
+        print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        return 0
     rows = run_bench(DEFAULT_SPECS, warmup=args.warmup, reps=args.reps)
     print(format_rows(rows))
     return 0
@@ -634,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Jittor/PyTorch time and memory ratios, side by side")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--reps", type=int, default=5)
+    bench.add_argument("--loader-workers", type=int, nargs="+", metavar="N",
+                       help="time the training loader instead (images/s with each worker count)")
+    bench.add_argument("--loader-size", type=int, default=640)
+    bench.add_argument("--loader-batch", type=int, default=4)
+    bench.add_argument("--loader-batches", type=int, default=8, help="timed batches per count")
+    bench.add_argument("--dataset", default=None,
+                       help="COCO-format folder for the loader (default: the synthetic dataset)")
     bench.set_defaults(func=cmd_bench)
 
     mem = sub.add_parser("memory", help="Jittor training memory at two step counts (graph leaks)")

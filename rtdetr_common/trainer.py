@@ -256,7 +256,7 @@ class BaseTrainer:
         loader = train_loader(self.cfg, self.dataset("train"), self.category_map)
         loader.load_state_dict(self.loader_state)
         metrics = None
-        with StopOnSignal() as stop, self.runtime():
+        with StopOnSignal() as stop, self.runtime(), loader:
             while self.progress.epoch < self.cfg.epochs:
                 epoch = self.progress.epoch
                 bar = ProgressBar(len(loader), f"{self.FRAMEWORK} epoch {epoch + 1}/{self.cfg.epochs}",
@@ -372,7 +372,7 @@ class BaseTrainer:
         dataset = self.dataset(split, train=False)
         loader = eval_loader(self.cfg, dataset)
         image_ids, results = [], []
-        with self._inference() as module:
+        with self._inference() as module, loader:
             for batch in loader:
                 sizes = np.stack([t["orig_size"] for t in batch.targets])  # [bs, 2] (w, h)
                 results.extend(self.detect(module, batch.images, sizes))

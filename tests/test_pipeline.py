@@ -465,6 +465,43 @@ def test_workers_give_identical_batches(tmp_path):
     _assert_batches_equal(run(2), run(0))
 
 
+def test_workers_pass_uint8_batches_and_one_pool_serves_every_epoch(tmp_path):
+    """Batches cross from the workers as uint8 (a quarter of float32's bytes) and come out
+    float32 in [0, 1], byte for byte as in-process loading; the pool outlives an epoch, and
+    leaving an epoch early or closing the loader stops it."""
+    ds = _scene_dataset(tmp_path)
+    ds.transforms = train_transforms(32)
+    loader = DataLoader(ds, 2, shuffle=True, drop_last=True, num_workers=2, seed=1, multi_scale=[24, 40])
+    with loader:
+        first = list(loader)
+        pool = loader._pool
+        assert pool is not None
+        second = list(loader)
+        assert loader._pool is pool  # the same workers for the next epoch
+        raw, _ = loader._maker(0, 0, loader.batch_indices(0)[0])
+        assert raw.images.dtype == np.uint8 and raw.images.shape[-1] == 3
+        for batch in first + second:
+            assert batch.images.dtype == np.float32 and batch.images.shape[1] == 3
+        for batch in loader:  # leaving an epoch early drops its jobs in flight with the pool
+            break
+        assert loader._pool is None
+        list(loader)
+        assert loader._pool is not None
+    assert loader._pool is None
+    plain = DataLoader(ds, 2, shuffle=True, drop_last=True, seed=1, multi_scale=[24, 40])
+    _assert_batches_equal(first + second, list(plain) + list(plain))
+
+
+def test_a_dataset_whose_transforms_hide_tofloat_is_loaded_as_float(tmp_path):
+    ds = _scene_dataset(tmp_path)
+    ds.transforms = lambda image, target, rng: train_transforms(32)(image, target, rng)
+    assert not ds.can_defer_float()
+    with pytest.raises(ValueError, match="exactly one ToFloat"):
+        ds.get(0, SharedRandom(0), uint8=True)
+    batch = next(iter(DataLoader(ds, 2, shuffle=False, drop_last=True)))
+    assert batch.images.dtype == np.float32
+
+
 def test_resume_continues_with_identical_batches(tmp_path):
     ds = _scene_dataset(tmp_path)
     ds.transforms = train_transforms(32)
@@ -497,3 +534,18 @@ def test_resize_nearest_matches_torch_interpolate():
     for size in (24, 32, 40, 17):
         expected = torch.nn.functional.interpolate(torch.from_numpy(images), size=[size, size]).numpy()
         assert np.array_equal(resize_nearest(images, size), expected)
+
+
+def test_loader_throughput_is_measured_per_worker_count(tmp_path):
+    from parity.bench import loader_throughput
+    from rtdetr_common.synthetic import make_dataset
+
+    root = make_dataset(tmp_path / "data", num_train=6, num_val=1, num_classes=2,
+                        min_size=64, max_size=96).root
+    rows = loader_throughput([0, 1], size=128, batch=2, batches=2, dataset=str(root))
+    assert [r["workers"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["images_per_s"] > 0
+        assert row["shipped_mb_per_batch"] * 4 == pytest.approx(row["float32_mb_per_batch"])
+    with pytest.raises(ValueError, match="train images"):
+        loader_throughput([0], size=128, batch=2, batches=5, dataset=str(root))

@@ -35,7 +35,7 @@ from pycocotools.coco import COCO
 
 from ..coco import CategoryMap
 from ..random import SharedRandom
-from .transforms import ToFloat
+from .transforms import Compose, ToFloat
 
 logger = logging.getLogger(__name__)
 
@@ -272,18 +272,45 @@ class CocoDetection:
         target["orig_size"] = np.array([w, h], dtype=np.int64)
         return image, target
 
-    def get(self, index: int, rng: SharedRandom) -> Optional[tuple[np.ndarray, dict[str, Any]]]:
+    def can_defer_float(self) -> bool:
+        """Whether :meth:`get` can leave the float conversion out (``uint8``): the transforms
+        are a :class:`Compose` holding one :class:`ToFloat`, or none."""
+        if self.transforms is None:
+            return True
+        steps = getattr(self.transforms, "transforms", None)
+        return (isinstance(self.transforms, Compose)
+                and sum(isinstance(t, ToFloat) for t in steps) == 1)
+
+    def get(self, index: int, rng: SharedRandom, uint8: bool = False
+            ) -> Optional[tuple[np.ndarray, dict[str, Any]]]:
         """:meth:`load` followed by the transforms, which draw all their randomness from ``rng``.
 
+        Args:
+            index: The sample.
+            rng: Its random stream.
+            uint8: Leave out the transforms' :class:`ToFloat` (the loader converts whole
+                batches with :func:`~rtdetr_common.pipeline.transforms.to_float`, after they
+                crossed from its workers at a quarter of the size).
+
         Returns:
-            ``(image float32 [3, h, w] in [0, 1], target)`` with the target as the transforms
-            leave it, or None when the image was skipped.
+            ``(image float32 [3, h, w] in [0, 1], target)`` (uint8 ``[h, w, 3]`` with
+            ``uint8``) with the target as the transforms leave it, or None when the image was
+            skipped.
+
+        Raises:
+            ValueError: With ``uint8``, if the transforms hold other than one ToFloat.
         """
         sample = self.load(index)
         if sample is None:
             return None
         image, target = sample
-        transforms = self.transforms if self.transforms is not None else ToFloat()
+        transforms = self.transforms if self.transforms is not None else Compose([ToFloat()])
+        if uint8:
+            if not self.can_defer_float():
+                raise ValueError(f"uint8 samples need a Compose with exactly one ToFloat as the "
+                                 f"transforms, got {transforms!r}")
+            kept = [t for t in transforms.transforms if not isinstance(t, ToFloat)]
+            transforms = Compose(kept)
         return transforms(image, target, rng)
 
     def __repr__(self) -> str:

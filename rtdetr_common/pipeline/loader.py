@@ -31,7 +31,7 @@ import numpy as np
 
 from ..random import SharedRandom
 from .coco_dataset import CocoDetection
-from .transforms import image_hw
+from .transforms import image_hw, to_float
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,13 @@ def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(idx, in_size - 1)
 
 
-def resize_nearest(images: np.ndarray, size: int) -> np.ndarray:
-    """``[bs, c, h, w]`` -> ``[bs, c, size, size]``, as ``torch.nn.functional.interpolate`` (nearest)."""
+def resize_nearest(images: np.ndarray, size: int, channels_last: bool = False) -> np.ndarray:
+    """``[bs, c, h, w]`` -> ``[bs, c, size, size]`` (``[bs, h, w, c]`` -> ``[bs, size, size, c]``
+    with ``channels_last``), as ``torch.nn.functional.interpolate`` (nearest)."""
+    if channels_last:
+        rows = _nearest_index(images.shape[1], size)
+        cols = _nearest_index(images.shape[2], size)
+        return np.ascontiguousarray(images[:, rows[:, None], cols[None, :]])  # [bs, size, size, c]
     rows = _nearest_index(images.shape[2], size)
     cols = _nearest_index(images.shape[3], size)
     return np.ascontiguousarray(images[:, :, rows[:, None], cols[None, :]])  # [bs, c, size, size]
@@ -85,22 +90,33 @@ class Batch(NamedTuple):
 
 
 class _BatchMaker:
-    """Builds batch ``b`` of an epoch from its dataset indices; the same code in every process."""
+    """Builds batch ``b`` of an epoch from its dataset indices; the same code in every process.
+
+    Where the dataset can leave its float conversion out, batches are made of uint8
+    ``[bs, h, w, 3]`` images (a quarter of the bytes to pass between processes) and
+    :func:`finish` converts them with the transforms' own :func:`to_float`: the same bytes as
+    converting each image first, since the multi-scale resize only selects pixels.
+    """
 
     def __init__(self, dataset: CocoDetection, seed: int, multi_scale: Optional[list[int]]) -> None:
         self.dataset = dataset
         self.seed = seed
         self.multi_scale = multi_scale
+        self.uint8 = dataset.can_defer_float()
 
     def __call__(self, epoch: int, batch_index: int, indices: np.ndarray) -> tuple[Optional[Batch], dict[int, str]]:
         images, targets, skipped = [], [], {}
         for index in indices.tolist():
-            sample = self.dataset.get(index, sample_rng(self.seed, epoch, index))
+            sample = self.dataset.get(index, sample_rng(self.seed, epoch, index), uint8=self.uint8)
             if sample is None:
                 skipped[index] = self.dataset.skipped[index]
                 continue
             image, target = sample
-            if image.dtype != np.float32 or image.ndim != 3 or image.shape[0] != 3:
+            if self.uint8:
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                    raise ValueError(f"the dataset's transforms before ToFloat must leave uint8 "
+                                     f"[h, w, 3] images, got {image.dtype} {image.shape} for index {index}")
+            elif image.dtype != np.float32 or image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"the dataset's transforms must end with float32 [3, h, w] images (ToFloat), "
                                  f"got {image.dtype} {image.shape} for index {index}")
             if images and image.shape != images[0].shape:
@@ -113,12 +129,16 @@ class _BatchMaker:
                             "orig_size": np.asarray(target["orig_size"], dtype=np.int64)})
         if not images:
             return None, skipped
-        stacked = np.stack(images)  # [bs, 3, h, w]
+        stacked = np.stack(images)  # [bs, 3, h, w] float32, or [bs, h, w, 3] uint8
         if self.multi_scale:
             size = int(SharedRandom(stream_seed("scale", self.seed, epoch, batch_index)).choice(self.multi_scale))
             if image_hw(images[0]) != (size, size):
-                stacked = resize_nearest(stacked, size)
+                stacked = resize_nearest(stacked, size, channels_last=self.uint8)
         return Batch(stacked, targets), skipped
+
+    def finish(self, batch: Batch) -> Batch:
+        """The batch as the loader yields it: float32 ``[bs, 3, h, w]`` images in [0, 1]."""
+        return Batch(to_float(batch.images), batch.targets) if self.uint8 else batch
 
 
 _WORKER_MAKER: Optional[_BatchMaker] = None
@@ -152,7 +172,8 @@ class DataLoader:
         shuffle: Shuffle the order each epoch (from ``(seed, epoch)``); otherwise index order.
         drop_last: Drop the last incomplete batch.
         num_workers: Worker processes (0: build batches in this process). Workers are forked
-            where the platform allows (they run only numpy and Pillow code), spawned otherwise.
+            where the platform allows (they run only numpy and Pillow code), spawned otherwise;
+            one pool serves every epoch until :meth:`close` (or the loader's end).
         seed: Seed of every random stream (>= 0).
         multi_scale: Sizes; each batch is resized (nearest, as the official model) to one drawn
             from ``(seed, epoch, batch index)``. None or empty keeps the transforms' size.
@@ -181,6 +202,21 @@ class DataLoader:
         self.multi_scale = sizes
         self.epoch = 0
         self.position = 0
+        self._maker: Optional[_BatchMaker] = None
+        self._pool = None
+
+    def close(self) -> None:
+        """Stops the worker pool (a later iteration starts a new one)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "DataLoader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -234,7 +270,9 @@ class DataLoader:
         epoch, first = self.epoch, self.position
         plan = self.batch_indices(epoch)
         jobs = [(epoch, b, plan[b]) for b in range(first, len(plan))]
-        maker = _BatchMaker(self.dataset, self.seed, self.multi_scale)
+        if self._maker is None:
+            self._maker = _BatchMaker(self.dataset, self.seed, self.multi_scale)
+        maker = self._maker
         if self.num_workers == 0:
             results = self._results_in_process(maker, jobs)
         else:
@@ -247,9 +285,9 @@ class DataLoader:
                     logger.warning("epoch %d batch %d: none of its %d images could be read; batch skipped",
                                    epoch, b, len(plan[b]))
                     continue
-                yield batch
+                yield maker.finish(batch)
         finally:
-            results.close()  # stops the workers at once when the loop is left early
+            results.close()
         self.epoch, self.position = epoch + 1, 0
 
     @staticmethod
@@ -258,10 +296,16 @@ class DataLoader:
             yield maker(*job)
 
     def _results_in_workers(self, maker: _BatchMaker, jobs: list) -> Iterator[tuple[Optional[Batch], dict[int, str]]]:
-        """Results in job order from a pool, at most two jobs per worker in flight."""
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = multiprocessing.get_context(method).Pool(self.num_workers, initializer=_init_worker,
-                                                        initargs=(maker,))
+        """Results in job order from the loader's pool, at most two jobs per worker in flight.
+
+        Leaving the loop early drops the jobs in flight (their results are never read); a
+        worker that fails ends the pool, and the next iteration starts a new one.
+        """
+        if self._pool is None:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = multiprocessing.get_context(method).Pool(
+                self.num_workers, initializer=_init_worker, initargs=(maker,))
+        pool = self._pool
         pending: deque = deque()
         upcoming = iter(jobs)
 
@@ -270,6 +314,7 @@ class DataLoader:
             if job is not None:
                 pending.append(pool.apply_async(_run_job, (job,)))
 
+        ok = False
         try:
             for _ in range(2 * self.num_workers):
                 submit_next()
@@ -277,6 +322,7 @@ class DataLoader:
                 result = pending.popleft().get()
                 submit_next()
                 yield result
+            ok = True
         finally:
-            pool.terminate()
-            pool.join()
+            if not ok and pending:  # left early or failed: the pool's queue holds stale jobs
+                self.close()

@@ -408,13 +408,19 @@ class Resize:
         return f"Resize(size={self.size})"
 
 
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[..., H, W, 3]`` -> float32 ``[..., 3, H, W]`` in [0, 1]: the one conversion that
+    :class:`ToFloat` and the loader (which ships uint8 batches from its workers) share."""
+    chw = np.moveaxis(images, -1, -3)  # [..., 3, H, W]
+    return np.ascontiguousarray(chw, dtype=np.float32) / np.float32(255)
+
+
 class ToFloat:
     """uint8 ``[H, W, 3]`` -> float32 ``[3, H, W]`` in [0, 1] (``ToImageTensor`` + ``ConvertDtype``)."""
 
     def __call__(self, image: np.ndarray, target: Target, rng: SharedRandom) -> tuple[np.ndarray, Target]:
         _require_uint8(image, "ToFloat")
-        chw = image.transpose(2, 0, 1)  # [3, H, W]
-        return np.ascontiguousarray(chw, dtype=np.float32) / np.float32(255), target
+        return to_float(image), target
 
     def __repr__(self) -> str:
         return "ToFloat()"
