@@ -6,7 +6,7 @@ no-grad, and ``.pkl`` checkpoints.
 
 Differences from torch_ref/trainer.py:
 - Checkpoints are pickles of numpy arrays and plain Python values (``last.pkl``), read back with
-  a numpy-only unpickler (:func:`rtdetr_common.train_config.read_numpy_pickle`), so a file
+  a numpy-only unpickler (:func:`rtdetr_common.weights.read_numpy_pickle`), so a file
   cannot run code. Weights are stored in the official layout (0-dim ``num_batches_tracked``).
 - Jittor's optimizers have no usable ``state_dict`` (it pickles the parameter Vars
   themselves): :func:`optimizer_state` / :func:`load_optimizer_state` save and restore
@@ -41,7 +41,7 @@ import numpy as np
 from jittor import nn
 
 from rtdetr_common.pipeline.loader import Batch
-from rtdetr_common.train_config import read_numpy_pickle
+from rtdetr_common.weights import read_numpy_pickle
 from rtdetr_common.trainer import BaseTrainer
 from rtdetr_common.weights import WeightSet
 

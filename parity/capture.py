@@ -10,7 +10,7 @@ port. A module called several times in one forward (a shared head, a reused acti
 Recording keeps references, not copies: a torch tensor is held detached (it shares storage
 with the forward's own tensor, so the output of a convolution and the input of the next
 BatchNorm are one array, not two) and a Jittor ``Var`` is held as it is. Arrays become numpy
-only when a comparison asks for them (:func:`to_numpy_tree`), so memory is the forward's
+only when a comparison asks for them (:func:`parity.arrays.to_numpy`), so memory is the forward's
 activations kept alive, once (measured, every module of r18vd at 640, batch 2: 1.4 GB torch +
 1.2 GB Jittor; r50vd: 3.5 + 3.0 GB; a :class:`ModuleFilter` or a smaller batch cuts it).
 Holding a Jittor ``Var`` does not force its evaluation in the middle of the forward (reading
@@ -21,7 +21,7 @@ would have discarded, which can change how it fuses the rest: such outputs are n
 leaves the final outputs bit-identical in both frameworks.
 
 A torch tensor modified in place after it was recorded would make the record wrong; its
-version counter is recorded too and :func:`to_numpy_tree` raises if it moved.
+version counter is recorded too and :func:`parity.arrays.to_numpy` raises if it moved.
 
 Hooks:
     torch: ``register_forward_pre_hook`` / ``register_forward_hook`` with ``with_kwargs=True``.
@@ -47,6 +47,7 @@ import torch
 from jittor_impl.common import named_buffers
 from jittor_impl.common import named_modules as jittor_named_modules
 
+from .arrays import to_numpy
 from .compare import iter_leaves
 from .models import ModelPair, to_jittor
 
@@ -60,7 +61,6 @@ __all__ = [
     "TorchCapture",
     "JittorCapture",
     "module_depth",
-    "to_numpy_tree",
     "torch_to_jittor_tree",
     "held_bytes",
     "verify_capture_transparent",
@@ -184,6 +184,18 @@ class _HeldTensor:
 
     tensor: torch.Tensor
     version: int
+
+    def numpy(self) -> np.ndarray:
+        """The tensor as numpy.
+
+        Raises:
+            RuntimeError: If the tensor was modified in place after it was recorded.
+        """
+        if self.tensor._version != self.version:
+            raise RuntimeError("a recorded torch tensor was modified in place after recording "
+                               f"(version {self.version} -> {self.tensor._version}, shape "
+                               f"{tuple(self.tensor.shape)})")
+        return self.tensor.cpu().numpy()
 
 
 class Capture(abc.ABC):
@@ -395,29 +407,6 @@ class JittorCapture(Capture):
         module.remove_forward_hook()
 
 
-def to_numpy_tree(tree: Any) -> Any:
-    """Held tensors/Vars (and plain torch tensors / Jittor Vars) -> numpy arrays, nested.
-
-    Raises:
-        RuntimeError: If a held torch tensor was modified in place after it was recorded.
-    """
-    if isinstance(tree, _HeldTensor):
-        if tree.tensor._version != tree.version:
-            raise RuntimeError("a recorded torch tensor was modified in place after recording "
-                               f"(version {tree.version} -> {tree.tensor._version}, shape "
-                               f"{tuple(tree.tensor.shape)})")
-        return tree.tensor.cpu().numpy()
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().numpy()
-    if isinstance(tree, jt.Var):
-        return tree.numpy()
-    if isinstance(tree, dict):
-        return {k: to_numpy_tree(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_numpy_tree(v) for v in tree)
-    return tree
-
-
 def torch_to_jittor_tree(tree: Any, modules: dict[str, Any]) -> Any:
     """Recorded torch inputs -> Jittor call arguments.
 
@@ -430,7 +419,7 @@ def torch_to_jittor_tree(tree: Any, modules: dict[str, Any]) -> Any:
         modules: Jittor modules by name.
     """
     if isinstance(tree, (_HeldTensor, torch.Tensor)):
-        return to_jittor(np.array(to_numpy_tree(tree)))
+        return to_jittor(np.array(to_numpy(tree)))
     if isinstance(tree, ModuleRef):
         return modules[tree.name]
     if isinstance(tree, dict):
@@ -470,14 +459,14 @@ def _forward(pair: ModelPair, framework: str, images: np.ndarray,
         if targets is not None:
             args += ([{k: torch.from_numpy(np.array(v)) for k, v in t.items()} for t in targets],)
         with torch.no_grad():
-            return to_numpy_tree(pair.torch_model(*args))
+            return to_numpy(pair.torch_model(*args))
     args = (jt.array(images),)
     if targets is not None:
         args += (to_jittor(targets),)
     with jt.no_grad():
         out = pair.jittor_model(*args)
         jt.sync_all()
-        return to_numpy_tree(out)
+        return to_numpy(out)
 
 
 def _buffer_state(pair: ModelPair, framework: str) -> list[tuple[Any, np.ndarray]]:

@@ -23,7 +23,8 @@ from rtdetr_common.seeded import seeded_images, seeded_targets
 from .compare import Comparison, Tolerance, compare_arrays, compare_tree
 from .decisions import (MatchCosts, compare_denoising, compare_dn_meta, compare_matches,
                         match_differences, matcher_costs)
-from .models import ModelPair, to_jittor, to_numpy, to_torch
+from .arrays import to_numpy
+from .models import ModelPair, to_jittor, to_torch
 from .tolerances import loss_tolerance, tolerance
 
 

@@ -32,8 +32,10 @@ import numpy as np
 
 from rtdetr_common.coco import CategoryMap
 from rtdetr_common.configs import VARIANTS
-from rtdetr_common.train_config import (TrainConfig, checkpoint_path, format_metrics,
-                                        read_numpy_pickle)
+from rtdetr_common.run_log import format_metrics
+from rtdetr_common.run_state import checkpoint_path
+from rtdetr_common.train_config import TrainConfig
+from rtdetr_common.weights import read_numpy_pickle
 from rtdetr_common.weights import JITTOR_SUFFIXES, TORCH_SUFFIXES, atomic_write
 
 FRAMEWORKS = ("torch", "jittor")

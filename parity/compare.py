@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .arrays import to_numpy
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -68,14 +70,6 @@ class Comparison:
         return row
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor
-        x = x.detach().cpu().numpy()
-    elif hasattr(x, "numpy"):  # jittor.Var
-        x = x.numpy()
-    return np.asarray(x)
-
-
 def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") -> Comparison:
     """Compares one array pair.
 
@@ -88,7 +82,7 @@ def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") ->
     Returns:
         The metrics; ``passed`` False with a ``reason`` on any failure.
     """
-    a, b = _as_numpy(test), _as_numpy(reference)
+    a, b = np.asarray(to_numpy(test)), np.asarray(to_numpy(reference))
     if b.ndim == 0 and a.shape == (1,):
         # Jittor has no 0-dim Vars: its scalars (losses, counters) have shape [1].
         a = a.reshape(())

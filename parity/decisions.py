@@ -29,6 +29,7 @@ import numpy as np
 
 from rtdetr_common.random import SharedRandom
 
+from .arrays import to_numpy
 from .compare import Comparison, compare_arrays
 from .tolerances import tolerance
 
@@ -278,17 +279,13 @@ def compare_dn_meta(test: dict | None, reference: dict | None,
                                reason=f"{len(test_idx)} images vs reference {len(ref_idx)}"))
         return rows
     for i, (a, b) in enumerate(zip(test_idx, ref_idx)):
-        rows.append(_exact(_numpy(a).astype(np.int64), _numpy(b).astype(np.int64),
+        rows.append(_exact(_array(a).astype(np.int64), _array(b).astype(np.int64),
                            f"{prefix}.dn_positive_idx[{i}]"))
     return rows
 
 
-def _numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor
-        return x.detach().cpu().numpy()
-    if hasattr(x, "numpy"):  # jittor.Var
-        return x.numpy()
-    return np.asarray(x)
+def _array(x: Any) -> np.ndarray:
+    return np.asarray(to_numpy(x))
 
 
 def _replay_denoising(build: Callable, decoder: Any, targets: list, rng_state: dict) -> dict:
@@ -312,8 +309,8 @@ def _replay_denoising(build: Callable, decoder: Any, targets: list, rng_state: d
                                       box_noise_scale=decoder.box_noise_scale, rng=rng)
     if meta is None:
         return {}
-    return {"labels": _numpy(labels).astype(np.int64), "boxes_unact": _numpy(boxes),
-            "attn_mask": _numpy(mask)}
+    return {"labels": _array(labels).astype(np.int64), "boxes_unact": _array(boxes),
+            "attn_mask": _array(mask)}
 
 
 def compare_denoising(pair: Any, targets: list, torch_rng_state: dict, jittor_rng_state: dict,

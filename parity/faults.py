@@ -40,7 +40,8 @@ from rtdetr_common.seeded import seeded_images, seeded_targets
 
 from .check import CheckResult, check_eval
 from .compare import Comparison, Tolerance, compare_tree
-from .models import ModelPair, build_pair, to_numpy
+from .arrays import to_numpy
+from .models import ModelPair, build_pair
 from .modules import run_module_check
 from .training import gradient_rows, port_pass, port_step, reference_pass, reference_step
 from .trajectory import training_batches

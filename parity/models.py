@@ -104,16 +104,3 @@ def to_jittor(tree: Any) -> Any:
     arr = np.array(tree)
     var = jt.array(arr)
     return var.int64() if arr.dtype == np.int64 else var
-
-
-def to_numpy(tree: Any) -> Any:
-    """torch tensors / Jittor Vars -> numpy (nested); other leaves unchanged."""
-    if isinstance(tree, dict):
-        return {k: to_numpy(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_numpy(v) for v in tree)
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().numpy()
-    if isinstance(tree, jt.Var):
-        return tree.numpy()
-    return tree

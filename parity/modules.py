@@ -55,8 +55,9 @@ import torch
 
 from jittor_impl.common import named_modules as jittor_named_modules
 
+from .arrays import to_numpy
 from .capture import (NOT_RECORDED, Call, JittorCapture, ModuleFilter, ModuleRef, TorchCapture,
-                      held_bytes, to_numpy_tree, torch_to_jittor_tree)
+                      held_bytes, torch_to_jittor_tree)
 from .check import ScoreCapture, decision_comparison
 from .compare import Comparison, Tolerance, compare_arrays, iter_leaves
 from .models import ModelPair, to_jittor, to_torch
@@ -325,7 +326,7 @@ def compare_outputs(test: Any, ref: Any, kind: str, key: str, sep: str = " -> ",
         if cache is not None and None not in ids and ids in cache:
             out.append(dataclasses.replace(cache[ids], path=path))
             continue
-        c = _leaf_comparison(to_numpy_tree(left[leaf]), to_numpy_tree(right[leaf]), kind, path,
+        c = _leaf_comparison(to_numpy(left[leaf]), to_numpy(right[leaf]), kind, path,
                              mode)
         if cache is not None and None not in ids:
             cache[ids] = c
@@ -573,7 +574,7 @@ def _compare_calls(report: ModuleReport, tcalls: list[Call], jcalls: dict[str, C
                                                  reason="no Jittor module of this name")])
             call.release()
             continue
-        ref = to_numpy_tree(call.output)
+        ref = to_numpy(call.output)
         jcall = jcalls.get(key)
         if jcall is None:
             add("calls", "isolated", [Comparison(key, (), (), "", "",
@@ -660,7 +661,7 @@ def _jittor_refs(tree: Any, names: dict[int, str]) -> Any:
         return {k: _jittor_refs(v, names) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         return type(tree)(_jittor_refs(v, names) for v in tree)
-    return to_numpy_tree(tree)
+    return to_numpy(tree)
 
 
 def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str, list[Comparison]]:
@@ -701,7 +702,7 @@ def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str
             with jt.no_grad(), stubs:
                 args = torch_to_jittor_tree(call.args, ctx.jit_modules)
                 kwargs = torch_to_jittor_tree(call.kwargs, ctx.jit_modules)
-                return to_numpy_tree(module(*args, **kwargs)), stubs
+                return to_numpy(module(*args, **kwargs)), stubs
         finally:
             if holds_topk:
                 owner.forced_topk_ind = None
@@ -722,7 +723,7 @@ def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str
         for kid, args, kwargs in stubs.seen:
             rows, _ = compare_outputs(
                 _jittor_refs({"args": args, "kwargs": kwargs}, ctx.jit_names),
-                to_numpy_tree({"args": kid.args, "kwargs": kid.kwargs}), "module",
+                to_numpy({"args": kid.args, "kwargs": kid.kwargs}), "module",
                 f"{call.key} -> input of {kid.key}", sep=": ", mode=ctx.mode)
             result["module"] += rows
         result["calls"] = [Comparison(f"{call.key} -> {kid.key}", (), (), "", "",

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from rtdetr_common.signals import install
-from rtdetr_common.train_config import read_log
+from rtdetr_common.run_log import read_log
 from rtdetr_common.weights import NEUTRAL_SUFFIXES, atomic_write
 
 from . import equivalence

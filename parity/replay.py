@@ -22,7 +22,8 @@ import torch_ref.decoder as torch_decoder
 from .decisions import matcher_costs
 from .forcing import (Decisions, L1Signs, Matches, MaxPoolArgmax, ReluGates, SampleCells,
                       TopkSelection, match_flips, override, robust_error)
-from .models import ModelPair, to_numpy, to_torch
+from .arrays import to_numpy
+from .models import ModelPair, to_torch
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

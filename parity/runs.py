@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rtdetr_common.train_config import read_log
+from rtdetr_common.run_log import read_log
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -42,7 +42,9 @@ import jittor as jt
 import torch_ref.trainer as torch_trainer
 from jittor_impl import build_model as build_jittor
 from rtdetr_common.pipeline.loader import Batch
-from rtdetr_common.train_config import TrainConfig, check_train_state, read_log
+from rtdetr_common.run_log import read_log
+from rtdetr_common.run_state import check_train_state
+from rtdetr_common.train_config import TrainConfig
 from rtdetr_common.weights import atomic_write
 from torch_ref import build_model as build_torch
 

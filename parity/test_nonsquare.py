@@ -26,7 +26,8 @@ import torch
 
 import jittor_impl
 from parity.check import CheckResult, check_eval
-from parity.models import ModelPair, build_pair, to_numpy
+from parity.arrays import to_numpy
+from parity.models import ModelPair, build_pair
 from parity.modules import run_module_check
 from rtdetr_common.configs import Size
 from rtdetr_common.seeded import seeded_images

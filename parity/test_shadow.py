@@ -24,7 +24,8 @@ from parity.shadow import (checkpoint_differences, read_run, row_kind, run_shado
 from rtdetr_common.configs import variant_at_size
 from rtdetr_common.seeded import seeded_state_dict
 from rtdetr_common.synthetic import make_dataset
-from rtdetr_common.train_config import Progress, TrainConfig, train_state
+from rtdetr_common.run_state import Progress, train_state
+from rtdetr_common.train_config import TrainConfig
 from rtdetr_common.weights import WeightSet, save_neutral
 from torch_ref import build_model
 

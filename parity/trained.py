@@ -132,7 +132,8 @@ def trained_checkpoint(path: str | Path | None = None, *, steps: int = DEFAULT_S
 
 def _train(cfg: TrainConfig, steps: int, digest: str, path: Path, evaluate: bool) -> None:
     """Runs the recipe and writes the JSON record, then the weight file (both atomically)."""
-    from rtdetr_common.train_config import ProgressBar, train_loader
+    from rtdetr_common.run_log import advance, epoch_bar
+    from rtdetr_common.train_config import train_loader
     from rtdetr_common.weights import WeightSet, save_neutral
     from torch_ref.trainer import Trainer
 
@@ -143,15 +144,15 @@ def _train(cfg: TrainConfig, steps: int, digest: str, path: Path, evaluate: bool
         loader = train_loader(trainer.cfg, trainer.dataset("train"), trainer.category_map)
         trainer.cfg.epochs = math.ceil(steps / len(loader))
         losses: list[float] = []
-        bar = ProgressBar(steps, f"trained checkpoint ({path.name})")
-        with trainer._runtime():  # the trainer's deterministic algorithms and thread count
+        bar = epoch_bar(steps, f"trained checkpoint ({path.name})")
+        with trainer.runtime():  # the trainer's deterministic algorithms and thread count
             while len(losses) < steps:
                 trainer.progress.epoch = loader.epoch
                 for batch in loader:
                     trainer.set_lr()
                     losses.append(float(trainer.step(batch)["loss"]))
                     trainer.progress.global_step += 1
-                    bar.update(len(losses), f"loss {losses[-1]:.4f}")
+                    advance(bar, len(losses), f"loss {losses[-1]:.4f}")
                     if len(losses) == steps:
                         break
             bar.close()

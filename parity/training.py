@@ -36,7 +36,8 @@ from jittor_impl.common import named_buffers, trainable_parameters
 from .check import CheckResult
 from .compare import Comparison, Tolerance, compare_arrays, compare_tree
 from .forcing import Forcing, allowed_forced, override, robust_error
-from .models import ModelPair, to_jittor, to_numpy, to_torch
+from .arrays import to_numpy
+from .models import ModelPair, to_jittor, to_torch
 from .replay import (Decisions, Float64Replay, build_emas, grads_of, zero_torch_ema, numpy_params,
                      snapshot, trainable)
 from .tolerances import loss_tolerance, tolerance

@@ -45,3 +45,45 @@ def install(signum: int, handler: Handler) -> Any:
     previous handler, for :func:`signal.signal` to restore."""
     _OWNED.add(signum)
     return signal.signal(signum, owned_handler(handler))
+
+
+class StopOnSignal:
+    """Turns SIGTERM / SIGINT into a request to stop after the current step.
+
+    Inside the ``with`` block the first SIGTERM or SIGINT only records itself in
+    :attr:`signum`; the training loop checks it after each step, writes a checkpoint and
+    returns. A second SIGINT raises ``KeyboardInterrupt`` at once. The previous handlers come
+    back on exit. Outside the main thread (where Python cannot install handlers) it does nothing.
+
+    Attributes:
+        signum: The signal received, or None.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        """Name of the received signal (empty when none)."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def __enter__(self) -> "StopOnSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = install(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -2,10 +2,10 @@
 
 :class:`TrainConfig` is a plain dataclass (no registry): every value a training run depends on,
 stored whole in each checkpoint so that a resumed run can refuse a changed configuration. The
-torch and Jittor trainers (``torch_ref/trainer.py``, ``jittor_impl/trainer.py``) share
-everything here: the learning-rate rule (:func:`lr_factor`, computed in Python so the two
-frameworks never differ through their scheduler classes), dataset paths, the multi-scale sizes,
-the per-iteration JSON log, the progress bar, the signal guard and the checkpoint bookkeeping.
+training loop (:mod:`rtdetr_common.trainer`) takes from here the learning-rate rule
+(:func:`lr_factor`, computed in Python so the two frameworks never differ through their
+scheduler classes), dataset paths, the loaders and the multi-scale sizes; the checkpoint's
+neutral state is :mod:`rtdetr_common.run_state`, the log :mod:`rtdetr_common.run_log`.
 
 Schedule, compared with the official RT-DETR v1 (``rtdetr_pytorch``):
 
@@ -33,26 +33,17 @@ smallest size whose three feature maps still hold ``num_queries`` anchors (128 f
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
-import signal
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, TextIO
+from typing import Mapping
 
 from .coco import CategoryMap
 from .configs import VARIANTS, EMAConfig, ScheduleConfig, VariantConfig, variant_at_size
 from .pipeline.coco_dataset import CocoDetection
 from .pipeline.loader import DataLoader
 from .pipeline.transforms import AUGMENTATIONS, eval_transforms, train_transforms
-from .signals import install
-from .weights import _NumpyOnlyUnpickler, atomic_write
 
-CHECKPOINT_FORMAT = "rtdetr-parity-train"
-CHECKPOINT_VERSION = 1
 OFFICIAL_SIZE = 640
 SIZE_MULTIPLE = 32
 
@@ -373,236 +364,6 @@ def config_differences(saved: Mapping, current: TrainConfig) -> list[str]:
             if k not in RESUME_EXEMPT and saved.get(k) != now.get(k)]
 
 
-@dataclass
-class Progress:
-    """Where a run stands: the next batch to train is batch ``iteration`` of ``epoch``.
-
-    Attributes:
-        epoch: 0-based epoch in progress (``cfg.epochs`` once training is complete).
-        iteration: Batches of ``epoch`` already trained.
-        global_step: Iterations trained since the start.
-    """
-
-    epoch: int = 0
-    iteration: int = 0
-    global_step: int = 0
-
-    def to_dict(self) -> dict:
-        """The counters as a dict."""
-        return dataclasses.asdict(self)
-
-
-def train_state(cfg: TrainConfig, progress: Progress, loader_state: dict, rng_state: dict,
-                framework: str, categories: list[dict]) -> dict:
-    """The framework-neutral part of a training checkpoint (plain Python values only)."""
-    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "framework": framework,
-            "config": cfg.to_dict(), "progress": progress.to_dict(), "loader": dict(loader_state),
-            "rng": rng_state, "categories": categories}
-
-
-def check_train_state(state: object, source: str, framework: str) -> dict:
-    """Validates the neutral part of a training checkpoint read back from ``source``.
-
-    Raises:
-        ValueError: If it is not a training checkpoint of this format and framework.
-    """
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{source}: not an rtdetr-parity training checkpoint (no 'train_state' "
-                         f"of format {CHECKPOINT_FORMAT!r}); it holds weights only")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{source}: training checkpoint version {state.get('version')!r}, "
-                         f"this code reads {CHECKPOINT_VERSION}")
-    if state.get("framework") != framework:
-        raise ValueError(f"{source}: written by the {state.get('framework')} trainer, cannot "
-                         f"resume it with the {framework} trainer")
-    missing = [k for k in ("config", "progress", "loader", "rng", "categories") if k not in state]
-    if missing:
-        raise ValueError(f"{source}: training checkpoint lacks {missing}")
-    return state
-
-
-def read_numpy_pickle(path: str | Path) -> dict:
-    """Reads a pickle that may hold only numpy arrays and plain Python values (no code runs).
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it cannot be unpickled safely or is not a dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
-    except Exception as exc:  # any unpickling failure of a damaged or foreign file
-        raise ValueError(f"{path}: cannot be read as a numpy-only pickle: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
-    return obj
-
-
-def checkpoint_path(cfg: TrainConfig, suffix: str) -> Path:
-    """``<output_dir>/last<suffix>``, the checkpoint a run writes and resumes from."""
-    return Path(cfg.output_dir) / f"last{suffix}"
-
-
-class JsonLog:
-    """The run's ``log.jsonl``: one JSON object per line, flushed as written.
-
-    Args:
-        path: The log file (appended to).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def truncate_to(self, progress: Progress) -> None:
-        """Drops lines written after the checkpoint being resumed (they will be redone).
-
-        Keeps training lines with ``step < progress.global_step`` and evaluation lines of
-        epochs before ``progress.epoch``; the file is rewritten atomically.
-        """
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("kind") == "train" and entry.get("step", math.inf) < progress.global_step:
-                kept.append(line)
-            elif entry.get("kind") == "eval" and entry.get("epoch", math.inf) < progress.epoch:
-                kept.append(line)
-        text = "".join(line + "\n" for line in kept)
-        atomic_write(self.path, lambda tmp: tmp.write_text(text))
-
-    def write(self, entry: Mapping) -> None:
-        """Appends one line."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(entry)) + "\n")
-            f.flush()
-
-
-def read_log(path: str | Path) -> list[dict]:
-    """The entries of a ``log.jsonl`` (an incomplete last line is skipped)."""
-    entries = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return entries
-
-
-class ProgressBar:
-    """A one-line progress bar on a text stream (stderr by default), redrawn in place.
-
-    Args:
-        total: Iterations per epoch.
-        title: Text before the bar (e.g. ``torch epoch 3/72``).
-        stream: Where to draw.
-        done: Iterations already done when the bar starts (a resumed epoch).
-        width: Bar width in characters.
-    """
-
-    def __init__(self, total: int, title: str, stream: TextIO | None = None, done: int = 0,
-                 width: int = 24) -> None:
-        self.total = max(int(total), 1)
-        self.title = title
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.first = int(done)
-        self.start = time.perf_counter()
-
-    def update(self, done: int, text: str = "") -> None:
-        """Redraws the bar at ``done`` of ``total`` iterations with ``text`` after it."""
-        rate = (time.perf_counter() - self.start) / max(done - self.first, 1)
-        filled = int(self.width * done / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.title} [{bar}] {done}/{self.total} {text} "
-                          f"{rate:.2f}s/it eta {rate * (self.total - done):.0f}s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Ends the line."""
-        self.stream.write("\n")
-        self.stream.flush()
-
-
-class StopOnSignal:
-    """Turns SIGTERM / SIGINT into a request to stop after the current step.
-
-    Inside the ``with`` block the first SIGTERM or SIGINT only records itself in
-    :attr:`signum`; the training loop checks it after each step, writes a checkpoint and
-    returns. A second SIGINT raises ``KeyboardInterrupt`` at once. The previous handlers come
-    back on exit. Outside the main thread (where Python cannot install handlers) it does nothing.
-
-    Attributes:
-        signum: The signal received, or None.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGINT and self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    @property
-    def name(self) -> str:
-        """Name of the received signal (empty when none)."""
-        return signal.Signals(self.signum).name if self.signum is not None else ""
-
-    def __enter__(self) -> "StopOnSignal":
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = install(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-@dataclass
-class TrainResult:
-    """What :meth:`Trainer.train` did.
-
-    Attributes:
-        progress: Where the run stands at return.
-        checkpoint: The checkpoint written last.
-        interrupted: Name of the signal that stopped the run, or empty if it completed.
-        resumed_from: The checkpoint the run resumed from, or None.
-        metrics: The last evaluation's metrics, if any.
-    """
-
-    progress: Progress
-    checkpoint: Path
-    interrupted: str = ""
-    resumed_from: Path | None = None
-    metrics: dict | None = None
-
-
-def loss_entry(progress: Progress, lr: float, backbone_lr: float, losses: Mapping[str, float],
-               seconds: float) -> dict:
-    """One training line of ``log.jsonl``.
-
-    ``iter`` is the 1-based batch of the epoch just trained, ``step`` the 0-based iteration
-    count since the start, ``lr`` / ``backbone_lr`` the rates it trained with, then every loss
-    term, the total ``loss`` and the step's wall time in ``seconds``.
-    """
-    return {"kind": "train", "epoch": progress.epoch, "iter": progress.iteration,
-            "step": progress.global_step, "lr": lr, "backbone_lr": backbone_lr,
-            **{k: float(v) for k, v in losses.items()}, "seconds": round(seconds, 4)}
-
-
 def backbone_base_lr(variant: VariantConfig) -> float:
     """The backbone groups' base rate (the first group with its own rate; else the default)."""
     return next((g.lr for g in variant.optimizer.params if g.lr is not None), variant.optimizer.lr)
@@ -615,19 +376,3 @@ def eval_due(cfg: TrainConfig, epoch: int) -> bool:
     return (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
 
 
-def format_metrics(metrics: Mapping[str, float]) -> str:
-    """The metrics on one line, in percent: ``AP 12.34  AP50 ...`` (``n/a`` where missing, -1)."""
-    return "  ".join(f"{k} {100 * float(v):.2f}" if float(v) >= 0 else f"{k} n/a"
-                     for k, v in metrics.items())
-
-
-def report_metrics(epoch: int, metrics: Mapping[str, float], stream: TextIO | None = None) -> None:
-    """Writes one line with an epoch's evaluation metrics to ``stream`` (stderr by default)."""
-    out = stream if stream is not None else sys.stderr
-    out.write(f"epoch {epoch + 1} val: {format_metrics(metrics)}\n")
-    out.flush()
-
-
-def categories_of(names: Iterable[str], category_ids: Iterable[int]) -> list[dict]:
-    """``[{"id", "name"}]`` of a category map, in label order (stored in checkpoints)."""
-    return [{"id": int(c), "name": str(n)} for c, n in zip(category_ids, names)]

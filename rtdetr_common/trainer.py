@@ -32,12 +32,13 @@ from .pipeline.coco_dataset import CocoDetection
 from .pipeline.loader import Batch
 from .pipeline.transforms import eval_transforms
 from .random import SharedRandom
-from .state_dicts import (BACKBONE_PREFIX, TensorSpec, backbone_entries, check_backbone,
-                          presnet_depth)
-from .train_config import (JsonLog, Progress, ProgressBar, StopOnSignal, TrainConfig, TrainResult,
-                           backbone_base_lr, categories_of, check_train_state, checkpoint_path,
-                           config_differences, eval_due, eval_loader, loss_entry, lr_factor,
-                           open_split, report_metrics, train_loader, train_state, variant_config)
+from .run_log import JsonLog, advance, epoch_bar, loss_entry, report_metrics
+from .run_state import (Progress, TrainResult, categories_of, check_train_state, checkpoint_path,
+                        train_state)
+from .signals import StopOnSignal
+from .state_dicts import TensorSpec, backbone_entries, check_backbone, presnet_depth
+from .train_config import (TrainConfig, backbone_base_lr, config_differences, eval_due, eval_loader,
+                           lr_factor, open_split, train_loader, variant_config)
 from .weights import WeightSet, atomic_write
 
 
@@ -259,8 +260,8 @@ class BaseTrainer:
         with StopOnSignal() as stop, self.runtime(), loader:
             while self.progress.epoch < self.cfg.epochs:
                 epoch = self.progress.epoch
-                bar = ProgressBar(len(loader), f"{self.FRAMEWORK} epoch {epoch + 1}/{self.cfg.epochs}",
-                                  stream, loader.position)
+                bar = epoch_bar(len(loader), f"{self.FRAMEWORK} epoch {epoch + 1}/{self.cfg.epochs}",
+                                stream, loader.position)
                 for batch in loader:
                     start = time.perf_counter()
                     factor = self.set_lr()
@@ -271,7 +272,7 @@ class BaseTrainer:
                                              self.backbone_lr * factor, losses,
                                              time.perf_counter() - start))
                     self.progress.global_step += 1
-                    bar.update(self.progress.iteration, f"loss {losses['loss']:.4f}")
+                    advance(bar, self.progress.iteration, f"loss {losses['loss']:.4f}")
                     if stop.signum is not None:
                         break
                 bar.close()

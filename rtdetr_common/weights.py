@@ -189,6 +189,29 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
 
 
+def read_numpy_pickle(path: str | Path, what: str = "numpy-only pickle") -> dict:
+    """Reads a pickle that may hold only numpy arrays and plain Python values (no code runs).
+
+    Args:
+        path: The file.
+        what: What the file should be, named in errors.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it cannot be unpickled safely or is not a dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+    except Exception as exc:  # any unpickling failure of a damaged or foreign file
+        raise ValueError(f"{path}: cannot be read as a {what}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
 def _jittor_layout(ws: WeightSet) -> dict:
     obj: dict = {}
     if ws.model is not None:
@@ -255,12 +278,6 @@ def weightset_from_mapping(obj: object, source: str, to_numpy: Callable[[object]
 
 def load_jittor_pickle(path: str | Path) -> WeightSet:
     """Reads a Jittor checkpoint safely (numpy-only unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Jittor checkpoint not found: {path}")
-    try:
-        obj = _NumpyOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: cannot be read as a Jittor checkpoint: {exc}") from exc
+    obj = read_numpy_pickle(path, "Jittor checkpoint")
     return weightset_from_mapping(obj, str(path), np.asarray,
                                   lambda v: isinstance(v, (np.ndarray, np.generic)))

@@ -98,7 +98,7 @@ def test_empty_detections_give_zeros_where_there_is_ground_truth(coco_file):
 
 def test_missing_area_range_is_reported_missing_not_zero(coco_file):
     """Only medium and large objects on image 2 -> pycocotools' -1 for small objects is kept."""
-    from rtdetr_common.train_config import format_metrics
+    from rtdetr_common.run_log import format_metrics
 
     image_ids, results, cmap = _results()
     metrics = evaluate(coco_file, detections_to_coco(image_ids[1:2], results[1:2], cmap), image_ids=[2])

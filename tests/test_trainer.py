@@ -25,9 +25,12 @@ from parity.divergences import KnownDivergence
 from parity.runs import compare_runs, format_comparison
 from parity.tolerances import tolerance
 from rtdetr_common.configs import load_official_configs
-from rtdetr_common.train_config import (JsonLog, Progress, StopOnSignal, TrainConfig,
-                                        config_differences, lr_factor, min_input_size, read_log,
-                                        read_numpy_pickle, scaled_multi_scale, variant_config)
+from rtdetr_common.run_log import JsonLog, read_log
+from rtdetr_common.run_state import Progress
+from rtdetr_common.signals import StopOnSignal
+from rtdetr_common.train_config import (TrainConfig, config_differences, lr_factor, min_input_size,
+                                        scaled_multi_scale, variant_config)
+from rtdetr_common.weights import read_numpy_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("torch", "jittor")
