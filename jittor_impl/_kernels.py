@@ -23,7 +23,9 @@ Products run through oneDNN's ``sgemm``, which Jittor's own CPU matmul calls and
 oneDNN operators load into the process's global symbols (:func:`has_dnnl_sgemm`):
 :func:`batched_sgemm` (attention heads), :func:`linear` (bias included) and
 :func:`conv1x1` (pointwise convolutions in the NCHW layout, where Jittor's convolution
-reorders both maps to a blocked layout and back).
+reorders both maps to a blocked layout and back). One rule for all three: on CUDA, or where
+oneDNN's ``sgemm`` is not loaded, each returns Jittor's own operator instead (stacked
+``jt.matmul``, ``jittor.nn.linear``, ``jittor.nn.conv2d``).
 
 On CUDA the callers use compositions of Jittor ops instead (``jittor_impl.common``,
 ``jittor_impl.decoder``), which Jittor parallelises there. Every kernel takes float32 only
@@ -1111,13 +1113,55 @@ for (int64_t i = 0; i < n; i++)
 """
 
 
+def _matmul_2d(x: jt.Var, y: jt.Var, transpose_x: bool = False, transpose_y: bool = False) -> jt.Var:
+    """One 2-D product ``op(x) @ op(y)``, where ``op`` transposes when asked.
+
+    Written as the broadcast product and sum that Jittor hands to oneDNN, with the transpose
+    as oneDNN's flag: transposing first costs a separate single-threaded copy (measured, 2
+    threads: both gradients of ``[16, 400, 400] @ [16, 400, 32]``, the attention of r18vd's
+    encoder at 640, took 4.6 ms through transposed copies and 2.6 ms this way).
+
+    Args:
+        x: ``[m, k]``, or ``[k, m]`` with ``transpose_x``.
+        y: ``[k, p]``, or ``[p, k]`` with ``transpose_y``.
+
+    Returns:
+        ``[m, p]``.
+    """
+    if transpose_x and transpose_y:
+        raise ValueError("_matmul_2d transposes one operand at most")
+    if transpose_x:
+        k, m = x.shape
+        p = y.shape[1]
+        # [k, m, p] products summed over k
+        return (x.broadcast([k, m, p], [2]) * y.broadcast([k, m, p], [1])).sum(0)
+    if transpose_y:
+        m, k = x.shape
+        p = y.shape[0]
+        # [m, p, k] products summed over k
+        return (x.broadcast([m, p, k], [1]) * y.broadcast([m, p, k], [0])).sum(2)
+    return jt.matmul(x, y)
+
+
+def _slice_matmul(a: jt.Var, b: jt.Var, transpose_a: bool = False, transpose_b: bool = False) -> jt.Var:
+    """``op(a[i]) @ op(b[i])`` for every ``i``, stacked from ``n`` 2-D Jittor products.
+
+    Args:
+        a: ``[n, m, k]``, or ``[n, k, m]`` with ``transpose_a``.
+        b: ``[n, k, p]``, or ``[n, p, k]`` with ``transpose_b``.
+
+    Returns:
+        ``[n, m, p]``.
+    """
+    return jt.stack([_matmul_2d(a[i], b[i], transpose_a, transpose_b) for i in range(a.shape[0])])
+
+
 def batched_sgemm(a: jt.Var, b: jt.Var, transpose_a: bool = False,
                   transpose_b: bool = False) -> jt.Var:
     """``op(a[i]) @ op(b[i])`` for every ``i`` as one kernel of oneDNN products (CPU only).
 
-    Needs :func:`has_dnnl_sgemm`. Each slice's product is oneDNN's ``sgemm``, the 2-D
-    product Jittor's own CPU matmul calls, so the results equal stacked 2-D ``jt.matmul``\ s
-    bit for bit; one kernel replaces ``n`` products, ``n`` slicings and a stack (measured,
+    Each slice's product is oneDNN's ``sgemm``, the 2-D product Jittor's own CPU matmul
+    calls, so the results equal stacked 2-D ``jt.matmul`` products bit for bit; one kernel replaces ``n`` products, ``n`` slicings and a stack (measured,
     2 threads: ``[16, 400, 32] @ [16, 32, 400]`` 0.55 ms against 1.96 ms).
 
     Args:
@@ -1132,7 +1176,6 @@ def batched_sgemm(a: jt.Var, b: jt.Var, transpose_a: bool = False,
     Raises:
         ValueError: If the shapes do not fit.
         TypeError: If ``a`` or ``b`` is not float32.
-        RuntimeError: If oneDNN's ``sgemm`` is not loaded.
     """
     if a.ndim != 3 or b.ndim != 3:
         raise ValueError(f"batched_sgemm expects 3-D operands, got {list(a.shape)} and {list(b.shape)}")
@@ -1142,8 +1185,8 @@ def batched_sgemm(a: jt.Var, b: jt.Var, transpose_a: bool = False,
         raise ValueError(f"batched_sgemm: {list(a.shape)} (transposed: {transpose_a}) and "
                          f"{list(b.shape)} (transposed: {transpose_b}) do not multiply")
     _require_float32("batched_sgemm", a=a, b=b)
-    if not has_dnnl_sgemm():
-        raise RuntimeError("batched_sgemm needs oneDNN's dnnl_sgemm, which this process has not loaded")
+    if jt.flags.use_cuda or not has_dnnl_sgemm():
+        return _slice_matmul(a, b, transpose_a, transpose_b)
     header = _SGEMM_HEADER + f"#define SGEMM_TA {int(transpose_a)}\n#define SGEMM_TB {int(transpose_b)}\n"
     return jt.code((n, m, p), "float32", [a, b], cpu_header=header, cpu_src=_BATCHED_SGEMM_SRC)
 
@@ -1405,7 +1448,7 @@ for (int64_t c = 0; c < Co; c++) {
 
 
 class _Conv1x1(jt.Function):
-    """Pointwise convolution on CPU as oneDNN ``sgemm``\ s in the NCHW layout."""
+    """Pointwise convolution on CPU as oneDNN ``sgemm`` calls in the NCHW layout."""
 
     def execute(self, x: jt.Var, weight: jt.Var, bias: Optional[jt.Var]) -> jt.Var:
         """Returns ``[N, Co, H, W]``."""
@@ -1430,7 +1473,7 @@ class _Conv1x1(jt.Function):
 def conv1x1(x: jt.Var, weight: jt.Var, bias: Optional[jt.Var] = None) -> jt.Var:
     """A 1x1 convolution (stride 1, no padding, one group) as oneDNN ``sgemm`` calls (CPU only).
 
-    Needs :func:`has_dnnl_sgemm`. Jittor's CPU convolution reorders the maps to a blocked
+    Jittor's CPU convolution reorders the maps to a blocked
     layout and back around oneDNN's convolution; a pointwise one is a matrix product per
     image in the NCHW layout itself (measured, 2 threads, the 1x1 convolutions of an r18vd
     training step at 640: forward 77 ms against 41 ms, forward and backward 207 against
@@ -1447,7 +1490,6 @@ def conv1x1(x: jt.Var, weight: jt.Var, bias: Optional[jt.Var] = None) -> jt.Var:
     Raises:
         ValueError: If the shapes do not fit.
         TypeError: If a tensor is not float32.
-        RuntimeError: If oneDNN's ``sgemm`` is not loaded.
     """
     if (x.ndim != 4 or weight.ndim != 4 or tuple(weight.shape[1:]) != (x.shape[1], 1, 1)
             or (bias is not None and list(bias.shape) != [weight.shape[0]])):
@@ -1455,6 +1497,6 @@ def conv1x1(x: jt.Var, weight: jt.Var, bias: Optional[jt.Var] = None) -> jt.Var:
                          f"{None if bias is None else list(bias.shape)} do not fit [N, Ci, H, W], "
                          f"[Co, Ci, 1, 1], [Co]")
     _require_float32("conv1x1", x=x, weight=weight, **({} if bias is None else {"bias": bias}))
-    if not has_dnnl_sgemm():
-        raise RuntimeError("conv1x1 needs oneDNN's dnnl_sgemm, which this process has not loaded")
+    if jt.flags.use_cuda or not has_dnnl_sgemm():
+        return nn.conv2d(x, weight, bias)
     return _Conv1x1.apply(x, weight, bias)

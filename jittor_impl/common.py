@@ -58,7 +58,7 @@ import jittor as jt
 from jittor import init, nn
 
 from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, conv1x1,
-                       has_dnnl_sgemm, layer_norm, linear, relu, softmax_last)
+                       layer_norm, linear, relu, softmax_last)
 
 __all__ = [
     "Hardsigmoid",
@@ -187,7 +187,7 @@ class Conv2d(nn.Conv2d):
         """
         pointwise = (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                      and self.groups == 1)
-        if pointwise and not jt.flags.use_cuda and has_dnnl_sgemm():
+        if pointwise:
             return conv1x1(x, self.weight, self.bias)
         return super().execute(x)
 
@@ -416,58 +416,6 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def _matmul_2d(x: jt.Var, y: jt.Var, transpose_x: bool = False, transpose_y: bool = False) -> jt.Var:
-    """One 2-D product ``op(x) @ op(y)``, where ``op`` transposes when asked.
-
-    Written as the broadcast product and sum that Jittor hands to oneDNN, with the transpose
-    as oneDNN's flag: transposing first costs a separate single-threaded copy (measured, 2
-    threads: both gradients of ``[16, 400, 400] @ [16, 400, 32]``, the attention of r18vd's
-    encoder at 640, took 4.6 ms through transposed copies and 2.6 ms this way).
-
-    Args:
-        x: ``[m, k]``, or ``[k, m]`` with ``transpose_x``.
-        y: ``[k, p]``, or ``[p, k]`` with ``transpose_y``.
-
-    Returns:
-        ``[m, p]``.
-    """
-    if transpose_x and transpose_y:
-        raise ValueError("_matmul_2d transposes one operand at most")
-    if transpose_x:
-        k, m = x.shape
-        p = y.shape[1]
-        # [k, m, p] products summed over k
-        return (x.broadcast([k, m, p], [2]) * y.broadcast([k, m, p], [1])).sum(0)
-    if transpose_y:
-        m, k = x.shape
-        p = y.shape[0]
-        # [m, p, k] products summed over k
-        return (x.broadcast([m, p, k], [1]) * y.broadcast([m, p, k], [0])).sum(2)
-    return jt.matmul(x, y)
-
-
-def _slice_matmul(a: jt.Var, b: jt.Var, transpose_a: bool = False, transpose_b: bool = False) -> jt.Var:
-    """``op(a[i]) @ op(b[i])`` for every ``i``, stacked: ``n`` 2-D oneDNN products.
-
-    Args:
-        a: ``[n, m, k]``, or ``[n, k, m]`` with ``transpose_a``.
-        b: ``[n, k, p]``, or ``[n, p, k]`` with ``transpose_b``.
-
-    Returns:
-        ``[n, m, p]``.
-    """
-    return jt.stack([_matmul_2d(a[i], b[i], transpose_a, transpose_b) for i in range(a.shape[0])])
-
-
-def _products(a: jt.Var, b: jt.Var, transpose_a: bool = False, transpose_b: bool = False) -> jt.Var:
-    """``op(a[i]) @ op(b[i])`` for every ``i``: one kernel of oneDNN products
-    (:func:`~jittor_impl._kernels.batched_sgemm`) where oneDNN is loaded, else
-    :func:`_slice_matmul`; arguments as :func:`_slice_matmul`'s."""
-    if has_dnnl_sgemm():
-        return batched_sgemm(a, b, transpose_a, transpose_b)
-    return _slice_matmul(a, b, transpose_a, transpose_b)
-
-
 class _BatchedMatmul(jt.Function):
     """Batched matrix product on CPU, forward and gradients as 2-D products.
 
@@ -486,15 +434,15 @@ class _BatchedMatmul(jt.Function):
         """Returns ``a @ op(b)`` for ``a`` ``[n, m, k]`` and ``b`` ``[n, k, p]`` (``[n, p, k]``
         with ``transpose_b``)."""
         self.a, self.b, self.transpose_b = a, b, transpose_b
-        return _products(a, b, transpose_b=transpose_b)  # [n, m, p]
+        return batched_sgemm(a, b, transpose_b=transpose_b)  # [n, m, p]
 
     def grad(self, grad_out: jt.Var) -> Tuple[jt.Var, jt.Var, None]:
         """Gradients ``grad_out @ op(b)^T`` and ``a^T @ grad_out`` (transposed back for a
         transposed ``b``: ``grad_out^T @ a``)."""
-        grad_a = _products(grad_out, self.b, transpose_b=not self.transpose_b)  # [n, m, k]
+        grad_a = batched_sgemm(grad_out, self.b, transpose_b=not self.transpose_b)  # [n, m, k]
         if self.transpose_b:
-            return grad_a, _products(grad_out, self.a, transpose_a=True), None  # [n, p, k]
-        return grad_a, _products(self.a, grad_out, transpose_a=True), None  # [n, k, p]
+            return grad_a, batched_sgemm(grad_out, self.a, transpose_a=True), None  # [n, p, k]
+        return grad_a, batched_sgemm(self.a, grad_out, transpose_a=True), None  # [n, k, p]
 
 
 def batched_matmul(a: jt.Var, b: jt.Var, transpose_b: bool = False) -> jt.Var:

@@ -218,7 +218,9 @@ def test_bad_kernel_input_is_refused_clearly(call, error, message) -> None:
                          ids=["small", "heads", "vector"])
 def test_batched_matmul_and_its_gradients_match_torch(shapes, transpose_b, products, monkeypatch) -> None:
     if products == "slices":  # the form used where oneDNN's sgemm is not loaded
-        monkeypatch.setattr(jittor_impl.common, "has_dnnl_sgemm", lambda: False)
+        import jittor_impl._kernels as kernels
+
+        monkeypatch.setattr(kernels, "has_dnnl_sgemm", lambda: False)
     rng = np.random.default_rng(3)
     a, b = (rng.standard_normal(s).astype(np.float32) for s in shapes)
     if transpose_b:
@@ -686,20 +688,34 @@ def test_conv1x1_refuses_mismatched_shapes() -> None:
         conv1x1(jt.zeros((1, 2, 5, 5)), jt.zeros((4, 3, 1, 1)))
 
 
-def test_without_onednn_sgemm_the_layers_fall_back_to_jittors_ops(monkeypatch) -> None:
-    """Where Jittor has not loaded oneDNN, linear layers and pointwise convolutions are Jittor's."""
+def test_without_onednn_sgemm_every_product_kernel_is_jittors_own_op(monkeypatch) -> None:
+    """One rule for a missing oneDNN: each product kernel (and so each layer on it) returns
+    Jittor's own operator, never an error and never a different result."""
     import jittor_impl._kernels as kernels
 
     monkeypatch.setattr(kernels, "has_dnnl_sgemm", lambda: False)
-    monkeypatch.setattr(jittor_impl.common, "has_dnnl_sgemm", lambda: False)
-    monkeypatch.setattr(jittor_impl.common, "conv1x1", lambda *a: pytest.fail("conv1x1 called"))
+    monkeypatch.setattr(kernels, "jt", _NoCode(jt))  # a kernel that still ran would fail here
     rng = np.random.default_rng(22)
     x = jt.array(rng.standard_normal((2, 6, 5, 4)).astype(np.float32))
     conv = Conv2d(6, 3, 1)
-    np.testing.assert_allclose(conv(x).numpy(), jt.nn.Conv2d.execute(conv, x).numpy(), rtol=1e-6, atol=1e-6)
     dense = Linear(4, 3)
-    np.testing.assert_allclose(dense(x).numpy(), jt.nn.Linear.execute(dense, x).numpy(), rtol=1e-6, atol=1e-6)
-    with pytest.raises(RuntimeError, match="needs oneDNN's dnnl_sgemm"):
-        kernels.conv1x1(x, conv.weight)
-    with pytest.raises(RuntimeError, match="needs oneDNN's dnnl_sgemm"):
-        kernels.batched_sgemm(x[0], x[1].transpose(0, 2, 1))  # [6, 5, 4] @ [6, 4, 5]
+    a, b = x[0], x[1].transpose(0, 2, 1)  # [6, 5, 4] @ [6, 4, 5]
+    for name, got, want in (
+            ("conv1x1", kernels.conv1x1(x, conv.weight, conv.bias), jt.nn.conv2d(x, conv.weight, conv.bias)),
+            ("Conv2d", conv(x), jt.nn.Conv2d.execute(conv, x)),
+            ("linear", kernels.linear(x, dense.weight, dense.bias), jt.nn.linear(x, dense.weight, dense.bias)),
+            ("Linear", dense(x), jt.nn.Linear.execute(dense, x)),
+            ("batched_sgemm", kernels.batched_sgemm(a, b), jt.stack([jt.matmul(a[i], b[i]) for i in range(6)]))):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+class _NoCode:
+    """Jittor with ``jt.code`` taken away (anything else passes through)."""
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        if name == "code":
+            raise AssertionError("a oneDNN kernel ran without oneDNN")
+        return getattr(self._module, name)
