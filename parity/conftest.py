@@ -20,11 +20,15 @@ _POOL = pytest.StashKey[ProcessPoolExecutor]()
 
 
 def _worker_setup() -> None:
-    """The worker's numerics as the session's (deterministic), on one thread of its own."""
+    """The worker's numerics as the session's (deterministic), on one thread of its own; the
+    numeric warnings of the injected faults (a logarithm of a swapped size) stay quiet."""
+    import warnings
+
     import torch
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 
 def _background_run(item: pytest.Item) -> tuple | None:

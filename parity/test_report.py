@@ -124,26 +124,34 @@ def test_an_undecided_training_comparison_is_inconclusive_not_a_pass_or_a_fail(
 
 @needs_committed
 @pytest.mark.parametrize("slowed, factor, section", [
-    ("none", 1.0, "pass"),           # as measured
+    ("none", 1.0, "pass"),             # every ratio near 1
     ("slowest", 4.0, "inconclusive"),  # one slow Jittor run: the runs' spread straddles the limit
-    ("all", 3.0, "fail")])           # every Jittor run three times slower: beyond the spread
+    ("all", 3.0, "fail")])             # every Jittor run three times slower: beyond the spread
 def test_the_speed_verdict_weighs_the_runs_spread(tmp_path: Path, slowed: str, factor: float,
                                                  section: str) -> None:
-    """The training task's Jittor runs are slowed (all of them, or the slowest only); the
+    """Timed runs are set (torch 1.00, 1.05, ... s; Jittor 1.00, 1.03, ... s, equal memory),
+    then the training task's Jittor runs are slowed (all of them, or the slowest only): the
     speed section passes, is undecided, or fails against its time limit accordingly."""
     source = _copy_report(tmp_path)
     times = pd.read_csv(source / "data" / "bench_times.csv")
     bench = pd.read_csv(source / "data" / "bench.csv")
-    mine = (times["task"] == "train") & (times["framework"] == "jittor")
+    for framework, step in (("torch", 0.05), ("jittor", 0.03)):
+        mine = times["framework"] == framework
+        times.loc[mine, "seconds"] = 1.0 + step * (times.loc[mine, "rep"] - 1)
+    jittor_train = (times["task"] == "train") & (times["framework"] == "jittor")
     if slowed == "all":
-        times.loc[mine, "seconds"] *= factor
+        times.loc[jittor_train, "seconds"] *= factor
     elif slowed == "slowest":
-        times.loc[times.loc[mine, "seconds"].idxmax(), "seconds"] *= factor
-    row = bench["task"] == "train"
-    jittor = times.loc[mine, "seconds"]
-    bench.loc[row, "jittor_min_s"] = jittor.min()
-    bench.loc[row, "jittor_median_s"] = jittor.median()
-    bench.loc[row, "time_ratio"] = jittor.min() / bench.loc[row, "torch_min_s"]
+        times.loc[times.loc[jittor_train, "seconds"].idxmax(), "seconds"] *= factor
+    for index, row in bench.iterrows():
+        task = (times["task"] == row["task"]) & (times["size"] == row["size"])
+        th = times.loc[task & (times["framework"] == "torch"), "seconds"]
+        jt = times.loc[task & (times["framework"] == "jittor"), "seconds"]
+        bench.loc[index, ["torch_min_s", "jittor_min_s", "torch_median_s", "jittor_median_s"]] = (
+            th.min(), jt.min(), th.median(), jt.median())
+        bench.loc[index, ["time_ratio", "median_ratio"]] = (jt.min() / th.min(), jt.median() / th.median())
+    bench["jittor_peak_mb"] = bench["torch_peak_mb"]
+    bench["mem_ratio"] = 1.0
     times.to_csv(source / "data" / "bench_times.csv", index=False)
     bench.to_csv(source / "data" / "bench.csv", index=False)
     after = _regenerate(source, tmp_path / "out")
