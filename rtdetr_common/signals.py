@@ -42,9 +42,16 @@ def owned_handler(handler: Handler) -> Handler:
 def install(signum: int, handler: Handler) -> Any:
     """Installs ``handler`` for ``signum`` in this process only (:func:`owned_handler`; a
     forked child takes the default action from its first instruction on); returns the
-    previous handler, for :func:`signal.signal` to restore."""
+    previous handler, for :func:`signal.signal` to restore.
+
+    System calls the signal interrupts are restarted (``siginterrupt(signum, False)``): a
+    library's blocking call (Jittor waiting on its compile lock) then does not fail with EINTR;
+    the handler runs all the same.
+    """
     _OWNED.add(signum)
-    return signal.signal(signum, owned_handler(handler))
+    previous = signal.signal(signum, owned_handler(handler))
+    signal.siginterrupt(signum, False)
+    return previous
 
 
 class StopOnSignal:
