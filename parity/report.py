@@ -60,12 +60,12 @@ PACKAGES = ("torch", "jittor", "numpy", "scipy", "pandas", "matplotlib", "pycoco
 
 
 # The phases of a report, in order: the name collect() announces and the screen's label.
-PHASES = {"bench": "benchmark (each framework in its own process)",
-          "load": "load PyTorch and Jittor",
+PHASES = {"load": "load PyTorch and Jittor",
           "outputs": "outputs, decisions, losses",
           "modules": "every module, eval and train",
           "training": "gradients, optimizer step, trajectory",
           "faults": "fault catalogue (fast tier)",
+          "bench": "benchmark (each framework in its own process)",
           "render": "write report.md, report.html, plots"}
 
 
@@ -449,23 +449,9 @@ def collect(settings: ReportSettings, data: Path,
     data.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     measured_at = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    # The benchmark first: its children report their peak resident memory, and a child's
-    # starts at its parent's when forked (the check's models would count in it).
-    plan = bench_plan(settings.bench, settings.variant)
-    bench_info: dict = {"state": "not run", "why": "not requested (--bench none)"}
-    if plan is not None:
-        on_phase("bench")
-        start = time.perf_counter()
-        load_before = os.getloadavg()[0]
-        rows, times = run_bench(plan)
-        write_table(data, "bench", rows)
-        write_table(data, "bench_times", times)
-        seconds["bench"] = time.perf_counter() - start
-        bench_info = {"state": "run", "plan": plan.name, "warmup": plan.warmup, "reps": plan.reps,
-                      "load_average_before": round(load_before, 2),
-                      "load_average_after": round(os.getloadavg()[0], 2)}
-    # The catalogue's worker starts beside the check (after the benchmark, which it would
-    # disturb); this process runs its own share once the check is done.
+    # The catalogue's worker starts beside the check; this process runs its own share once the
+    # check is done. The benchmark comes last, alone on the machine, with the kernels that the
+    # check compiled (its children measure their own peak memory, not this process's).
     faults_started = _start_faults(settings)
     fault_start = time.perf_counter()
     try:
@@ -501,6 +487,19 @@ def collect(settings: ReportSettings, data: Path,
     if faults_info["state"] == "run":
         seconds["faults"] = time.perf_counter() - start
         seconds["faults_since_start"] = time.perf_counter() - fault_start
+    plan = bench_plan(settings.bench, settings.variant)
+    bench_info: dict = {"state": "not run", "why": "not requested (--bench none)"}
+    if plan is not None:
+        on_phase("bench")
+        start = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        rows, times = run_bench(plan)
+        write_table(data, "bench", rows)
+        write_table(data, "bench_times", times)
+        seconds["bench"] = time.perf_counter() - start
+        bench_info = {"state": "run", "plan": plan.name, "warmup": plan.warmup, "reps": plan.reps,
+                      "load_average_before": round(load_before, 2),
+                      "load_average_after": round(os.getloadavg()[0], 2)}
     nightly_info = ({"state": "not run", "why": "not requested (--nightly none)"}
                     if settings.nightly is None else _copy_nightly(settings.nightly, data,
                                                                    settings.variant))
@@ -607,9 +606,9 @@ def _progress(settings: ReportSettings, args: argparse.Namespace):
     from .progress import Progress, default_log_dir, log_file
 
     parts = settings.check.parts
-    names = ((["bench"] if settings.bench != "none" else []) + ["load"]
-             + [p for p in ("outputs", "modules", "training") if p in parts]
-             + (["faults"] if settings.faults == "run" else []) + ["render"])
+    names = (["load"] + [p for p in ("outputs", "modules", "training") if p in parts]
+             + (["faults"] if settings.faults == "run" else [])
+             + (["bench"] if settings.bench != "none" else []) + ["render"])
     options = {k: v for k, v in sorted(vars(args).items())
                if k not in ("func", "out", "verbose", "force", "command", "argv", "variant")}
     return Progress([PHASES[n] for n in names], log=log_file("report"),
