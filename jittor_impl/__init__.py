@@ -1,11 +1,7 @@
 """Jittor port of RT-DETR, mirrored file for file with torch_ref.
 
 ``from jittor_impl import build_model``; ``build_model("r50vd", num_classes=80)``.
-
-Importing this package first prepares the process so that Jittor imports offline on the
-CPU (see :mod:`jittor_impl._env`); import it before ``jittor`` itself. The builders are
-imported on first access, so ``import jittor_impl`` alone stays cheap.
-"""
+Importing the package prepares Jittor to run offline (:mod:`jittor_impl._env`): import it before ``jittor``."""
 
 from importlib import import_module
 
@@ -29,7 +25,7 @@ __all__ = ["prepare_jittor_env", *_PUBLIC]
 
 
 def __getattr__(name: str):
-    """Imports a public builder or loader on first access (PEP 562)."""
+    """Imports a public builder or loader on first access (PEP 562): ``import jittor_impl`` stays cheap."""
     if name not in _PUBLIC:
         raise AttributeError(f"module 'jittor_impl' has no attribute {name!r}")
     return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -27,7 +27,7 @@ reorders both maps to a blocked layout and back). One rule for all three: on CUD
 oneDNN's ``sgemm`` is not loaded, each returns Jittor's own operator instead (stacked
 ``jt.matmul``, ``jittor.nn.linear``, ``jittor.nn.conv2d``).
 
-On CUDA the callers use compositions of Jittor ops instead (``jittor_impl.common``,
+On CUDA the callers use compositions of Jittor ops instead (``jittor_impl.nn``,
 ``jittor_impl.decoder``), which Jittor parallelises there. Every kernel takes float32 only
 and says so when given anything else.
 """

@@ -17,11 +17,11 @@ Differences from torch_ref/backbone.py:
       ``requires_grad_(False)``; they stay parameters (in the state dict and
       counted) and each owning module lists their names in ``_frozen_names``.
     - :meth:`PResNet._freeze_norm` walks and replaces children with
-      :func:`~jittor_impl.common.named_children` and
-      :func:`~jittor_impl.common.set_child`, because Jittor's ``nn.Sequential``
+      :func:`~jittor_impl.nn.named_children` and
+      :func:`~jittor_impl.nn.set_child`, because Jittor's ``nn.Sequential``
       keeps its children in a ``layers`` dict rather than as attributes.
     - The shortcut of variant ``'d'`` pools with
-      :class:`~jittor_impl.common.AvgPool2d` and the stem with
+      :class:`~jittor_impl.nn.AvgPool2d` and the stem with
       :func:`~jittor_impl._kernels.max_pool2d`, torch's semantics as OpenMP
       kernels on CPU (Jittor's own pooling runs on one thread and refuses
       inputs no larger than the kernel).
@@ -34,7 +34,8 @@ import jittor as jt
 from jittor import nn
 
 from ._kernels import channel_affine, max_pool2d
-from .common import AvgPool2d, BatchNorm2d, ConvNormLayer, get_activation, named_children, named_modules, set_child
+from .common import ConvNormLayer, get_activation
+from .nn import AvgPool2d, BatchNorm2d, named_children, named_modules, set_child
 
 __all__ = ["FrozenBatchNorm2d", "BasicBlock", "BottleNeck", "Blocks", "PResNet"]
 
@@ -314,7 +315,7 @@ class PResNet(nn.Module):
             freeze_at: If >= 0, the parameters of the stem and of the first
                 ``freeze_at`` stages are made ``stop_grad`` (torch:
                 ``requires_grad=False``).
-            freeze_norm: Replace every :class:`~jittor_impl.common.BatchNorm2d` by
+            freeze_norm: Replace every :class:`~jittor_impl.nn.BatchNorm2d` by
                 :class:`FrozenBatchNorm2d`.
             pretrained: Must be False; weights cannot be downloaded here.
 

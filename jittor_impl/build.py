@@ -1,7 +1,7 @@
 """Public builders: model, matcher, criterion, postprocessor, optimizer and EMA of a variant.
 
 Differences from torch_ref/build.py:
-- Trainable parameters come from ``common.trainable_parameters`` (Jittor's ``named_parameters``
+- Trainable parameters come from ``nn.trainable_parameters`` (Jittor's ``named_parameters``
   also lists BatchNorm statistics, and its ``eval()`` marks every Var stop_grad).
 - The optimizer is :class:`jittor_impl.engine.AdamW`: Jittor's AdamW update (decoupled decay
   ``p *= 1 - lr*wd``, bias-corrected moments, ``eps`` added after the square root) with
@@ -17,7 +17,7 @@ from rtdetr_common.random import SharedRandom
 from rtdetr_common.state_dicts import assign_param_groups
 
 from .backbone import PResNet
-from .common import trainable_parameters
+from .nn import trainable_parameters
 from .criterion import SetCriterion
 from .decoder import RTDETRTransformer
 from .ema import ModelEMA

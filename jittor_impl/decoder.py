@@ -22,12 +22,12 @@ Differences from torch_ref/decoder.py:
   :func:`~jittor_impl._kernels.ms_deform_attn`, OpenMP kernels with the same arithmetic
   (Jittor's fused CPU kernels run on one thread). Both take the Jittor-only argument
   ``cells`` of ``MSDeformableAttention.sample`` (the bilinear cells a parity check forces).
-- ``nn.Linear`` is :class:`~jittor_impl.common.Linear`, Jittor's computed by one oneDNN kernel
+- ``nn.Linear`` is :class:`~jittor_impl.nn.Linear`, Jittor's computed by one oneDNN kernel
   per pass on CPU (Jittor's adds the bias and sums its gradient on one thread).
-- ``nn.Conv2d`` is :class:`~jittor_impl.common.Conv2d`, Jittor's with pointwise convolutions as
+- ``nn.Conv2d`` is :class:`~jittor_impl.nn.Conv2d`, Jittor's with pointwise convolutions as
   oneDNN products in the NCHW layout on CPU.
 - ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the
-  PyTorch-semantics versions of ``jittor_impl.common`` (Jittor's own have other parameter
+  PyTorch-semantics versions of ``jittor_impl.nn`` (Jittor's own have other parameter
   names, store the biased running variance, compute the variance as ``E[x^2] - E[x]^2``, or
   start in eval mode).
 - ``nn.Embedding(..., padding_idx=...)`` is :class:`Embedding` below: Jittor's zeroes the
@@ -63,7 +63,8 @@ from rtdetr_common.random import SharedRandom
 
 from ._kernels import ms_deform_attn, softmax_last, swap_last_axes
 from .box_ops import inverse_sigmoid
-from .common import BatchNorm2d, Conv2d, Dropout, LayerNorm, Linear, MultiheadAttention, get_activation
+from .common import get_activation
+from .nn import BatchNorm2d, Conv2d, Dropout, LayerNorm, Linear, MultiheadAttention
 from .denoising import get_contrastive_denoising_training_group
 
 __all__ = [

@@ -9,7 +9,7 @@ Differences from torch_ref/encoder.py:
     - ``nn.MultiheadAttention``, ``nn.LayerNorm``, ``nn.BatchNorm2d`` and
       ``nn.Dropout`` are the torch-compatible :class:`MultiheadAttention`,
       :class:`LayerNorm`, :class:`BatchNorm2d` and :class:`Dropout` of
-      ``jittor_impl.common`` (same state-dict keys and semantics); ``nn.Linear``
+      ``jittor_impl.nn`` (same state-dict keys and semantics); ``nn.Linear``
       and ``nn.Conv2d`` are its :class:`Linear` and :class:`Conv2d` (oneDNN
       products on CPU for linear layers and pointwise convolutions).
     - :meth:`RepVggBlock.convert_to_deploy` writes the fused kernel with
@@ -35,8 +35,8 @@ import jittor as jt
 from jittor import nn
 
 from ._kernels import swap_last_axes
-from .common import (BatchNorm2d, Conv2d, ConvNormLayer, Dropout, LayerNorm, Linear, MultiheadAttention,
-                     get_activation)
+from .common import ConvNormLayer, get_activation
+from .nn import BatchNorm2d, Conv2d, Dropout, LayerNorm, Linear, MultiheadAttention
 
 __all__ = [
     "RepVggBlock",

@@ -3,7 +3,7 @@
 Every selected module gets hooks that record each of its calls: the inputs (positional and
 keyword), the output, the shared random stream's state when the call started and, on the torch
 side, the module's own buffers before and after the call. Module names are the dotted names of
-torch's ``named_modules()``; ``jittor_impl.common.named_modules`` gives the same names on the
+torch's ``named_modules()``; ``jittor_impl.nn.named_modules`` gives the same names on the
 port. A module called several times in one forward (a shared head, a reused activation) gets one
 :class:`Call` per call, keyed ``name``, ``name#1``, ``name#2``...
 
@@ -44,8 +44,8 @@ import jittor as jt
 import numpy as np
 import torch
 
-from jittor_impl.common import named_buffers
-from jittor_impl.common import named_modules as jittor_named_modules
+from jittor_impl.nn import named_buffers
+from jittor_impl.nn import named_modules as jittor_named_modules
 
 from .arrays import to_numpy
 from .compare import iter_leaves

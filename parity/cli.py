@@ -320,7 +320,7 @@ class CheckMeasurement:
 
 def _parameter_table(pair) -> list[dict]:
     """Per parameter name: element counts and trainability in both frameworks."""
-    from jittor_impl.common import named_parameters, trainable_parameters
+    from jittor_impl.nn import named_parameters, trainable_parameters
 
     torch_all = dict(pair.torch_model.named_parameters())
     jittor_all = dict(named_parameters(pair.jittor_model))

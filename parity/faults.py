@@ -152,12 +152,12 @@ def applied(fault: Fault) -> Iterator[None]:
 CATALOGUE: tuple[Fault, ...] = (
     # --- forward math
     Fault("relu-leaky", "forward", "ReLU with a negative slope of 0.01 (LeakyReLU's constant)",
-          "common:ReLU.execute", "return relu(x)", "return jt.nn.leaky_relu(x, 0.01)"),
+          "nn:ReLU.execute", "return relu(x)", "return jt.nn.leaky_relu(x, 0.01)"),
     Fault("no-ffn-residual", "forward", "encoder layer drops the FFN residual",
           "encoder:TransformerEncoderLayer.execute", "src = residual + self.dropout2(src)",
           "src = self.dropout2(src)"),
     Fault("bn-eps-1e-3", "forward", "training BatchNorm eps 1e-3 (the Keras default)",
-          "common:BatchNorm2d.execute", "batch_norm_train(x, self.weight, self.bias, self.eps)",
+          "nn:BatchNorm2d.execute", "batch_norm_train(x, self.weight, self.bias, self.eps)",
           "batch_norm_train(x, self.weight, self.bias, 1e-3)"),
     Fault("inverse-sigmoid-eps", "forward", "inverse_sigmoid clamps at 1e-3 instead of 1e-5",
           "box_ops:inverse_sigmoid", "def inverse_sigmoid(x: jt.Var, eps: float = 1e-5)",
@@ -218,9 +218,9 @@ CATALOGUE: tuple[Fault, ...] = (
           "ema:ModelEMA.decay_fn", "-updates / self.warmups", "-updates / (self.warmups / 2)"),
     # --- BatchNorm statistics
     Fault("bn-momentum", "batchnorm", "running statistics with momentum 0.01",
-          "common:BatchNorm2d.execute", "m = self.momentum", "m = self.momentum * 0.1"),
+          "nn:BatchNorm2d.execute", "m = self.momentum", "m = self.momentum * 0.1"),
     Fault("bn-biased-variance", "batchnorm", "running variance takes the biased batch variance",
-          "common:BatchNorm2d.execute", "unbiased = batch_var * (n / (n - 1))", "unbiased = batch_var"),
+          "nn:BatchNorm2d.execute", "unbiased = batch_var * (n / (n - 1))", "unbiased = batch_var"),
     # --- loss
     Fault("giou-loss-as-iou", "loss", "GIoU loss normalised by the image count, not the boxes",
           "criterion:SetCriterion.loss_boxes", "loss_giou.sum() / num_boxes", "loss_giou.sum() / len(targets)"),

@@ -36,7 +36,7 @@ import jittor_impl.backbone as jittor_backbone
 import jittor_impl.decoder as jittor_decoder
 import torch_ref.backbone as torch_backbone
 import torch_ref.decoder as torch_decoder
-from jittor_impl.common import named_modules
+from jittor_impl.nn import named_modules
 
 from .check import ScoreCapture, decision_comparison
 from .compare import Comparison

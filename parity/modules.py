@@ -53,7 +53,7 @@ import jittor as jt
 import numpy as np
 import torch
 
-from jittor_impl.common import named_modules as jittor_named_modules
+from jittor_impl.nn import named_modules as jittor_named_modules
 
 from .arrays import to_numpy
 from .capture import (NOT_RECORDED, Call, JittorCapture, ModuleFilter, ModuleRef, TorchCapture,

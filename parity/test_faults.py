@@ -13,7 +13,7 @@ import jittor as jt
 import numpy as np
 import pytest
 
-from jittor_impl.common import BatchNorm2d, named_modules, set_child
+from jittor_impl.nn import BatchNorm2d, named_modules, set_child
 from parity.conftest import background_catalogue
 from parity.faults import (CATALOGUE_SIZE, Fault, FaultError, FaultResult, FaultRunner, _resolve, applied,
                            catalogue, run_catalogue, split_faults)

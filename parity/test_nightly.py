@@ -369,16 +369,16 @@ def test_cli_errors(tmp_path, capsys) -> None:
 
 
 def test_worker_applies_the_fault_only_while_the_command_runs(monkeypatch) -> None:
-    import jittor_impl.common as common
+    import jittor_impl.nn as port_nn
     import parity.cli
 
-    original = vars(common.ReLU)["execute"]
+    original = vars(port_nn.ReLU)["execute"]
     seen = []
     monkeypatch.setattr(parity.cli, "main",
-                        lambda argv: seen.append((argv, vars(common.ReLU)["execute"])) or 7)
+                        lambda argv: seen.append((argv, vars(port_nn.ReLU)["execute"])) or 7)
     assert worker_main(["--fault", "relu-leaky", "train", "--x"]) == 7
     assert seen[0][0] == ["train", "--x"] and seen[0][1] is not original
-    assert vars(common.ReLU)["execute"] is original
+    assert vars(port_nn.ReLU)["execute"] is original
     with pytest.raises(SystemExit):
         worker_main(["--fault", "no-such-fault", "train"])
 

@@ -17,7 +17,7 @@ import torch
 
 from jittor_impl import build_model as build_jittor
 from jittor_impl.checkpoint import model_state_dict, state_dict_specs
-from jittor_impl.common import count_parameters
+from jittor_impl.nn import count_parameters
 from parity.check import CheckResult, check_eval, check_train_losses
 from parity.convert import convert, read_any
 from parity.divergences import KnownDivergence, jittor_kernels, unexpected_failures, xfail_reason

@@ -31,7 +31,7 @@ import jittor_impl.engine as jittor_engine
 import jittor_impl.trainer as jittor_trainer
 import torch_ref
 import torch_ref.engine as torch_engine
-from jittor_impl.common import named_buffers, trainable_parameters
+from jittor_impl.nn import named_buffers, trainable_parameters
 
 from .check import CheckResult
 from .compare import Comparison, Tolerance, compare_arrays, compare_tree

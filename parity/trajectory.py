@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 import jittor_impl.checkpoint as jt_checkpoint
-from jittor_impl.common import trainable_parameters
+from jittor_impl.nn import trainable_parameters
 from rtdetr_common.seeded import seeded_images, seeded_targets
 
 from .check import CheckResult

@@ -21,7 +21,7 @@ from torch import nn as tnn
 
 import torch_ref
 from jittor_impl.checkpoint import load_state_dict_strict, model_state_dict
-from jittor_impl.common import BatchNorm2d, Linear, named_parameters
+from jittor_impl.nn import BatchNorm2d, Linear, named_parameters
 from jittor_impl.ema import ModelEMA as JittorModelEMA
 from torch_ref.ema import ModelEMA as TorchModelEMA
 

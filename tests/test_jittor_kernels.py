@@ -3,7 +3,7 @@
 Training-mode BatchNorm (outputs, gradients, running statistics), the per-channel affine of
 eval-mode BatchNorm, ReLU, the last-axis softmax, the deformable attention, max and average
 pooling, the last-axes transpose, the linear layer, the pointwise convolution, LayerNorm and
-the AdamW update of ``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.common``. Both Jittor
+the AdamW update of ``jittor_impl._kernels``, and ``batched_matmul`` of ``jittor_impl.nn``. Both Jittor
 implementations of each are checked: the CPU kernels and the composition of Jittor ops that
 CUDA runs, on shapes with odd sizes, a single image, a 1x1 map, masked softmax rows, tied
 and NaN pooling windows.
@@ -22,7 +22,7 @@ from jittor_impl._kernels import (_adamw_update_ops, _batch_norm_train_ops, _lay
                                   adamw_hyperparameters, adamw_update, avg_pool2d, batch_norm_train,
                                   batched_sgemm, channel_affine, conv1x1, layer_norm, linear, max_pool2d,
                                   relu, softmax_last, swap_last_axes)
-from jittor_impl.common import AvgPool2d, BatchNorm2d, Conv2d, LayerNorm, Linear, ReLU, batched_matmul
+from jittor_impl.nn import AvgPool2d, BatchNorm2d, Conv2d, LayerNorm, Linear, ReLU, batched_matmul
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 2), (3, 16, 33, 17), (2, 4, 1, 1)]
 IMPLEMENTATIONS = {"kernel": batch_norm_train, "ops": _batch_norm_train_ops}
@@ -662,7 +662,7 @@ def test_conv1x1_and_its_gradients_match_torch(x_shape, out_channels, bias) -> N
 
 def test_conv2d_module_takes_the_pointwise_kernel_only_where_it_applies(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(jittor_impl.common, "conv1x1", lambda *a: calls.append(a) or conv1x1(*a))
+    monkeypatch.setattr(jittor_impl.nn, "conv1x1", lambda *a: calls.append(a) or conv1x1(*a))
     rng = np.random.default_rng(20)
     x = jt.array(rng.standard_normal((2, 6, 7, 5)).astype(np.float32))
     for module, expected_calls in ((Conv2d(6, 4, 1, bias=False), 1), (Conv2d(6, 4, 3, padding=1), 0),

@@ -1,9 +1,4 @@
-"""Building blocks shared by the RT-DETR backbone and hybrid encoder.
-
-Both official PResNet and the official HybridEncoder use the same
-convolution / batch-norm / activation block with attributes ``conv``,
-``norm`` and ``act``; it lives here once.
-"""
+"""Conv-BN-activation block and activation lookup shared by the RT-DETR backbone and hybrid encoder."""
 
 from typing import Optional
 
@@ -20,21 +15,7 @@ _ACTIVATIONS = {
 
 
 def get_activation(act: Optional[str]) -> nn.Module:
-    """Builds an activation module from its name.
-
-    The official code switches ReLU/SiLU/LeakyReLU to in-place mode; that does
-    not change any value, so the modules here are created out of place.
-
-    Args:
-        act: One of ``'relu'``, ``'silu'``, ``'gelu'``, ``'leaky_relu'``,
-            ``'hardsigmoid'`` (case-insensitive), or ``None`` for identity.
-
-    Returns:
-        A fresh activation module (``nn.Identity`` when ``act`` is ``None``).
-
-    Raises:
-        ValueError: If ``act`` is neither ``None`` nor a known name.
-    """
+    """New out-of-place activation module by case-insensitive name (``None``: identity); ValueError otherwise."""
     if act is None:
         return nn.Identity()
     if not isinstance(act, str):
@@ -46,13 +27,7 @@ def get_activation(act: Optional[str]) -> nn.Module:
 
 
 class ConvNormLayer(nn.Module):
-    """Conv2d followed by BatchNorm2d and an activation.
-
-    Attributes:
-        conv: The ``nn.Conv2d``.
-        norm: The ``nn.BatchNorm2d`` over ``ch_out`` channels.
-        act: The activation module (``nn.Identity`` when ``act`` is ``None``).
-    """
+    """``conv`` (Conv2d, padding ``(kernel_size - 1) // 2`` if None), ``norm`` (BatchNorm2d), ``act``, in turn."""
 
     def __init__(
         self,
@@ -64,17 +39,6 @@ class ConvNormLayer(nn.Module):
         bias: bool = False,
         act: Optional[str] = None,
     ):
-        """Initialises the layer.
-
-        Args:
-            ch_in: Number of input channels.
-            ch_out: Number of output channels.
-            kernel_size: Square kernel size.
-            stride: Convolution stride.
-            padding: Zero padding; ``(kernel_size - 1) // 2`` when ``None``.
-            bias: Whether the convolution has a bias term.
-            act: Activation name passed to :func:`get_activation`.
-        """
         super().__init__()
         if padding is None:
             padding = (kernel_size - 1) // 2
@@ -83,12 +47,4 @@ class ConvNormLayer(nn.Module):
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies conv, norm and activation.
-
-        Args:
-            x: Input of shape ``[bs, ch_in, h, w]``.
-
-        Returns:
-            Tensor of shape ``[bs, ch_out, h', w']``.
-        """
         return self.act(self.norm(self.conv(x)))
