@@ -1,30 +1,16 @@
 """PResNet backbone of RT-DETR (ResNet-vd family ported from PaddleDetection), Jittor.
 
-Module and attribute names follow the official ``rtdetr_pytorch`` PResNet so
-that official checkpoints load key for key.
+Module and attribute names follow the official ``rtdetr_pytorch`` PResNet, so that official
+checkpoints load key for key.
 
 Differences from torch_ref/backbone.py:
-    - Modules define ``execute`` (Jittor's name for ``forward``).
-    - Buffers are ``stop_grad`` Vars listed in ``_buffer_names`` (the project's
-      buffer convention) instead of ``register_buffer``: the four Vars of
-      :class:`FrozenBatchNorm2d`.
-    - :class:`FrozenBatchNorm2d` has no ``_load_from_state_dict`` hook; its
-      state dict has no ``num_batches_tracked`` key, and the project's strict
-      loader (``jittor_impl.checkpoint``) works on whole state dicts.
-    - :class:`FrozenBatchNorm2d` scales and shifts through
-      :func:`~jittor_impl._kernels.channel_affine` (an OpenMP kernel on CPU).
-    - Freezing (``freeze_at``) calls ``stop_grad`` on the parameters instead of
-      ``requires_grad_(False)``; they stay parameters (in the state dict and
-      counted) and each owning module lists their names in ``_frozen_names``.
-    - :meth:`PResNet._freeze_norm` walks and replaces children with
-      :func:`~jittor_impl.nn.named_children` and
-      :func:`~jittor_impl.nn.set_child`, because Jittor's ``nn.Sequential``
-      keeps its children in a ``layers`` dict rather than as attributes.
-    - The shortcut of variant ``'d'`` pools with
-      :class:`~jittor_impl.nn.AvgPool2d` and the stem with
-      :func:`~jittor_impl._kernels.max_pool2d`, torch's semantics as OpenMP
-      kernels on CPU (Jittor's own pooling runs on one thread and refuses
-      inputs no larger than the kernel).
+- Modules define ``execute`` (Jittor's name for ``forward``).
+- Buffers are ``stop_grad`` Vars listed in ``_buffer_names`` (the project's convention) instead of ``register_buffer``.
+- :class:`FrozenBatchNorm2d` has no ``_load_from_state_dict`` hook dropping ``num_batches_tracked`` (the project's loader takes whole state dicts).
+- :class:`FrozenBatchNorm2d` scales and shifts through :func:`~jittor_impl._kernels.channel_affine`.
+- ``freeze_at`` makes parameters ``stop_grad`` (not ``requires_grad_(False)``); their owners list them in ``_frozen_names``.
+- ``_freeze_norm`` uses ``nn.named_children`` / ``nn.set_child`` (the port's ``jittor_impl.nn``): Jittor's ``nn.Sequential`` keeps children in a dict.
+- Pooling is the torch-semantics ``AvgPool2d`` and ``_kernels.max_pool2d`` (Jittor's refuses inputs no larger than the kernel).
 """
 
 from collections import OrderedDict
@@ -50,26 +36,11 @@ VARIANTS = ("a", "b", "c", "d")
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters.
-
-    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers
-    (``stop_grad`` Vars listed in ``_buffer_names``), so they are saved in the
-    state dict but never trained. There is no ``num_batches_tracked``.
-
-    Attributes:
-        num_features: Number of channels.
-        eps: Value added to the variance before the square root.
-    """
+    """BatchNorm2d with fixed statistics and affine parameters, all buffers (no ``num_batches_tracked``)."""
 
     _buffer_names = ("weight", "bias", "running_mean", "running_var")
 
     def __init__(self, num_features: int, eps: float = 1e-5):
-        """Initialises identity statistics.
-
-        Args:
-            num_features: Number of channels.
-            eps: Value added to the variance before the square root.
-        """
         super().__init__()
         self.num_features = num_features
         self.eps = eps
@@ -79,38 +50,20 @@ class FrozenBatchNorm2d(nn.Module):
         self.running_var = jt.ones((num_features,), "float32").stop_grad()
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Normalises ``x`` with the stored statistics.
-
-        Args:
-            x: Input of shape ``[bs, c, h, w]``.
-
-        Returns:
-            ``x * scale + shift`` with ``scale = w / sqrt(rv + eps)`` and
-            ``shift = b - rm * scale``, same shape as ``x``.
-        """
-        # [c] each; all four are buffers, so the kernel skips the scale and shift gradients
+        """Returns ``x * scale + shift``, ``scale = weight / sqrt(running_var + eps)``,
+        ``shift = bias - running_mean * scale``."""
+        # [c] each; stop_grad, so the kernel skips the scale and shift gradients
         scale = (self.weight / jt.sqrt(self.running_var + self.eps)).stop_grad()
         shift = (self.bias - self.running_mean * scale).stop_grad()
         return channel_affine(x, scale, shift)
 
     def extra_repr(self) -> str:
-        """Returns the printable configuration."""
         return f"{self.num_features}, eps={self.eps}"
 
 
 def _make_shortcut(ch_in: int, ch_out: int, stride: int, variant: str) -> nn.Module:
-    """Builds the projection shortcut of a residual block.
-
-    Args:
-        ch_in: Input channels.
-        ch_out: Output channels.
-        stride: Block stride.
-        variant: ResNet variant; ``'d'`` with stride 2 uses average pooling
-            followed by a stride-1 1x1 conv instead of a strided 1x1 conv.
-
-    Returns:
-        The shortcut module.
-    """
+    """Projection shortcut: a strided 1x1 ConvNormLayer, or for variant ``'d'`` at stride 2 an
+    average pooling followed by a stride-1 one."""
     if variant == "d" and stride == 2:
         return nn.Sequential(OrderedDict([
             ("pool", AvgPool2d(2, 2, 0, ceil_mode=True)),
@@ -120,31 +73,15 @@ def _make_shortcut(ch_in: int, ch_out: int, stride: int, variant: str) -> nn.Mod
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34).
+    """Two 3x3 ConvNormLayers with a residual connection (ResNet-18/34).
 
-    Attributes:
-        expansion: Output channel multiplier (1).
-        shortcut: Whether the identity is used as the residual.
-        short: Projection shortcut (only present when ``shortcut`` is False).
-        branch2a: First 3x3 ConvNormLayer (carries the stride).
-        branch2b: Second 3x3 ConvNormLayer without activation.
-        act: Activation applied after the sum.
+    ``branch2a`` carries the stride; ``shortcut`` adds the input itself, otherwise its projection ``short``.
     """
 
     expansion = 1
 
     def __init__(self, ch_in: int, ch_out: int, stride: int, shortcut: bool,
                  act: str = "relu", variant: str = "b"):
-        """Initialises the block.
-
-        Args:
-            ch_in: Input channels.
-            ch_out: Output channels.
-            stride: Stride of the first convolution and of the shortcut.
-            shortcut: Use the identity as residual (True) or a projection.
-            act: Activation name.
-            variant: ResNet variant (``'a'``-``'d'``).
-        """
         super().__init__()
         self.shortcut = shortcut
         if not shortcut:
@@ -154,14 +91,7 @@ class BasicBlock(nn.Module):
         self.act = get_activation(act)
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Runs the block.
-
-        Args:
-            x: Input of shape ``[bs, ch_in, h, w]``.
-
-        Returns:
-            Tensor of shape ``[bs, ch_out, h / stride, w / stride]``.
-        """
+        """``[bs, ch_in, h, w]`` -> ``[bs, ch_out, h / stride, w / stride]``."""
         out = self.branch2a(x)
         out = self.branch2b(out)
         if self.shortcut:
@@ -172,32 +102,15 @@ class BasicBlock(nn.Module):
 
 
 class BottleNeck(nn.Module):
-    """1x1 - 3x3 - 1x1 bottleneck with a residual connection (ResNet-50/101).
+    """1x1 - 3x3 - 1x1 bottleneck with a residual connection (ResNet-50/101), ``ch_out * 4`` channels out.
 
-    Attributes:
-        expansion: Output channel multiplier (4).
-        branch2a: 1x1 reduction (carries the stride for variant ``'a'``).
-        branch2b: 3x3 conv (carries the stride for variants ``'b'``-``'d'``).
-        branch2c: 1x1 expansion without activation.
-        shortcut: Whether the identity is used as the residual.
-        short: Projection shortcut (only present when ``shortcut`` is False).
-        act: Activation applied after the sum.
+    The stride is on ``branch2a`` for variant ``'a'``, on ``branch2b`` otherwise; ``shortcut`` as in BasicBlock.
     """
 
     expansion = 4
 
     def __init__(self, ch_in: int, ch_out: int, stride: int, shortcut: bool,
                  act: str = "relu", variant: str = "b"):
-        """Initialises the block.
-
-        Args:
-            ch_in: Input channels.
-            ch_out: Bottleneck width; the block outputs ``ch_out * 4`` channels.
-            stride: Block stride.
-            shortcut: Use the identity as residual (True) or a projection.
-            act: Activation name.
-            variant: ResNet variant (``'a'``-``'d'``).
-        """
         super().__init__()
         if variant == "a":
             stride1, stride2 = stride, 1
@@ -213,14 +126,7 @@ class BottleNeck(nn.Module):
         self.act = get_activation(act)
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Runs the block.
-
-        Args:
-            x: Input of shape ``[bs, ch_in, h, w]``.
-
-        Returns:
-            Tensor of shape ``[bs, ch_out * 4, h / stride, w / stride]``.
-        """
+        """``[bs, ch_in, h, w]`` -> ``[bs, ch_out * 4, h / stride, w / stride]``."""
         out = self.branch2a(x)
         out = self.branch2b(out)
         out = self.branch2c(out)
@@ -232,28 +138,13 @@ class BottleNeck(nn.Module):
 
 
 class Blocks(nn.Module):
-    """One ResNet stage: a sequence of residual blocks.
+    """One ResNet stage (``stage_num`` 2 to 5) of ``count`` blocks.
 
-    Attributes:
-        blocks: ``nn.ModuleList`` of residual blocks.
+    The first block projects its shortcut and, except in stage 2, halves the resolution.
     """
 
     def __init__(self, block: type, ch_in: int, ch_out: int, count: int, stage_num: int,
                  act: str = "relu", variant: str = "b"):
-        """Initialises the stage.
-
-        The first block projects its shortcut and, except in stage 2, halves
-        the resolution; the others keep the identity shortcut.
-
-        Args:
-            block: ``BasicBlock`` or ``BottleNeck``.
-            ch_in: Input channels of the stage.
-            ch_out: ``ch_out`` argument of each block.
-            count: Number of blocks.
-            stage_num: Stage number (2 to 5).
-            act: Activation name.
-            variant: ResNet variant.
-        """
         super().__init__()
         self.blocks = nn.ModuleList()
         for i in range(count):
@@ -264,14 +155,6 @@ class Blocks(nn.Module):
             ch_in = ch_out * block.expansion
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Runs the blocks in order.
-
-        Args:
-            x: Input of shape ``[bs, ch_in, h, w]``.
-
-        Returns:
-            Output of the last block.
-        """
         out = x
         for block in self.blocks:
             out = block(out)
@@ -281,13 +164,10 @@ class Blocks(nn.Module):
 class PResNet(nn.Module):
     """ResNet backbone in the PaddlePaddle layout used by RT-DETR.
 
-    Attributes:
-        conv1: Stem, an ``nn.Sequential`` of ConvNormLayers named ``conv1_1``
-            (and ``conv1_2``, ``conv1_3`` for the deep-stem variants c/d).
-        res_layers: ``nn.ModuleList`` of :class:`Blocks`, one per stage.
-        return_idx: Indices of the stages whose outputs are returned.
-        out_channels: Channels of each returned feature map.
-        out_strides: Strides of each returned feature map.
+    Returns the outputs of the stages in ``return_idx`` (``out_channels`` / ``out_strides`` describe them).
+    ``conv1`` is the stem (``conv1_1``, plus ``conv1_2`` and ``conv1_3`` for variants c/d), ``res_layers``
+    the stages. ``freeze_at >= 0`` freezes the stem and the first ``freeze_at`` stages; ``freeze_norm``
+    replaces every BatchNorm2d by :class:`FrozenBatchNorm2d`; ``pretrained`` must be False.
     """
 
     # The max pooling after the stem.
@@ -304,25 +184,6 @@ class PResNet(nn.Module):
         freeze_norm: bool = True,
         pretrained: bool = False,
     ):
-        """Builds the backbone.
-
-        Args:
-            depth: 18, 34, 50 or 101.
-            variant: ``'a'``, ``'b'``, ``'c'`` or ``'d'``.
-            num_stages: Number of residual stages to build (1 to 4).
-            return_idx: Stage indices (0-based, < ``num_stages``) to return.
-            act: Activation name.
-            freeze_at: If >= 0, the parameters of the stem and of the first
-                ``freeze_at`` stages are made ``stop_grad`` (torch:
-                ``requires_grad=False``).
-            freeze_norm: Replace every :class:`~jittor_impl.nn.BatchNorm2d` by
-                :class:`FrozenBatchNorm2d`.
-            pretrained: Must be False; weights cannot be downloaded here.
-
-        Raises:
-            ValueError: On an unsupported depth, variant, stage count or
-                return index, or when ``pretrained`` is True.
-        """
         super().__init__()
         if depth not in RESNET_CFG:
             raise ValueError(f"unsupported PResNet depth {depth}; expected one of {sorted(RESNET_CFG)}")
@@ -376,13 +237,9 @@ class PResNet(nn.Module):
 
     @staticmethod
     def _freeze_parameters(module: nn.Module) -> None:
-        """Makes every parameter of ``module`` and its descendants ``stop_grad``.
+        """Makes every parameter of ``module`` and its descendants ``stop_grad`` (buffers excepted).
 
-        Buffers (names in ``_buffer_names``) are skipped; each module that owns
-        frozen parameters lists their attribute names in ``_frozen_names``.
-
-        Args:
-            module: Module whose parameters are frozen in place.
+        Each module that owns frozen parameters lists their names in ``_frozen_names``.
         """
         for _, sub in named_modules(module):
             buffers = getattr(sub, "_buffer_names", ())
@@ -395,14 +252,7 @@ class PResNet(nn.Module):
 
     @classmethod
     def _freeze_norm(cls, module: nn.Module) -> None:
-        """Recursively replaces the :class:`BatchNorm2d` children of ``module``.
-
-        Each replacement :class:`FrozenBatchNorm2d` takes the channel count,
-        eps and current statistics of the layer it replaces.
-
-        Args:
-            module: Module whose descendants are converted in place.
-        """
+        """Recursively replaces BatchNorm2d descendants by FrozenBatchNorm2d copies (same eps, statistics)."""
         for name, child in named_children(module):
             if isinstance(child, BatchNorm2d):
                 frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
@@ -416,20 +266,11 @@ class PResNet(nn.Module):
                 cls._freeze_norm(child)
 
     def stem_pool(self, x: jt.Var) -> jt.Var:
-        """The stem's max pooling (:data:`STEM_POOL`); a method, so that a parity check can
-        shadow it on one model."""
+        """The stem's max pooling; a method, so that a parity check can shadow it on one model."""
         return max_pool2d(x, **self.STEM_POOL)
 
     def execute(self, x: jt.Var) -> List[jt.Var]:
-        """Extracts multi-scale features.
-
-        Args:
-            x: Images of shape ``[bs, 3, H, W]``.
-
-        Returns:
-            List of feature maps, one per ``return_idx`` entry, each of shape
-            ``[bs, out_channels[i], H / out_strides[i], W / out_strides[i]]``.
-        """
+        """Returns one ``[bs, out_channels[i], H / out_strides[i], W / out_strides[i]]`` map per stage."""
         stem = self.conv1(x)
         x = self.stem_pool(stem)
         outs = []

@@ -1,11 +1,8 @@
 """Public builders: model, matcher, criterion, postprocessor, optimizer and EMA of a variant.
 
 Differences from torch_ref/build.py:
-- Trainable parameters come from ``nn.trainable_parameters`` (Jittor's ``named_parameters``
-  also lists BatchNorm statistics, and its ``eval()`` marks every Var stop_grad).
-- The optimizer is :class:`jittor_impl.engine.AdamW`: Jittor's AdamW update (decoupled decay
-  ``p *= 1 - lr*wd``, bias-corrected moments, ``eps`` added after the square root) with
-  torch's per-parameter step counts and skipping of parameters without a gradient.
+- Trainable parameters come from ``jittor_impl.nn.trainable_parameters`` (Jittor's ``named_parameters`` also lists buffers).
+- The optimizer is ``engine.AdamW`` (Jittor's AdamW update, torch's per-parameter step counts and skipping of gradient-less parameters).
 """
 
 from __future__ import annotations
@@ -34,16 +31,10 @@ def _config(variant: str | VariantConfig, num_classes: int) -> VariantConfig:
 
 def build_model(variant: str | VariantConfig, num_classes: int = 80, *, multi_scale: bool = True,
                 seed: int = 0) -> RTDETR:
-    """Builds an RT-DETR variant.
+    """Builds a variant (a name such as ``r18vd``, or a config), randomly initialised as officially.
 
-    Args:
-        variant: Variant name (``r18vd``, ``r34vd``, ``r50vd_m``, ``r50vd``, ``r101vd``) or a config.
-        num_classes: Number of classes (ignored when a config is passed).
-        multi_scale: Resize training batches to the official multi-scale sizes.
-        seed: Seed of the shared random stream (multi-scale size, denoising noise).
-
-    Returns:
-        The model in training mode, randomly initialised as officially (no pretrained weights).
+    ``num_classes`` is ignored for a config; ``multi_scale`` resizes training batches to the official sizes;
+    ``seed`` seeds the shared random stream (multi-scale size, denoising noise).
     """
     cfg = _config(variant, num_classes)
     rng = SharedRandom(seed)

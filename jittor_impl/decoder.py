@@ -1,51 +1,27 @@
 """RT-DETR v1 transformer decoder (the official ``RTDETRTransformer``) in Jittor.
 
-The decoder projects the encoder feature maps to ``hidden_dim``, flattens them into one
-memory sequence, scores every memory position as a candidate object (the "encoder head"),
-keeps the ``num_queries`` best as initial queries and anchors, and refines them through
-``num_decoder_layers`` layers of self-attention, multi-scale deformable cross-attention and
-an FFN, predicting boxes and class logits after each layer.
-
-Module names, parameter shapes and numerics follow ``rtdetr_pytorch/src/zoo/rtdetr/rtdetr_decoder.py``
-of lyuwenyu/RT-DETR, so that the official checkpoints load key for key.
+The decoder projects the encoder maps to ``hidden_dim`` and flattens them into one memory, scores
+every memory position (the "encoder head"), keeps the ``num_queries`` best as initial queries and
+anchors, and refines them through layers of self-attention, multi-scale deformable cross-attention
+and an FFN, predicting boxes and logits after each. Names, shapes and numerics follow the official
+``rtdetr_decoder.py``, so that official checkpoints load key for key.
 
 Differences from torch_ref/decoder.py:
 - ``forward`` is Jittor's ``execute``; ``self.training`` is ``self.is_training()``.
-- ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`` is
-  :func:`grid_sample_bilinear`, written here (Jittor's ``nn.grid_sample`` differs): it gathers
-  the four corners of every point with one flat index and weights them with PyTorch's CPU
-  formulas, so it is differentiable with respect to the values and the grid. It works on
-  channels-last maps, so :func:`deformable_attention_core_func` keeps each head's channels
-  innermost from the value projection to the output (Jittor's CPU transposes that move the
-  channel axis are slow: the channels-first round trip cost ~10% of an r18vd eval forward).
-  That composition runs on CUDA; on CPU :class:`MSDeformableAttention` calls
-  :func:`~jittor_impl._kernels.ms_deform_attn`, OpenMP kernels with the same arithmetic
-  (Jittor's fused CPU kernels run on one thread). Both take the Jittor-only argument
-  ``cells`` of ``MSDeformableAttention.sample`` (the bilinear cells a parity check forces).
-- ``nn.Linear`` is :class:`~jittor_impl.nn.Linear`, Jittor's computed by one oneDNN kernel
-  per pass on CPU (Jittor's adds the bias and sums its gradient on one thread).
-- ``nn.Conv2d`` is :class:`~jittor_impl.nn.Conv2d`, Jittor's with pointwise convolutions as
-  oneDNN products in the NCHW layout on CPU.
-- ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the
-  PyTorch-semantics versions of ``jittor_impl.nn`` (Jittor's own have other parameter
-  names, store the biased running variance, compute the variance as ``E[x^2] - E[x]^2``, or
-  start in eval mode).
-- ``nn.Embedding(..., padding_idx=...)`` is :class:`Embedding` below: Jittor's zeroes the
-  padding row at init but still sends it gradient; PyTorch's never does.
-- ``anchors``, ``valid_mask``, ``last_topk_ind`` and ``forced_topk_ind`` are properties over
-  ``_``-prefixed attributes: Jittor puts every public ``Var`` attribute in the state dict.
-- ``torch.topk`` is ``jt.topk`` (an argsort: the order of exactly tied scores may differ;
-  ``forced_topk_ind`` removes that freedom); its int32 indices are cast to int64.
-- ``torch.Tensor.gather`` / ``torch.split`` / ``tile`` / ``F.sigmoid`` are
-  ``jt.gather`` / ``jt.split`` / ``repeat`` / ``jt.sigmoid``; the attention weights'
-  ``F.softmax`` is :func:`~jittor_impl._kernels.softmax_last` (an OpenMP kernel on CPU).
-- The memory's ``flatten(2).permute(0, 2, 1)`` is
-  :func:`~jittor_impl._kernels.swap_last_axes` (Jittor's CPU transpose runs on one thread).
-- ``_generate_anchors`` computes the anchors with numpy (IEEE float32 arithmetic as in PyTorch,
-  the log rounded once from float64) and returns them as Vars; it has no ``device`` argument
-  and takes ``dtype`` as a Jittor dtype name. Jittor's CPU kernels use fast math (division by
-  a reciprocal, ``log`` off by up to 4 ulp), which moved a quarter of the anchor logits by
-  1-2 ulp; the numpy values equal PyTorch's bit for bit.
+- ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)`` is :func:`grid_sample_bilinear` (Jittor's ``nn.grid_sample`` differs).
+- :func:`deformable_attention_core_func` works channels-last, each head's channels innermost from value projection to output.
+- On CPU, ``MSDeformableAttention.sample`` calls :func:`~jittor_impl._kernels.ms_deform_attn` (OpenMP kernels, same arithmetic).
+- ``MSDeformableAttention.sample`` and the functions under it take the Jittor-only ``cells`` (bilinear cells a parity check forces).
+- ``nn.Linear`` and ``nn.Conv2d`` are the torch-semantics ``Linear`` and ``Conv2d`` (oneDNN products on CPU).
+- ``nn.MultiheadAttention``, ``nn.BatchNorm2d``, ``nn.LayerNorm`` and ``nn.Dropout`` are the torch-semantics layers (Jittor's own differ in names or statistics).
+- ``nn.Embedding(..., padding_idx=...)`` is :class:`Embedding` below: Jittor's sends the padding row gradient; PyTorch's never does.
+- ``anchors``, ``valid_mask``, ``last_topk_ind`` and ``forced_topk_ind`` are properties over ``_``-prefixed attributes, out of the state dict.
+- ``torch.topk`` is ``jt.topk``, an argsort: exactly tied scores may come in another order; its int32 indices are cast to int64.
+- ``gather`` / ``torch.split`` / ``tile`` / ``F.sigmoid`` are ``jt.gather`` / ``jt.split`` / ``repeat`` / ``jt.sigmoid``.
+- The attention weights' ``F.softmax`` is :func:`~jittor_impl._kernels.softmax_last` (an OpenMP kernel on CPU).
+- The memory's ``flatten(2).permute(0, 2, 1)`` is :func:`~jittor_impl._kernels.swap_last_axes` (a parallel CPU transpose).
+- ``_generate_anchors`` computes the anchors with numpy, so that they equal PyTorch's bit for bit (Jittor's CPU kernels use fast math).
+- ``_generate_anchors`` has no ``device`` argument and takes ``dtype`` as a Jittor dtype name.
 """
 
 from __future__ import annotations
@@ -81,28 +57,14 @@ __all__ = [
 
 
 def bias_init_with_prob(prior_prob: float = 0.01) -> float:
-    """Bias that makes a sigmoid output ``prior_prob`` for a zero input.
-
-    Args:
-        prior_prob: Target prior probability.
-
-    Returns:
-        ``-log((1 - prior_prob) / prior_prob)``.
-    """
+    """Bias that makes a sigmoid output ``prior_prob`` for a zero input: ``-log((1 - p) / p)``."""
     return float(-math.log((1 - prior_prob) / prior_prob))
 
 
 class Embedding(nn.Module):
     """Lookup table with PyTorch's ``nn.Embedding`` semantics (Jittor-only helper).
 
-    The weights start as ``N(0, 1)``; the ``padding_idx`` row starts at zero and never
-    receives gradient, so it keeps its value in training (weight decay of a zero row keeps
-    it zero, as in PyTorch).
-
-    Args:
-        num_embeddings: Number of rows.
-        embedding_dim: Size of every row.
-        padding_idx: Row that gets no gradient, or None.
+    The weights start as ``N(0, 1)``; the ``padding_idx`` row starts at zero and never receives gradient.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None) -> None:
@@ -119,33 +81,17 @@ class Embedding(nn.Module):
             self.weight.update(self.weight * jt.array(keep))
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Looks the rows up.
-
-        Args:
-            x: Integer indices ``[...]``.
-
-        Returns:
-            ``[..., embedding_dim]``.
-        """
+        """Looks the rows up: ``[...]`` indices -> ``[..., embedding_dim]``."""
         weight = self.weight
         if self.padding_idx is not None:
-            # [num_embeddings, 1]: 1 for trainable rows, 0 for the padding row, whose
-            # value is taken from a detached copy so that no gradient reaches it.
+            # [num_embeddings, 1]: 0 for the padding row, read from a detached copy (no gradient)
             keep = (jt.arange(self.num_embeddings) != self.padding_idx).cast(weight.dtype).unsqueeze(1)
             weight = weight * keep + weight.detach() * (1.0 - keep)
         return weight[x]
 
 
 class MLP(nn.Module):
-    """Stack of linear layers with an activation between them (none after the last).
-
-    Args:
-        input_dim: Input feature size.
-        hidden_dim: Size of every hidden layer.
-        output_dim: Output feature size.
-        num_layers: Number of linear layers.
-        act: Activation name for ``get_activation`` (None: identity).
-    """
+    """Stack of ``num_layers`` linear layers with activation ``act`` between them (none after the last)."""
 
     def __init__(
         self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, act: Optional[str] = "relu"
@@ -161,14 +107,7 @@ class MLP(nn.Module):
         self.act = get_activation(act)
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Applies the layers.
-
-        Args:
-            x: Input ``[..., input_dim]``.
-
-        Returns:
-            Output ``[..., output_dim]``.
-        """
+        """Applies the layers: ``[..., input_dim]`` -> ``[..., output_dim]``."""
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < self.num_layers - 1:
@@ -180,23 +119,9 @@ def grid_sample_bilinear(value: jt.Var, grid: jt.Var, cells: Optional[jt.Var] = 
     """PyTorch's ``F.grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``
     on channels-last maps: ``F.grid_sample(value.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)``.
 
-    Corners outside the map contribute zero. The weights are formed as in PyTorch's CPU kernel
-    (``w = x - floor(x)``, ``e = 1 - w``, ...). One flat-index gather fetches the four corners
-    (north-west, north-east, south-west, south-east) of every point; gradients flow to ``value``
-    (through the gather) and to ``grid`` (through the weights; the corner indices are constants).
-
-    Args:
-        value: ``[n, h, w, c]`` maps.
-        grid: ``[n, h_out, w_out, 2]`` normalised ``(x, y)`` locations, ``-1`` / ``1`` at the
-            outer edges of the border pixels.
-        cells: Jittor-only: optional int32 ``[n, h_out, w_out, 2]`` column and row of each
-            point's top-left corner, used instead of ``floor`` of its pixel coordinate.
-
-    Returns:
-        ``[n, h_out, w_out, c]`` sampled values.
-
-    Raises:
-        ValueError: If the shapes do not fit together.
+    Corner weights follow PyTorch's CPU kernel; corners outside the map contribute zero. One flat gather
+    fetches the four corners of every point; gradients reach ``value`` and ``grid``. ``cells`` (optional
+    int32 ``[n, h_out, w_out, 2]``) gives each point's top-left column and row instead of ``floor``.
     """
     if value.ndim != 4 or grid.ndim != 4 or grid.shape[-1] != 2 or grid.shape[0] != value.shape[0]:
         raise ValueError(
@@ -256,17 +181,10 @@ def deformable_attention_core_func(
 ) -> jt.Var:
     """Multi-scale deformable attention with bilinear ``grid_sample`` (pure Jittor form).
 
-    Args:
-        value: Projected values ``[bs, len_v, n_head, head_dim]``, levels concatenated.
-        value_spatial_shapes: ``[(h_0, w_0), ..., (h_{L-1}, w_{L-1})]``.
-        sampling_locations: Normalised ``(x, y)`` locations
-            ``[bs, len_q, n_head, n_levels, n_points, 2]``, in ``[0, 1]`` inside the map.
-        attention_weights: ``[bs, len_q, n_head, n_levels, n_points]``.
-        cells: Jittor-only: optional int32 ``[bs, len_q, n_head, n_levels, n_points, 2]``
-            top-left corners to use (see :func:`grid_sample_bilinear`).
-
-    Returns:
-        Attended features ``[bs, len_q, n_head * head_dim]``.
+    ``value``: ``[bs, len_v, n_head, head_dim]``, levels concatenated; ``sampling_locations``: normalised
+    ``(x, y)`` ``[bs, len_q, n_head, n_levels, n_points, 2]``, ``[0, 1]`` inside the map; ``attention_weights``:
+    ``[bs, len_q, n_head, n_levels, n_points]``. Returns ``[bs, len_q, n_head * head_dim]``.
+    ``cells``: optional int32 top-left corners, as in :func:`grid_sample_bilinear`.
     """
     bs, _, n_head, c = value.shape
     _, len_q, _, n_levels, n_points, _ = sampling_locations.shape
@@ -297,14 +215,7 @@ def deformable_attention_core_func(
 
 
 class MSDeformableAttention(nn.Module):
-    """Multi-scale deformable attention (Deformable DETR) as used by the RT-DETR decoder.
-
-    Args:
-        embed_dim: Feature size.
-        num_heads: Number of attention heads.
-        num_levels: Number of feature levels.
-        num_points: Sampling points per head and level.
-    """
+    """Multi-scale deformable attention (Deformable DETR) as used by the RT-DETR decoder."""
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4) -> None:
         super().__init__()
@@ -353,22 +264,11 @@ class MSDeformableAttention(nn.Module):
         value_spatial_shapes: Sequence[Sequence[int]],
         value_mask: Optional[jt.Var] = None,
     ) -> jt.Var:
-        """Samples the value maps around the reference points.
+        """Samples the value maps around the reference points; returns ``[bs, len_q, embed_dim]``.
 
-        Args:
-            query: ``[bs, len_q, embed_dim]``.
-            reference_points: ``[bs, len_q, n, 2]`` normalised points (``n`` = ``num_levels``)
-                or ``[bs, len_q, n, 4]`` normalised cxcywh boxes (``n`` = 1 or ``num_levels``);
-                top-left is ``(0, 0)``, bottom-right ``(1, 1)``.
-            value: ``[bs, len_v, embed_dim]``, levels concatenated.
-            value_spatial_shapes: ``[(h_0, w_0), ...]`` with ``sum(h * w) == len_v``.
-            value_mask: Optional ``[bs, len_v]``, True for real (non-padding) positions.
-
-        Returns:
-            ``[bs, len_q, embed_dim]``.
-
-        Raises:
-            ValueError: If the last dim of ``reference_points`` is not 2 or 4.
+        ``reference_points``: normalised points ``[bs, len_q, num_levels, 2]`` or cxcywh boxes ``[bs, len_q, n, 4]``
+        (``n`` = 1 or ``num_levels``); ``value``: ``[bs, len_v, embed_dim]``, levels concatenated; ``value_mask``:
+        optional ``[bs, len_v]``, True for real positions.
         """
         bs, len_q = query.shape[:2]
         len_v = value.shape[1]
@@ -418,24 +318,9 @@ class MSDeformableAttention(nn.Module):
                cells: Optional[jt.Var] = None) -> jt.Var:
         """Bilinear sampling of the values and their weighted sum (the attention core).
 
-        A method, so that a parity check can see and force each layer's sampling locations.
-        On CPU it is :func:`~jittor_impl._kernels.ms_deform_attn`, on CUDA
-        :func:`deformable_attention_core_func`.
-
-        Args:
-            value: ``[bs, len_v, num_heads, head_dim]``, levels concatenated.
-            value_spatial_shapes: ``[(h_0, w_0), ...]``.
-            sampling_locations: ``[bs, len_q, num_heads, num_levels, num_points, 2]``.
-            attention_weights: ``[bs, len_q, num_heads, num_levels, num_points]``.
-            cells: Jittor-only: optional int32 ``[bs, len_q, num_heads, num_levels,
-                num_points, 2]`` column and row of each point's top-left corner, used instead
-                of ``floor`` of its pixel coordinate (a parity check forces the reference's
-                cells where a point lies on a cell edge; the bilinear weights stay those of
-                the point's coordinate, so the sampled value is continuous there and only
-                the location gradient takes the forced cell's slope).
-
-        Returns:
-            ``[bs, len_q, embed_dim]``.
+        A method, so that a parity check can see and force each layer's sampling locations. On CPU it is
+        :func:`~jittor_impl._kernels.ms_deform_attn`, on CUDA :func:`deformable_attention_core_func`. ``cells``
+        (optional int32, a column and row per point) forces the top-left corners, not the bilinear weights.
         """
         if jt.flags.use_cuda:
             return deformable_attention_core_func(value, value_spatial_shapes, sampling_locations,
@@ -444,17 +329,7 @@ class MSDeformableAttention(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Post-norm decoder layer: self-attention, deformable cross-attention, FFN.
-
-    Args:
-        d_model: Feature size.
-        n_head: Number of attention heads.
-        dim_feedforward: Hidden size of the FFN.
-        dropout: Dropout probability.
-        activation: FFN activation name.
-        n_levels: Number of memory feature levels.
-        n_points: Sampling points per head and level.
-    """
+    """Post-norm decoder layer: self-attention, deformable cross-attention, FFN."""
 
     def __init__(
         self,
@@ -484,26 +359,11 @@ class TransformerDecoderLayer(nn.Module):
 
     @staticmethod
     def with_pos_embed(tensor: jt.Var, pos: Optional[jt.Var]) -> jt.Var:
-        """Adds the positional embedding when there is one.
-
-        Args:
-            tensor: Features.
-            pos: Positional embedding of the same shape, or None.
-
-        Returns:
-            ``tensor + pos``, or ``tensor``.
-        """
+        """``tensor + pos``, or ``tensor`` when ``pos`` is None."""
         return tensor if pos is None else tensor + pos
 
     def forward_ffn(self, tgt: jt.Var) -> jt.Var:
-        """Feed-forward block ``linear2(dropout3(act(linear1(tgt))))``.
-
-        Args:
-            tgt: ``[bs, len_q, d_model]``.
-
-        Returns:
-            ``[bs, len_q, d_model]``.
-        """
+        """Feed-forward block ``linear2(dropout3(act(linear1(tgt))))``."""
         return self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
 
     def execute(
@@ -517,21 +377,10 @@ class TransformerDecoderLayer(nn.Module):
         memory_mask: Optional[jt.Var] = None,
         query_pos_embed: Optional[jt.Var] = None,
     ) -> jt.Var:
-        """Runs one decoder layer.
+        """Runs one decoder layer on the queries ``tgt`` ``[bs, len_q, d_model]``.
 
-        Args:
-            tgt: Queries ``[bs, len_q, d_model]``.
-            reference_points: ``[bs, len_q, 1, 4]`` normalised cxcywh (or see MSDeformableAttention).
-            memory: ``[bs, len_v, d_model]``.
-            memory_spatial_shapes: ``[(h, w), ...]`` per level.
-            memory_level_start_index: Start of every level in ``memory`` (kept for the official
-                signature; the sampling derives it from the shapes).
-            attn_mask: Boolean ``[len_q, len_q]``, True where a query may not attend.
-            memory_mask: Optional ``[bs, len_v]``, True for real memory positions.
-            query_pos_embed: ``[bs, len_q, d_model]`` or None.
-
-        Returns:
-            Updated queries ``[bs, len_q, d_model]``.
+        ``reference_points`` are ``[bs, len_q, 1, 4]`` normalised cxcywh; ``attn_mask`` ``[len_q, len_q]`` is
+        True where a query may not attend; ``memory_level_start_index`` is kept for the official signature.
         """
         q = k = self.with_pos_embed(tgt, query_pos_embed)
         tgt2, _ = self.self_attn(q, k, value=tgt, attn_mask=attn_mask)
@@ -551,13 +400,9 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """Stack of decoder layers with iterative box refinement.
+    """Stack of ``num_layers`` copies of ``decoder_layer`` with iterative box refinement.
 
-    Args:
-        hidden_dim: Feature size.
-        decoder_layer: Layer to deep-copy ``num_layers`` times.
-        num_layers: Number of layers.
-        eval_idx: Layer whose prediction is returned in eval mode (negative counts from the end).
+    ``eval_idx`` is the layer whose prediction eval mode returns (negative counts from the end).
     """
 
     def __init__(self, hidden_dim: int, decoder_layer: TransformerDecoderLayer, num_layers: int, eval_idx: int = -1):
@@ -582,28 +427,12 @@ class TransformerDecoder(nn.Module):
         attn_mask: Optional[jt.Var] = None,
         memory_mask: Optional[jt.Var] = None,
     ) -> Tuple[jt.Var, jt.Var]:
-        """Runs the layers, refining the reference boxes after each.
+        """Runs the layers, refining the reference boxes (``ref_points_unact``, logits) after each.
 
-        In training every layer predicts; the boxes of layer ``i > 0`` are computed from the
-        previous layer's (non-detached) boxes so that gradients flow through the refinement
-        chain, while the next layer's input uses the detached boxes. In eval mode the loop stops
-        after layer ``eval_idx`` and only its prediction is returned.
-
-        Args:
-            tgt: Initial queries ``[bs, len_q, hidden_dim]``.
-            ref_points_unact: Initial reference boxes as logits ``[bs, len_q, 4]``.
-            memory: ``[bs, len_v, hidden_dim]``.
-            memory_spatial_shapes: ``[(h, w), ...]`` per level.
-            memory_level_start_index: Start of every level in ``memory``.
-            bbox_head: One box MLP per layer (output 4 deltas in logit space).
-            score_head: One class head per layer.
-            query_pos_head: MLP mapping a box ``[.., 4]`` to a query position embedding.
-            attn_mask: Boolean self-attention mask, True = blocked.
-            memory_mask: Optional ``[bs, len_v]``, True for real memory positions.
-
-        Returns:
-            ``(boxes, logits)``: ``[n_out, bs, len_q, 4]`` sigmoid cxcywh and
-            ``[n_out, bs, len_q, num_classes]``, with ``n_out = num_layers`` in training and 1 in eval.
+        In training every layer predicts; the boxes of layer ``i > 0`` come from the previous layer's non-detached
+        boxes, so that gradients flow through the refinement chain, while the next layer's input uses the detached
+        boxes. In eval mode the loop stops after layer ``eval_idx``. Returns ``(boxes, logits)``, each
+        ``[n_out, bs, len_q, ...]`` with ``n_out = num_layers`` in training and 1 in eval.
         """
         output = tgt
         dec_out_bboxes = []
@@ -650,37 +479,11 @@ class TransformerDecoder(nn.Module):
 class RTDETRTransformer(nn.Module):
     """The RT-DETR decoder: input projection, query selection, decoder and heads.
 
-    Attributes set besides the submodules: ``anchors`` / ``valid_mask`` (plain Vars,
-    precomputed for ``eval_spatial_size`` and used only in eval mode; not in the state dict),
-    ``rng`` (the :class:`SharedRandom` denoising draws from), ``last_topk_ind`` (detached
-    ``[bs, num_queries]`` indices of the queries the encoder head picked in the last forward)
-    and ``forced_topk_ind`` (None, or an integer ``[bs, num_queries]`` Var used instead of the
-    top-k selection, so that a parity harness can give two implementations the same decision).
-    The four are properties over ``_``-prefixed attributes, which Jittor leaves out of the
-    state dict and the parameter list.
-
-    Args:
-        num_classes: Number of object classes.
-        hidden_dim: Feature size.
-        num_queries: Number of matching queries.
-        feat_channels: Channels of the input feature maps.
-        feat_strides: Strides of the input feature maps.
-        num_levels: Number of memory levels (extra levels come from stride-2 3x3 convs).
-        num_decoder_points: Sampling points per head and level.
-        nhead: Number of attention heads.
-        num_decoder_layers: Number of decoder layers.
-        dim_feedforward: Hidden size of the decoder FFN.
-        dropout: Dropout probability.
-        activation: Decoder FFN activation.
-        num_denoising: Number of denoising queries (0 disables denoising).
-        label_noise_ratio: Denoising label noise ratio.
-        box_noise_scale: Denoising box noise scale.
-        learnt_init_query: Use a learnt query embedding instead of the selected memory features.
-        eval_spatial_size: ``[h, w]`` of the eval input for precomputed anchors, or None.
-        eval_idx: Decoder layer used in eval mode.
-        eps: Margin that marks anchors too close to the border as invalid.
-        aux_loss: Return the auxiliary outputs in training.
-        rng: Shared random stream for the denoising noise (``SharedRandom(0)`` when None).
+    ``anchors`` / ``valid_mask`` are precomputed for ``eval_spatial_size`` (eval mode only; not in the state
+    dict); ``rng`` is the :class:`SharedRandom` denoising draws from; ``last_topk_ind`` holds the detached
+    ``[bs, num_queries]`` indices the encoder head picked in the last forward; ``forced_topk_ind`` (None or
+    such indices) replaces the top-k selection, so that a parity harness can give both implementations the
+    same decision. Levels beyond ``feat_channels`` come from stride-2 3x3 convolutions.
     """
 
     def __init__(
@@ -772,22 +575,18 @@ class RTDETRTransformer(nn.Module):
 
     @property
     def anchors(self) -> Optional[jt.Var]:
-        """Eval anchor logits ``[1, sum(h*w), 4]`` for ``eval_spatial_size``, or None."""
         return self._anchors
 
     @property
     def valid_mask(self) -> Optional[jt.Var]:
-        """Validity ``[1, sum(h*w), 1]`` (bool) of :attr:`anchors`, or None."""
         return self._valid_mask
 
     @property
     def last_topk_ind(self) -> Optional[jt.Var]:
-        """Detached int64 ``[bs, num_queries]`` top-k indices of the last forward, or None."""
         return self._last_topk_ind
 
     @property
     def forced_topk_ind(self) -> Optional[jt.Var]:
-        """Integer ``[bs, num_queries]`` indices used instead of the top-k selection, or None."""
         return self._forced_topk_ind
 
     @forced_topk_ind.setter
@@ -812,11 +611,7 @@ class RTDETRTransformer(nn.Module):
         init.xavier_uniform_(self.query_pos_head.layers[1].weight)
 
     def _build_input_proj_layer(self, feat_channels: List[int]) -> None:
-        """Builds ``input_proj``: a 1x1 conv + BN per input map, then 3x3 stride-2 extra levels.
-
-        Args:
-            feat_channels: Channels of the input feature maps.
-        """
+        """Builds ``input_proj``: a 1x1 conv + BN per input map, then 3x3 stride-2 extra levels."""
         self.input_proj = nn.ModuleList()
         for in_channels in feat_channels:
             self.input_proj.append(
@@ -847,16 +642,9 @@ class RTDETRTransformer(nn.Module):
     def _get_encoder_input(
         self, feats: Sequence[jt.Var]
     ) -> Tuple[jt.Var, List[List[int]], List[int]]:
-        """Projects and flattens the feature maps into one memory sequence.
+        """Projects and flattens the maps (one per ``feat_channels`` entry) into one memory sequence.
 
-        Args:
-            feats: One ``[bs, c_i, h_i, w_i]`` map per entry of ``feat_channels``.
-
-        Returns:
-            ``(memory [bs, sum(h*w), hidden_dim], spatial_shapes [[h, w], ...], level_start_index)``.
-
-        Raises:
-            ValueError: If the number of maps differs from ``len(feat_channels)``.
+        Returns ``(memory [bs, sum(h*w), hidden_dim], spatial_shapes [[h, w], ...], level_start_index)``.
         """
         if len(feats) != len(self.feat_channels):
             raise ValueError(f"expected {len(self.feat_channels)} feature maps, got {len(feats)}")
@@ -891,17 +679,9 @@ class RTDETRTransformer(nn.Module):
     ) -> Tuple[jt.Var, jt.Var]:
         """Anchor boxes (as logits) at every memory position, and their validity mask.
 
-        Each anchor is centred on its cell with size ``grid_size * 2**level``. Anchors with any
-        coordinate outside ``(eps, 1 - eps)`` are invalid; their logits are set to ``+inf``.
-
-        Args:
-            spatial_shapes: ``[[h, w], ...]`` per level; by default derived from
-                ``eval_spatial_size`` and ``feat_strides``.
-            grid_size: Anchor size at the first level.
-            dtype: Floating dtype name of the anchors.
-
-        Returns:
-            ``(anchors [1, sum(h*w), 4], valid_mask [1, sum(h*w), 1] bool)``.
+        Each anchor is centred on its cell with size ``grid_size * 2**level``; one with a coordinate outside
+        ``(eps, 1 - eps)`` is invalid, with logit ``+inf``. ``spatial_shapes`` defaults to the maps of
+        ``eval_spatial_size``. Returns ``(anchors [1, sum(h*w), 4], valid_mask [1, sum(h*w), 1] bool)``.
         """
         if spatial_shapes is None:
             spatial_shapes = [
@@ -927,18 +707,9 @@ class RTDETRTransformer(nn.Module):
         return jt.array(anchors).cast(dtype), jt.array(valid_mask)
 
     def _select_topk(self, enc_outputs_class: jt.Var) -> jt.Var:
-        """Indices of the ``num_queries`` memory positions with the highest class score.
+        """Indices (int64 ``[bs, num_queries]``) of the memory positions with the highest class score.
 
         Uses ``forced_topk_ind`` instead when it is set, and records the result in ``last_topk_ind``.
-
-        Args:
-            enc_outputs_class: ``[bs, len_v, num_classes]`` encoder-head logits.
-
-        Returns:
-            int64 ``[bs, num_queries]`` indices into the memory.
-
-        Raises:
-            ValueError: If the memory is shorter than ``num_queries`` or ``forced_topk_ind`` has a bad shape.
         """
         bs, len_v, _ = enc_outputs_class.shape
         if self.forced_topk_ind is not None:
@@ -965,19 +736,8 @@ class RTDETRTransformer(nn.Module):
     ) -> Tuple[jt.Var, jt.Var, jt.Var, jt.Var]:
         """Scores the memory, selects the top-k queries and prepends the denoising queries.
 
-        Args:
-            memory: ``[bs, len_v, hidden_dim]``.
-            spatial_shapes: ``[[h, w], ...]`` per level.
-            denoising_class: Embedded denoising labels ``[bs, n_dn, hidden_dim]`` or None.
-            denoising_bbox_unact: Denoising box logits ``[bs, n_dn, 4]`` or None.
-
-        Returns:
-            ``(target [bs, n_dn + num_queries, hidden_dim], reference_points_unact (detached)
-            [bs, n_dn + num_queries, 4], enc_topk_bboxes [bs, num_queries, 4],
-            enc_topk_logits [bs, num_queries, num_classes])``.
-
-        Raises:
-            ValueError: If the precomputed eval anchors do not fit the memory length.
+        Returns ``target [bs, n_dn + num_queries, hidden_dim]``, the detached ``reference_points_unact``
+        ``[bs, n_dn + num_queries, 4]``, then ``enc_topk_bboxes`` and ``enc_topk_logits`` ``[bs, num_queries, ...]``.
         """
         bs, len_v, _ = memory.shape
         if self.is_training() or self.eval_spatial_size is None:
@@ -1032,19 +792,10 @@ class RTDETRTransformer(nn.Module):
     ) -> Dict[str, object]:
         """Decodes the encoder feature maps into class logits and boxes.
 
-        Denoising queries are added only when training with ``num_denoising > 0`` and ``targets``
-        given (and at least one image has an object).
-
-        Args:
-            feats: One ``[bs, c_i, h_i, w_i]`` map per entry of ``feat_channels``.
-            targets: Per-image dicts with ``'labels'`` ``[n]`` and ``'boxes'`` ``[n, 4]``
-                (normalised cxcywh), used for denoising.
-
-        Returns:
-            ``{'pred_logits': [bs, num_queries, num_classes], 'pred_boxes': [bs, num_queries, 4]}``;
-            in training with ``aux_loss`` also ``'aux_outputs'`` (one dict per decoder layer but the
-            last, then the encoder top-k prediction) and, with denoising, ``'dn_aux_outputs'``
-            (one dict per decoder layer) and ``'dn_meta'``.
+        ``targets`` (per image ``labels`` ``[n]`` and normalised cxcywh ``boxes`` ``[n, 4]``) feed the denoising
+        queries (training with ``num_denoising > 0`` only). Returns ``pred_logits`` and ``pred_boxes``; in training
+        with ``aux_loss`` also ``aux_outputs`` (each decoder layer but the last, then the encoder top-k) and, with
+        denoising, ``dn_aux_outputs`` and ``dn_meta``.
         """
         memory, spatial_shapes, level_start_index = self._get_encoder_input(feats)
 
@@ -1098,13 +849,5 @@ class RTDETRTransformer(nn.Module):
     def _set_aux_loss(
         outputs_class: Sequence[jt.Var], outputs_coord: Sequence[jt.Var]
     ) -> List[Dict[str, jt.Var]]:
-        """Pairs per-layer logits and boxes into output dicts.
-
-        Args:
-            outputs_class: Per-layer logits.
-            outputs_coord: Per-layer boxes.
-
-        Returns:
-            ``[{'pred_logits': logits, 'pred_boxes': boxes}, ...]``.
-        """
+        """Pairs per-layer logits and boxes into ``pred_logits`` / ``pred_boxes`` dicts."""
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class, outputs_coord)]

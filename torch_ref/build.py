@@ -25,16 +25,10 @@ def _config(variant: str | VariantConfig, num_classes: int) -> VariantConfig:
 
 def build_model(variant: str | VariantConfig, num_classes: int = 80, *, multi_scale: bool = True,
                 seed: int = 0) -> RTDETR:
-    """Builds an RT-DETR variant.
+    """Builds a variant (a name such as ``r18vd``, or a config), randomly initialised as officially.
 
-    Args:
-        variant: Variant name (``r18vd``, ``r34vd``, ``r50vd_m``, ``r50vd``, ``r101vd``) or a config.
-        num_classes: Number of classes (ignored when a config is passed).
-        multi_scale: Resize training batches to the official multi-scale sizes.
-        seed: Seed of the shared random stream (multi-scale size, denoising noise).
-
-    Returns:
-        The model in training mode, randomly initialised as officially (no pretrained weights).
+    ``num_classes`` is ignored for a config; ``multi_scale`` resizes training batches to the official sizes;
+    ``seed`` seeds the shared random stream (multi-scale size, denoising noise).
     """
     cfg = _config(variant, num_classes)
     rng = SharedRandom(seed)

@@ -1,13 +1,10 @@
 """RT-DETR v1 transformer decoder (the official ``RTDETRTransformer``) in PyTorch.
 
-The decoder projects the encoder feature maps to ``hidden_dim``, flattens them into one
-memory sequence, scores every memory position as a candidate object (the "encoder head"),
-keeps the ``num_queries`` best as initial queries and anchors, and refines them through
-``num_decoder_layers`` layers of self-attention, multi-scale deformable cross-attention and
-an FFN, predicting boxes and class logits after each layer.
-
-Module names, parameter shapes and numerics follow ``rtdetr_pytorch/src/zoo/rtdetr/rtdetr_decoder.py``
-of lyuwenyu/RT-DETR, so that the official checkpoints load key for key.
+The decoder projects the encoder maps to ``hidden_dim`` and flattens them into one memory, scores
+every memory position (the "encoder head"), keeps the ``num_queries`` best as initial queries and
+anchors, and refines them through layers of self-attention, multi-scale deformable cross-attention
+and an FFN, predicting boxes and logits after each. Names, shapes and numerics follow the official
+``rtdetr_decoder.py``, so that official checkpoints load key for key.
 """
 
 from __future__ import annotations
@@ -40,27 +37,12 @@ __all__ = [
 
 
 def bias_init_with_prob(prior_prob: float = 0.01) -> float:
-    """Bias that makes a sigmoid output ``prior_prob`` for a zero input.
-
-    Args:
-        prior_prob: Target prior probability.
-
-    Returns:
-        ``-log((1 - prior_prob) / prior_prob)``.
-    """
+    """Bias that makes a sigmoid output ``prior_prob`` for a zero input: ``-log((1 - p) / p)``."""
     return float(-math.log((1 - prior_prob) / prior_prob))
 
 
 class MLP(nn.Module):
-    """Stack of linear layers with an activation between them (none after the last).
-
-    Args:
-        input_dim: Input feature size.
-        hidden_dim: Size of every hidden layer.
-        output_dim: Output feature size.
-        num_layers: Number of linear layers.
-        act: Activation name for ``get_activation`` (None: identity).
-    """
+    """Stack of ``num_layers`` linear layers with activation ``act`` between them (none after the last)."""
 
     def __init__(
         self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int, act: Optional[str] = "relu"
@@ -76,14 +58,7 @@ class MLP(nn.Module):
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Applies the layers.
-
-        Args:
-            x: Input ``[..., input_dim]``.
-
-        Returns:
-            Output ``[..., output_dim]``.
-        """
+        """Applies the layers: ``[..., input_dim]`` -> ``[..., output_dim]``."""
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < self.num_layers - 1:
@@ -99,15 +74,9 @@ def deformable_attention_core_func(
 ) -> torch.Tensor:
     """Multi-scale deformable attention with bilinear ``grid_sample`` (pure PyTorch form).
 
-    Args:
-        value: Projected values ``[bs, len_v, n_head, head_dim]``, levels concatenated.
-        value_spatial_shapes: ``[(h_0, w_0), ..., (h_{L-1}, w_{L-1})]``.
-        sampling_locations: Normalised ``(x, y)`` locations
-            ``[bs, len_q, n_head, n_levels, n_points, 2]``, in ``[0, 1]`` inside the map.
-        attention_weights: ``[bs, len_q, n_head, n_levels, n_points]``.
-
-    Returns:
-        Attended features ``[bs, len_q, n_head * head_dim]``.
+    ``value``: ``[bs, len_v, n_head, head_dim]``, levels concatenated; ``sampling_locations``: normalised
+    ``(x, y)`` ``[bs, len_q, n_head, n_levels, n_points, 2]``, ``[0, 1]`` inside the map; ``attention_weights``:
+    ``[bs, len_q, n_head, n_levels, n_points]``. Returns ``[bs, len_q, n_head * head_dim]``.
     """
     bs, _, n_head, c = value.shape
     _, len_q, _, n_levels, n_points, _ = sampling_locations.shape
@@ -139,14 +108,7 @@ def deformable_attention_core_func(
 
 
 class MSDeformableAttention(nn.Module):
-    """Multi-scale deformable attention (Deformable DETR) as used by the RT-DETR decoder.
-
-    Args:
-        embed_dim: Feature size.
-        num_heads: Number of attention heads.
-        num_levels: Number of feature levels.
-        num_points: Sampling points per head and level.
-    """
+    """Multi-scale deformable attention (Deformable DETR) as used by the RT-DETR decoder."""
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4) -> None:
         super().__init__()
@@ -196,22 +158,11 @@ class MSDeformableAttention(nn.Module):
         value_spatial_shapes: Sequence[Sequence[int]],
         value_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Samples the value maps around the reference points.
+        """Samples the value maps around the reference points; returns ``[bs, len_q, embed_dim]``.
 
-        Args:
-            query: ``[bs, len_q, embed_dim]``.
-            reference_points: ``[bs, len_q, n, 2]`` normalised points (``n`` = ``num_levels``)
-                or ``[bs, len_q, n, 4]`` normalised cxcywh boxes (``n`` = 1 or ``num_levels``);
-                top-left is ``(0, 0)``, bottom-right ``(1, 1)``.
-            value: ``[bs, len_v, embed_dim]``, levels concatenated.
-            value_spatial_shapes: ``[(h_0, w_0), ...]`` with ``sum(h * w) == len_v``.
-            value_mask: Optional ``[bs, len_v]``, True for real (non-padding) positions.
-
-        Returns:
-            ``[bs, len_q, embed_dim]``.
-
-        Raises:
-            ValueError: If the last dim of ``reference_points`` is not 2 or 4.
+        ``reference_points``: normalised points ``[bs, len_q, num_levels, 2]`` or cxcywh boxes ``[bs, len_q, n, 4]``
+        (``n`` = 1 or ``num_levels``); ``value``: ``[bs, len_v, embed_dim]``, levels concatenated; ``value_mask``:
+        optional ``[bs, len_v]``, True for real positions.
         """
         bs, len_q = query.shape[:2]
         len_v = value.shape[1]
@@ -260,33 +211,13 @@ class MSDeformableAttention(nn.Module):
                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
         """Bilinear sampling of the values and their weighted sum (the attention core).
 
-        A method, so that a parity check can see (and, in the port, force) each layer's
-        sampling locations.
-
-        Args:
-            value: ``[bs, len_v, num_heads, head_dim]``, levels concatenated.
-            value_spatial_shapes: ``[(h_0, w_0), ...]``.
-            sampling_locations: ``[bs, len_q, num_heads, num_levels, num_points, 2]``.
-            attention_weights: ``[bs, len_q, num_heads, num_levels, num_points]``.
-
-        Returns:
-            ``[bs, len_q, embed_dim]``.
+        A method, so that a parity check can see (and, in the port, force) each layer's sampling locations.
         """
         return deformable_attention_core_func(value, value_spatial_shapes, sampling_locations, attention_weights)
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Post-norm decoder layer: self-attention, deformable cross-attention, FFN.
-
-    Args:
-        d_model: Feature size.
-        n_head: Number of attention heads.
-        dim_feedforward: Hidden size of the FFN.
-        dropout: Dropout probability.
-        activation: FFN activation name.
-        n_levels: Number of memory feature levels.
-        n_points: Sampling points per head and level.
-    """
+    """Post-norm decoder layer: self-attention, deformable cross-attention, FFN."""
 
     def __init__(
         self,
@@ -316,26 +247,11 @@ class TransformerDecoderLayer(nn.Module):
 
     @staticmethod
     def with_pos_embed(tensor: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-        """Adds the positional embedding when there is one.
-
-        Args:
-            tensor: Features.
-            pos: Positional embedding of the same shape, or None.
-
-        Returns:
-            ``tensor + pos``, or ``tensor``.
-        """
+        """``tensor + pos``, or ``tensor`` when ``pos`` is None."""
         return tensor if pos is None else tensor + pos
 
     def forward_ffn(self, tgt: torch.Tensor) -> torch.Tensor:
-        """Feed-forward block ``linear2(dropout3(act(linear1(tgt))))``.
-
-        Args:
-            tgt: ``[bs, len_q, d_model]``.
-
-        Returns:
-            ``[bs, len_q, d_model]``.
-        """
+        """Feed-forward block ``linear2(dropout3(act(linear1(tgt))))``."""
         return self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
 
     def forward(
@@ -349,21 +265,10 @@ class TransformerDecoderLayer(nn.Module):
         memory_mask: Optional[torch.Tensor] = None,
         query_pos_embed: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Runs one decoder layer.
+        """Runs one decoder layer on the queries ``tgt`` ``[bs, len_q, d_model]``.
 
-        Args:
-            tgt: Queries ``[bs, len_q, d_model]``.
-            reference_points: ``[bs, len_q, 1, 4]`` normalised cxcywh (or see MSDeformableAttention).
-            memory: ``[bs, len_v, d_model]``.
-            memory_spatial_shapes: ``[(h, w), ...]`` per level.
-            memory_level_start_index: Start of every level in ``memory`` (kept for the official
-                signature; the sampling derives it from the shapes).
-            attn_mask: Boolean ``[len_q, len_q]``, True where a query may not attend.
-            memory_mask: Optional ``[bs, len_v]``, True for real memory positions.
-            query_pos_embed: ``[bs, len_q, d_model]`` or None.
-
-        Returns:
-            Updated queries ``[bs, len_q, d_model]``.
+        ``reference_points`` are ``[bs, len_q, 1, 4]`` normalised cxcywh; ``attn_mask`` ``[len_q, len_q]`` is
+        True where a query may not attend; ``memory_level_start_index`` is kept for the official signature.
         """
         q = k = self.with_pos_embed(tgt, query_pos_embed)
         tgt2, _ = self.self_attn(q, k, value=tgt, attn_mask=attn_mask)
@@ -383,13 +288,9 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    """Stack of decoder layers with iterative box refinement.
+    """Stack of ``num_layers`` copies of ``decoder_layer`` with iterative box refinement.
 
-    Args:
-        hidden_dim: Feature size.
-        decoder_layer: Layer to deep-copy ``num_layers`` times.
-        num_layers: Number of layers.
-        eval_idx: Layer whose prediction is returned in eval mode (negative counts from the end).
+    ``eval_idx`` is the layer whose prediction eval mode returns (negative counts from the end).
     """
 
     def __init__(self, hidden_dim: int, decoder_layer: TransformerDecoderLayer, num_layers: int, eval_idx: int = -1):
@@ -414,28 +315,12 @@ class TransformerDecoder(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         memory_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Runs the layers, refining the reference boxes after each.
+        """Runs the layers, refining the reference boxes (``ref_points_unact``, logits) after each.
 
-        In training every layer predicts; the boxes of layer ``i > 0`` are computed from the
-        previous layer's (non-detached) boxes so that gradients flow through the refinement
-        chain, while the next layer's input uses the detached boxes. In eval mode the loop stops
-        after layer ``eval_idx`` and only its prediction is returned.
-
-        Args:
-            tgt: Initial queries ``[bs, len_q, hidden_dim]``.
-            ref_points_unact: Initial reference boxes as logits ``[bs, len_q, 4]``.
-            memory: ``[bs, len_v, hidden_dim]``.
-            memory_spatial_shapes: ``[(h, w), ...]`` per level.
-            memory_level_start_index: Start of every level in ``memory``.
-            bbox_head: One box MLP per layer (output 4 deltas in logit space).
-            score_head: One class head per layer.
-            query_pos_head: MLP mapping a box ``[.., 4]`` to a query position embedding.
-            attn_mask: Boolean self-attention mask, True = blocked.
-            memory_mask: Optional ``[bs, len_v]``, True for real memory positions.
-
-        Returns:
-            ``(boxes, logits)``: ``[n_out, bs, len_q, 4]`` sigmoid cxcywh and
-            ``[n_out, bs, len_q, num_classes]``, with ``n_out = num_layers`` in training and 1 in eval.
+        In training every layer predicts; the boxes of layer ``i > 0`` come from the previous layer's non-detached
+        boxes, so that gradients flow through the refinement chain, while the next layer's input uses the detached
+        boxes. In eval mode the loop stops after layer ``eval_idx``. Returns ``(boxes, logits)``, each
+        ``[n_out, bs, len_q, ...]`` with ``n_out = num_layers`` in training and 1 in eval.
         """
         output = tgt
         dec_out_bboxes = []
@@ -482,35 +367,11 @@ class TransformerDecoder(nn.Module):
 class RTDETRTransformer(nn.Module):
     """The RT-DETR decoder: input projection, query selection, decoder and heads.
 
-    Attributes set besides the submodules: ``anchors`` / ``valid_mask`` (plain tensors,
-    precomputed for ``eval_spatial_size`` and used only in eval mode; not in the state dict),
-    ``rng`` (the :class:`SharedRandom` denoising draws from), ``last_topk_ind`` (detached
-    ``[bs, num_queries]`` indices of the queries the encoder head picked in the last forward)
-    and ``forced_topk_ind`` (None, or an int64 ``[bs, num_queries]`` tensor used instead of the
-    top-k selection, so that a parity harness can give two implementations the same decision).
-
-    Args:
-        num_classes: Number of object classes.
-        hidden_dim: Feature size.
-        num_queries: Number of matching queries.
-        feat_channels: Channels of the input feature maps.
-        feat_strides: Strides of the input feature maps.
-        num_levels: Number of memory levels (extra levels come from stride-2 3x3 convs).
-        num_decoder_points: Sampling points per head and level.
-        nhead: Number of attention heads.
-        num_decoder_layers: Number of decoder layers.
-        dim_feedforward: Hidden size of the decoder FFN.
-        dropout: Dropout probability.
-        activation: Decoder FFN activation.
-        num_denoising: Number of denoising queries (0 disables denoising).
-        label_noise_ratio: Denoising label noise ratio.
-        box_noise_scale: Denoising box noise scale.
-        learnt_init_query: Use a learnt query embedding instead of the selected memory features.
-        eval_spatial_size: ``[h, w]`` of the eval input for precomputed anchors, or None.
-        eval_idx: Decoder layer used in eval mode.
-        eps: Margin that marks anchors too close to the border as invalid.
-        aux_loss: Return the auxiliary outputs in training.
-        rng: Shared random stream for the denoising noise (``SharedRandom(0)`` when None).
+    ``anchors`` / ``valid_mask`` are precomputed for ``eval_spatial_size`` (eval mode only; not in the state
+    dict); ``rng`` is the :class:`SharedRandom` denoising draws from; ``last_topk_ind`` holds the detached
+    ``[bs, num_queries]`` indices the encoder head picked in the last forward; ``forced_topk_ind`` (None or
+    such indices) replaces the top-k selection, so that a parity harness can give both implementations the
+    same decision. Levels beyond ``feat_channels`` come from stride-2 3x3 convolutions.
     """
 
     def __init__(
@@ -618,11 +479,7 @@ class RTDETRTransformer(nn.Module):
         init.xavier_uniform_(self.query_pos_head.layers[1].weight)
 
     def _build_input_proj_layer(self, feat_channels: List[int]) -> None:
-        """Builds ``input_proj``: a 1x1 conv + BN per input map, then 3x3 stride-2 extra levels.
-
-        Args:
-            feat_channels: Channels of the input feature maps.
-        """
+        """Builds ``input_proj``: a 1x1 conv + BN per input map, then 3x3 stride-2 extra levels."""
         self.input_proj = nn.ModuleList()
         for in_channels in feat_channels:
             self.input_proj.append(
@@ -653,16 +510,9 @@ class RTDETRTransformer(nn.Module):
     def _get_encoder_input(
         self, feats: Sequence[torch.Tensor]
     ) -> Tuple[torch.Tensor, List[List[int]], List[int]]:
-        """Projects and flattens the feature maps into one memory sequence.
+        """Projects and flattens the maps (one per ``feat_channels`` entry) into one memory sequence.
 
-        Args:
-            feats: One ``[bs, c_i, h_i, w_i]`` map per entry of ``feat_channels``.
-
-        Returns:
-            ``(memory [bs, sum(h*w), hidden_dim], spatial_shapes [[h, w], ...], level_start_index)``.
-
-        Raises:
-            ValueError: If the number of maps differs from ``len(feat_channels)``.
+        Returns ``(memory [bs, sum(h*w), hidden_dim], spatial_shapes [[h, w], ...], level_start_index)``.
         """
         if len(feats) != len(self.feat_channels):
             raise ValueError(f"expected {len(self.feat_channels)} feature maps, got {len(feats)}")
@@ -698,18 +548,9 @@ class RTDETRTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Anchor boxes (as logits) at every memory position, and their validity mask.
 
-        Each anchor is centred on its cell with size ``grid_size * 2**level``. Anchors with any
-        coordinate outside ``(eps, 1 - eps)`` are invalid; their logits are set to ``+inf``.
-
-        Args:
-            spatial_shapes: ``[[h, w], ...]`` per level; by default derived from
-                ``eval_spatial_size`` and ``feat_strides``.
-            grid_size: Anchor size at the first level.
-            dtype: Floating dtype of the anchors.
-            device: Device of the result.
-
-        Returns:
-            ``(anchors [1, sum(h*w), 4], valid_mask [1, sum(h*w), 1] bool)``.
+        Each anchor is centred on its cell with size ``grid_size * 2**level``; one with a coordinate outside
+        ``(eps, 1 - eps)`` is invalid, with logit ``+inf``. ``spatial_shapes`` defaults to the maps of
+        ``eval_spatial_size``. Returns ``(anchors [1, sum(h*w), 4], valid_mask [1, sum(h*w), 1] bool)``.
         """
         if spatial_shapes is None:
             spatial_shapes = [
@@ -734,18 +575,9 @@ class RTDETRTransformer(nn.Module):
         return anchors, valid_mask
 
     def _select_topk(self, enc_outputs_class: torch.Tensor) -> torch.Tensor:
-        """Indices of the ``num_queries`` memory positions with the highest class score.
+        """Indices (int64 ``[bs, num_queries]``) of the memory positions with the highest class score.
 
         Uses ``forced_topk_ind`` instead when it is set, and records the result in ``last_topk_ind``.
-
-        Args:
-            enc_outputs_class: ``[bs, len_v, num_classes]`` encoder-head logits.
-
-        Returns:
-            int64 ``[bs, num_queries]`` indices into the memory.
-
-        Raises:
-            ValueError: If the memory is shorter than ``num_queries`` or ``forced_topk_ind`` has a bad shape.
         """
         bs, len_v, _ = enc_outputs_class.shape
         if self.forced_topk_ind is not None:
@@ -771,19 +603,8 @@ class RTDETRTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores the memory, selects the top-k queries and prepends the denoising queries.
 
-        Args:
-            memory: ``[bs, len_v, hidden_dim]``.
-            spatial_shapes: ``[[h, w], ...]`` per level.
-            denoising_class: Embedded denoising labels ``[bs, n_dn, hidden_dim]`` or None.
-            denoising_bbox_unact: Denoising box logits ``[bs, n_dn, 4]`` or None.
-
-        Returns:
-            ``(target [bs, n_dn + num_queries, hidden_dim], reference_points_unact (detached)
-            [bs, n_dn + num_queries, 4], enc_topk_bboxes [bs, num_queries, 4],
-            enc_topk_logits [bs, num_queries, num_classes])``.
-
-        Raises:
-            ValueError: If the precomputed eval anchors do not fit the memory length.
+        Returns ``target [bs, n_dn + num_queries, hidden_dim]``, the detached ``reference_points_unact``
+        ``[bs, n_dn + num_queries, 4]``, then ``enc_topk_bboxes`` and ``enc_topk_logits`` ``[bs, num_queries, ...]``.
         """
         bs, len_v, _ = memory.shape
         if self.training or self.eval_spatial_size is None:
@@ -838,19 +659,10 @@ class RTDETRTransformer(nn.Module):
     ) -> Dict[str, object]:
         """Decodes the encoder feature maps into class logits and boxes.
 
-        Denoising queries are added only when training with ``num_denoising > 0`` and ``targets``
-        given (and at least one image has an object).
-
-        Args:
-            feats: One ``[bs, c_i, h_i, w_i]`` map per entry of ``feat_channels``.
-            targets: Per-image dicts with ``'labels'`` ``[n]`` and ``'boxes'`` ``[n, 4]``
-                (normalised cxcywh), used for denoising.
-
-        Returns:
-            ``{'pred_logits': [bs, num_queries, num_classes], 'pred_boxes': [bs, num_queries, 4]}``;
-            in training with ``aux_loss`` also ``'aux_outputs'`` (one dict per decoder layer but the
-            last, then the encoder top-k prediction) and, with denoising, ``'dn_aux_outputs'``
-            (one dict per decoder layer) and ``'dn_meta'``.
+        ``targets`` (per image ``labels`` ``[n]`` and normalised cxcywh ``boxes`` ``[n, 4]``) feed the denoising
+        queries (training with ``num_denoising > 0`` only). Returns ``pred_logits`` and ``pred_boxes``; in training
+        with ``aux_loss`` also ``aux_outputs`` (each decoder layer but the last, then the encoder top-k) and, with
+        denoising, ``dn_aux_outputs`` and ``dn_meta``.
         """
         memory, spatial_shapes, level_start_index = self._get_encoder_input(feats)
 
@@ -904,13 +716,5 @@ class RTDETRTransformer(nn.Module):
     def _set_aux_loss(
         outputs_class: Sequence[torch.Tensor], outputs_coord: Sequence[torch.Tensor]
     ) -> List[Dict[str, torch.Tensor]]:
-        """Pairs per-layer logits and boxes into output dicts.
-
-        Args:
-            outputs_class: Per-layer logits.
-            outputs_coord: Per-layer boxes.
-
-        Returns:
-            ``[{'pred_logits': logits, 'pred_boxes': boxes}, ...]``.
-        """
+        """Pairs per-layer logits and boxes into ``pred_logits`` / ``pred_boxes`` dicts."""
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class, outputs_coord)]
