@@ -1,31 +1,15 @@
-"""Hybrid encoder of RT-DETR: intra-scale attention (AIFI) plus CNN-based
-cross-scale fusion (CCFM, an FPN/PAN of CSP-RepVGG blocks), Jittor.
+"""Hybrid encoder of RT-DETR: intra-scale attention (AIFI) plus CNN-based cross-scale fusion (CCFM).
 
-Module and attribute names follow the official ``rtdetr_pytorch``
-HybridEncoder so that official checkpoints load key for key.
+Module and attribute names follow the official ``rtdetr_pytorch`` HybridEncoder, so official
+checkpoints load key for key.
 
 Differences from torch_ref/encoder.py:
-    - Modules define ``execute`` (Jittor's name for ``forward``).
-    - ``nn.MultiheadAttention``, ``nn.LayerNorm``, ``nn.BatchNorm2d`` and
-      ``nn.Dropout`` are the torch-compatible :class:`MultiheadAttention`,
-      :class:`LayerNorm`, :class:`BatchNorm2d` and :class:`Dropout` of
-      ``jittor_impl.nn`` (same state-dict keys and semantics); ``nn.Linear``
-      and ``nn.Conv2d`` are its :class:`Linear` and :class:`Conv2d` (oneDNN
-      products on CPU for linear layers and pointwise convolutions).
-    - :meth:`RepVggBlock.convert_to_deploy` writes the fused kernel with
-      ``Var.update``, which makes the target ``stop_grad`` when the source is
-      (it is computed under ``jt.no_grad``); ``start_grad`` then makes the
-      fused ``conv`` trainable again, as in torch.
-    - ``pos_embed{idx}`` are float32 numpy arrays, not Vars: Jittor puts every
-      Var attribute into ``state_dict``/``parameters`` (torch keeps these plain
-      tensors out), and ``copy.deepcopy`` of a module drops a Var's
-      ``stop_grad`` and ``persistent`` flags, so a Var could not be hidden
-      reliably. The forward pass wraps them with ``jt.array``.
-    - The token layouts' ``permute(0, 2, 1)`` (to ``[bs, h*w, c]`` and back) are
-      :func:`~jittor_impl._kernels.swap_last_axes` (Jittor's CPU transpose runs on
-      one thread).
-    - ``.to(device)`` and ``.contiguous()`` calls are dropped (Jittor manages
-      devices and memory layout itself).
+- Modules define ``execute`` (Jittor's name for ``forward``).
+- ``nn``'s ``MultiheadAttention``, ``LayerNorm``, ``BatchNorm2d``, ``Dropout``, ``Linear``, ``Conv2d`` are the torch-semantics ones of ``jittor_impl.nn`` (same state-dict keys).
+- ``RepVggBlock.convert_to_deploy`` writes the fused kernel with ``Var.update``, which leaves it ``stop_grad``; ``start_grad`` makes it trainable, as in torch.
+- ``pos_embed{idx}`` are float32 numpy arrays, not Vars, which Jittor would put into ``state_dict``; the forward wraps them with ``jt.array``.
+- The token layouts' ``permute(0, 2, 1)`` (to ``[bs, h*w, c]`` and back) are ``swap_last_axes`` of ``_kernels``, a faster CPU transpose.
+- ``.to(device)`` and ``.contiguous()`` calls are dropped (Jittor manages devices and memory layout itself).
 """
 
 import copy
@@ -48,28 +32,9 @@ __all__ = [
 
 
 class RepVggBlock(nn.Module):
-    """RepVGG block: parallel 3x3 and 1x1 conv-BN branches, summed, then act.
-
-    After :meth:`convert_to_deploy`, the two branches are replaced in the
-    forward pass by a single fused 3x3 convolution ``conv`` (with bias).
-
-    Attributes:
-        ch_in: Input channels.
-        ch_out: Output channels.
-        conv1: 3x3 ConvNormLayer without activation.
-        conv2: 1x1 ConvNormLayer without activation.
-        act: Activation applied to the sum.
-        conv: Fused ``nn.Conv2d`` once converted, else ``None``.
-    """
+    """RepVGG block: parallel 3x3 and 1x1 conv-BN branches, summed, then ``act``; ``conv`` once fused."""
 
     def __init__(self, ch_in: int, ch_out: int, act: Optional[str] = "relu"):
-        """Initialises the block.
-
-        Args:
-            ch_in: Input channels.
-            ch_out: Output channels.
-            act: Activation name (``None`` for identity).
-        """
         super().__init__()
         self.ch_in = ch_in
         self.ch_out = ch_out
@@ -79,14 +44,7 @@ class RepVggBlock(nn.Module):
         self.conv = None
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Runs the block.
-
-        Args:
-            x: Input of shape ``[bs, ch_in, h, w]``.
-
-        Returns:
-            Tensor of shape ``[bs, ch_out, h, w]``.
-        """
+        """``[bs, ch_in, h, w]`` -> ``[bs, ch_out, h, w]``."""
         if self.conv is not None:
             y = self.conv(x)
         else:
@@ -94,11 +52,9 @@ class RepVggBlock(nn.Module):
         return self.act(y)
 
     def convert_to_deploy(self) -> None:
-        """Fuses both branches (with their BatchNorm statistics) into ``conv``.
+        """Fuses both branches into one 3x3 ``conv`` with bias, equal to them in eval mode.
 
-        The fused result equals the two-branch output in eval mode. The
-        branch modules are kept, as in the official code, so the state dict
-        gains ``conv.weight`` and ``conv.bias``.
+        The branch modules are kept, as in the official code, so the state dict gains ``conv.*``.
         """
         kernel, bias = self.get_equivalent_kernel_bias()
         if self.conv is None:
@@ -109,11 +65,7 @@ class RepVggBlock(nn.Module):
         self.conv.bias.start_grad()
 
     def get_equivalent_kernel_bias(self):
-        """Computes the single 3x3 kernel and bias equivalent to both branches.
-
-        Returns:
-            Tuple ``(kernel [ch_out, ch_in, 3, 3], bias [ch_out])``.
-        """
+        """The 3x3 ``(kernel, bias)`` equivalent to both branches."""
         with jt.no_grad():
             kernel3x3, bias3x3 = self._fuse_bn_tensor(self.conv1)
             kernel1x1, bias1x1 = self._fuse_bn_tensor(self.conv2)
@@ -122,14 +74,7 @@ class RepVggBlock(nn.Module):
 
     @staticmethod
     def _fuse_bn_tensor(branch: ConvNormLayer):
-        """Folds a branch's BatchNorm into its (bias-free) convolution.
-
-        Args:
-            branch: A ConvNormLayer whose conv has no bias.
-
-        Returns:
-            Tuple ``(kernel [ch_out, ch_in, k, k], bias [ch_out])``.
-        """
+        """A branch's ``(kernel, bias)`` with its BatchNorm folded into its bias-free conv."""
         kernel = branch.conv.weight
         running_mean = branch.norm.running_mean
         running_var = branch.norm.running_var
@@ -143,26 +88,12 @@ class RepVggBlock(nn.Module):
 class CSPRepLayer(nn.Module):
     """CSP layer with a stack of RepVGG blocks (the fusion block of CCFM).
 
-    Attributes:
-        conv1: 1x1 ConvNormLayer into the RepVGG path.
-        conv2: 1x1 ConvNormLayer for the bypass path.
-        bottlenecks: ``nn.Sequential`` of :class:`RepVggBlock`.
-        conv3: 1x1 ConvNormLayer to ``out_channels``, or ``nn.Identity`` when
-            the hidden width already equals ``out_channels``.
+    The hidden width is ``int(out_channels * expansion)``; ``conv3`` maps it to ``out_channels``
+    (an Identity when equal).
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int = 3,
                  expansion: float = 1.0, bias: bool = False, act: Optional[str] = "silu"):
-        """Initialises the layer.
-
-        Args:
-            in_channels: Input channels.
-            out_channels: Output channels.
-            num_blocks: Number of RepVGG blocks.
-            expansion: Hidden width is ``int(out_channels * expansion)``.
-            bias: Whether the 1x1 convolutions have a bias.
-            act: Activation name.
-        """
         super().__init__()
         hidden_channels = int(out_channels * expansion)
         self.conv1 = ConvNormLayer(in_channels, hidden_channels, 1, 1, bias=bias, act=act)
@@ -176,48 +107,20 @@ class CSPRepLayer(nn.Module):
             self.conv3 = nn.Identity()
 
     def execute(self, x: jt.Var) -> jt.Var:
-        """Runs the layer.
-
-        Args:
-            x: Input of shape ``[bs, in_channels, h, w]``.
-
-        Returns:
-            Tensor of shape ``[bs, out_channels, h, w]``.
-        """
+        """``[bs, in_channels, h, w]`` -> ``[bs, out_channels, h, w]``."""
         x_1 = self.bottlenecks(self.conv1(x))
         x_2 = self.conv2(x)
         return self.conv3(x_1 + x_2)
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Transformer encoder layer (self-attention + feed-forward).
+    """Transformer encoder layer: self-attention then feed-forward.
 
-    Queries and keys get the position embedding added, values do not.
-
-    Attributes:
-        normalize_before: Pre-norm if True, post-norm (official default) if False.
-        self_attn: :class:`MultiheadAttention` with ``batch_first=True``.
-        linear1, dropout, linear2: Feed-forward network.
-        norm1, norm2: LayerNorms after attention and feed-forward.
-        dropout1, dropout2: Residual dropouts.
-        activation: Feed-forward activation.
+    Post-norm unless ``normalize_before``; the position embedding goes into queries and keys only.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.1, activation: str = "relu", normalize_before: bool = False):
-        """Initialises the layer.
-
-        Args:
-            d_model: Embedding dimension.
-            nhead: Number of attention heads (must divide ``d_model``).
-            dim_feedforward: Hidden size of the feed-forward network.
-            dropout: Dropout probability.
-            activation: Feed-forward activation name.
-            normalize_before: Use pre-norm instead of post-norm.
-
-        Raises:
-            ValueError: If ``d_model`` is not divisible by ``nhead``.
-        """
         super().__init__()
         if d_model % nhead != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
@@ -241,16 +144,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def execute(self, src: jt.Var, src_mask: Optional[jt.Var] = None,
                 pos_embed: Optional[jt.Var] = None) -> jt.Var:
-        """Runs the layer.
-
-        Args:
-            src: Tokens of shape ``[bs, n, d_model]``.
-            src_mask: Optional attention mask passed to ``self_attn``.
-            pos_embed: Optional position embedding broadcastable to ``src``.
-
-        Returns:
-            Tensor of shape ``[bs, n, d_model]``.
-        """
+        """``src`` ``[bs, n, d_model]`` -> same shape; ``src_mask`` goes to ``self_attn``."""
         residual = src
         if self.normalize_before:
             src = self.norm1(src)
@@ -271,22 +165,9 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Stack of identical-at-init encoder layers.
-
-    Attributes:
-        layers: ``nn.ModuleList`` of deep copies of the given layer.
-        num_layers: Number of layers.
-        norm: Optional final normalisation module.
-    """
+    """Stack of ``num_layers`` deep copies of ``encoder_layer``, then the optional ``norm``."""
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
-        """Initialises the stack.
-
-        Args:
-            encoder_layer: Layer to copy ``num_layers`` times.
-            num_layers: Number of layers.
-            norm: Optional module applied to the final output.
-        """
         super().__init__()
         self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
         self.num_layers = num_layers
@@ -294,16 +175,7 @@ class TransformerEncoder(nn.Module):
 
     def execute(self, src: jt.Var, src_mask: Optional[jt.Var] = None,
                 pos_embed: Optional[jt.Var] = None) -> jt.Var:
-        """Runs the layers in order.
-
-        Args:
-            src: Tokens of shape ``[bs, n, d]``.
-            src_mask: Optional attention mask.
-            pos_embed: Optional position embedding.
-
-        Returns:
-            Tensor of shape ``[bs, n, d]``.
-        """
+        """Runs the layers in order, then ``norm``; ``[bs, n, d]`` -> same shape."""
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=src_mask, pos_embed=pos_embed)
@@ -315,26 +187,11 @@ class TransformerEncoder(nn.Module):
 class HybridEncoder(nn.Module):
     """RT-DETR hybrid encoder.
 
-    Projects each backbone level to ``hidden_dim``, runs a transformer encoder
-    on the levels in ``use_encoder_idx`` (AIFI), then fuses the levels with a
-    top-down FPN and a bottom-up PAN of :class:`CSPRepLayer` blocks (CCFM).
-
-    Attributes:
-        in_channels: Channels of each input level.
-        feat_strides: Stride of each input level.
-        hidden_dim: Width of every output level.
-        use_encoder_idx: Levels that go through the transformer encoder.
-        num_encoder_layers: Layers per transformer encoder.
-        pe_temperature: Temperature of the sin-cos position embedding.
-        eval_spatial_size: ``[H, W]`` of eval images, or ``None``. When set,
-            ``pos_embed{idx}`` plain attributes (float32 numpy arrays, not
-            Vars) hold precomputed position embeddings used in eval mode.
-        out_channels: Channels of each output level.
-        out_strides: Stride of each output level.
-        input_proj: Per level ``nn.Sequential(Conv2d 1x1, BatchNorm2d)``.
-        encoder: One :class:`TransformerEncoder` per ``use_encoder_idx`` entry.
-        lateral_convs, fpn_blocks: Top-down path modules.
-        downsample_convs, pan_blocks: Bottom-up path modules.
+    Projects each backbone level to ``hidden_dim``, runs a transformer encoder on the levels in
+    ``use_encoder_idx`` (AIFI; ``num_encoder_layers=0`` skips it), then fuses the levels with a top-down
+    FPN and a bottom-up PAN of :class:`CSPRepLayer` blocks of ``round(3 * depth_mult)`` RepVGG blocks
+    (CCFM). With ``eval_spatial_size`` (``[H, W]``) eval mode uses position embeddings precomputed into
+    plain ``pos_embed{idx}`` attributes, outside the state dict.
     """
 
     def __init__(
@@ -354,29 +211,6 @@ class HybridEncoder(nn.Module):
         act: str = "silu",
         eval_spatial_size: Optional[Sequence[int]] = None,
     ):
-        """Builds the encoder.
-
-        Args:
-            in_channels: Channels of each input level.
-            feat_strides: Stride of each input level.
-            hidden_dim: Common width of all levels.
-            nhead: Attention heads of the transformer encoder.
-            dim_feedforward: Feed-forward width of the transformer encoder.
-            dropout: Dropout of the transformer encoder.
-            enc_act: Feed-forward activation of the transformer encoder.
-            use_encoder_idx: Levels processed by the transformer encoder.
-            num_encoder_layers: Layers per transformer encoder (0 disables it).
-            pe_temperature: Temperature of the sin-cos position embedding.
-            expansion: Hidden width ratio of the CSPRepLayers.
-            depth_mult: RepVGG blocks per CSPRepLayer is ``round(3 * depth_mult)``.
-            act: Activation of the convolutional fusion path.
-            eval_spatial_size: ``[H, W]`` of eval images; precomputes the eval
-                position embeddings when given.
-
-        Raises:
-            ValueError: On inconsistent level lists or an invalid
-                ``use_encoder_idx`` / ``eval_spatial_size``.
-        """
         super().__init__()
         in_channels = list(in_channels)
         feat_strides = list(feat_strides)
@@ -435,7 +269,7 @@ class HybridEncoder(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        """Precomputes ``pos_embed{idx}`` for ``eval_spatial_size`` (numpy attributes)."""
+        """Precomputes ``pos_embed{idx}`` for ``eval_spatial_size``."""
         if self.eval_spatial_size is None:
             return
         for idx in self.use_encoder_idx:
@@ -448,23 +282,9 @@ class HybridEncoder(nn.Module):
     @staticmethod
     def build_2d_sincos_position_embedding(w: int, h: int, embed_dim: int = 256,
                                            temperature: float = 10000.0) -> jt.Var:
-        """Builds the official 2D sin-cos position embedding.
+        """Official 2D sin-cos position embedding, ``[1, w*h, embed_dim]`` float32.
 
-        Positions are enumerated with ``meshgrid(grid_w, grid_h, indexing='ij')``
-        and flattened, i.e. in w-major order (as in the official code).
-
-        Args:
-            w: Grid width.
-            h: Grid height.
-            embed_dim: Embedding size, divisible by 4.
-            temperature: Frequency temperature.
-
-        Returns:
-            Float32 Var of shape ``[1, w * h, embed_dim]`` laid out as
-            ``[sin(w), cos(w), sin(h), cos(h)]`` along the last axis.
-
-        Raises:
-            ValueError: If ``embed_dim`` is not divisible by 4.
+        Channels are ``[sin(w), cos(w), sin(h), cos(h)]``; positions in w-major order, as officially.
         """
         if embed_dim % 4 != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by 4 for the 2D sin-cos "
@@ -481,19 +301,10 @@ class HybridEncoder(nn.Module):
         return embed[None, :, :]  # [1, w*h, embed_dim]
 
     def execute(self, feats: Sequence[jt.Var]) -> List[jt.Var]:
-        """Encodes and fuses the backbone features.
+        """Encodes and fuses one ``[bs, in_channels[i], h_i, w_i]`` map per level to ``hidden_dim`` maps.
 
-        Args:
-            feats: One tensor per level, ``[bs, in_channels[i], h_i, w_i]``,
-                each level half the resolution of the previous one.
-
-        Returns:
-            List of ``[bs, hidden_dim, h_i, w_i]`` tensors, one per level.
-
-        Raises:
-            ValueError: On a wrong number of levels, on an eval input whose
-                size does not match ``eval_spatial_size``, or when adjacent
-                levels are not exactly a factor 2 apart in resolution.
+        Raises ValueError on a wrong level count, an eval size other than ``eval_spatial_size`` or levels
+        that are not exactly a factor 2 apart.
         """
         if len(feats) != len(self.in_channels):
             raise ValueError(f"expected {len(self.in_channels)} feature levels, got {len(feats)}")

@@ -1,16 +1,9 @@
 """RT-DETR set criterion: matching-based detection losses (official v1 ``SetCriterion``).
 
-The loss functions supported are ``labels`` (softmax cross-entropy), ``bce``, ``focal``,
-``vfl`` (varifocal) and ``boxes`` (L1 + GIoU). Losses are computed on the final decoder
-output, on every ``aux_outputs`` entry (re-matched, keys suffixed ``_aux_{i}``) and on every
-``dn_aux_outputs`` entry (denoising queries, matched through ``dn_meta``, keys suffixed
-``_dn_{i}``). Every returned loss is already multiplied by its weight from ``weight_dict``;
-losses without a weight are dropped.
-
-Every matching decision of a forward is recorded in ``SetCriterion.last_indices`` and any of
-them can be replaced through ``SetCriterion.forced_indices``, so the parity harness can compare
-the two frameworks' matches decision by decision and then compute both sides' losses with the
-same matches.
+Losses are computed on the final decoder output, on each ``aux_outputs`` entry (re-matched, keys
+``*_aux_{i}``) and on each ``dn_aux_outputs`` entry (matched through ``dn_meta``, keys ``*_dn_{i}``),
+each times its ``weight_dict`` weight. Matching decisions are recorded in ``last_indices`` and can be
+replaced through ``forced_indices``, so the parity harness can compare them one by one.
 """
 
 from __future__ import annotations
@@ -39,22 +32,7 @@ def sigmoid_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
 ) -> torch.Tensor:
-    """Element-wise sigmoid focal loss (https://arxiv.org/abs/1708.02002), unreduced.
-
-    Same formula as ``torchvision.ops.sigmoid_focal_loss(..., reduction='none')``:
-    ``alpha_t * BCE(inputs, targets) * (1 - p_t) ** gamma`` with ``p = sigmoid(inputs)``,
-    ``p_t = p * t + (1 - p) * (1 - t)`` and ``alpha_t = alpha * t + (1 - alpha) * (1 - t)``
-    (the alpha factor is skipped when ``alpha < 0``).
-
-    Args:
-        inputs: Logits of any shape.
-        targets: Binary (or soft) targets of the same shape, floating point.
-        alpha: Positive/negative balance; negative disables it.
-        gamma: Focusing exponent.
-
-    Returns:
-        Loss of the same shape as ``inputs``.
-    """
+    """Element-wise sigmoid focal loss as torchvision's, unreduced; ``alpha < 0`` disables alpha."""
     prob = torch.sigmoid(inputs)
     ce_loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
@@ -72,24 +50,10 @@ def check_match_arrays(
     num_gts: Sequence[int],
     num_copies: int = 1,
 ) -> MatchArrays:
-    """Validates per-image matches given as arrays and returns them as int64 numpy pairs.
+    """Validates per-image ``(query_idx, target_idx)`` matches; returns them as int64 numpy pairs.
 
-    Args:
-        matches: One ``(query_idx, target_idx)`` pair of 1-D integer arrays per image.
-        name: What the matches are, for the error messages.
-        num_queries: Queries per image; every query index must lie in ``[0, num_queries)``.
-        num_gts: Targets per image; every target index of image ``i`` must lie in
-            ``[0, num_gts[i])``.
-        num_copies: How often each target is matched (``dn_num_group`` for the denoising
-            queries): image ``i`` needs ``min(num_queries, num_gts[i] * num_copies)`` pairs,
-            as many as the matcher (1 copy) or ``dn_meta`` produce.
-
-    Returns:
-        The matches as :data:`MatchArrays`.
-
-    Raises:
-        ValueError: On a wrong number of images, a malformed pair, a wrong length or an
-            index out of range.
+    Image ``i`` needs ``min(num_queries, num_gts[i] * num_copies)`` pairs of in-range indices
+    (``num_copies``: ``dn_num_group`` for the denoising matches, else 1); ValueError otherwise.
     """
     if len(matches) != len(num_gts):
         raise ValueError(f"{name} holds {len(matches)} images, the batch has {len(num_gts)}")
@@ -123,12 +87,12 @@ def _match_array(index: torch.Tensor) -> np.ndarray:
 
 
 def _is_dist_initialized() -> bool:
-    """Whether torch.distributed is available and a process group is initialised."""
+    """Whether torch.distributed is available and initialised."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _get_world_size() -> int:
-    """Number of distributed processes, 1 without an initialised process group."""
+    """Number of distributed processes, 1 when not distributed."""
     if _is_dist_initialized():
         return torch.distributed.get_world_size()
     return 1
@@ -137,25 +101,9 @@ def _get_world_size() -> int:
 class SetCriterion(nn.Module):
     """Computes the RT-DETR training losses from model outputs and targets.
 
-    Args:
-        matcher: A :class:`~torch_ref.matcher.HungarianMatcher` (any callable with its interface).
-        weight_dict: Loss name (e.g. ``loss_vfl``) to weight; unlisted losses are dropped.
-        losses: Names of the loss functions to apply, from ``labels``, ``bce``, ``focal``,
-            ``vfl`` and ``boxes``.
-        alpha: Alpha of the focal and varifocal losses.
-        gamma: Gamma of the focal and varifocal losses.
-        eos_coef: Cross-entropy weight of the no-object class (``labels`` loss only).
-        num_classes: Number of object classes, without the no-object class.
-
-    Attributes:
-        last_indices: Every matching decision of the last forward (read-only, see
-            :attr:`last_indices`).
-        forced_indices: None, or a dict with some of those keys whose :data:`MatchArrays`
-            are used instead of the matcher's (or ``dn_meta``'s) matches for that entry; checked
-            against the outputs and targets at every forward.
-
-    Raises:
-        ValueError: When ``losses`` names an unsupported loss.
+    ``losses`` come from ``SUPPORTED_LOSSES``; ``eos_coef`` weighs the no-object class of ``labels``;
+    ``alpha`` and ``gamma`` belong to the focal and varifocal losses. ``forced_indices`` is None or maps
+    decision keys (see ``last_indices``) to :data:`MatchArrays` used instead of the computed matches.
     """
 
     def __init__(
@@ -188,13 +136,10 @@ class SetCriterion(nn.Module):
 
     @property
     def last_indices(self) -> Dict[str, MatchArrays]:
-        """Every matching decision of the last forward, in the order it was made.
+        """Every matching decision of the last forward as :data:`MatchArrays`, in order.
 
-        Keyed by where it was made: ``final`` (the last decoder layer), ``aux_{i}``
-        (``aux_outputs[i]``: the other decoder layers, then the encoder top-k prediction; the
-        same suffix as their losses) and ``dn`` (the denoising queries, from ``dn_meta``). The
-        forward keeps the matches it used; they become :data:`MatchArrays` only when read, so
-        a training step never waits for them.
+        Keys: ``final``, ``aux_{i}`` (``aux_outputs[i]``, the suffix of its losses) and ``dn``.
+        Converted only when read, so a training step never waits for them.
         """
         return OrderedDict(
             (key, [(_match_array(src), _match_array(tgt)) for src, tgt in indices])
@@ -202,16 +147,7 @@ class SetCriterion(nn.Module):
         )
 
     def _check_logits(self, src_logits: torch.Tensor, expected_classes: int, loss_name: str) -> None:
-        """Raises ValueError unless ``src_logits`` is ``[bs, num_queries, expected_classes]``.
-
-        Args:
-            src_logits: Predicted logits.
-            expected_classes: Required size of the last dimension.
-            loss_name: Loss name for the error message.
-
-        Raises:
-            ValueError: On a shape mismatch.
-        """
+        """Raises ValueError unless ``src_logits`` is ``[bs, num_queries, expected_classes]``."""
         if src_logits.dim() != 3 or src_logits.shape[-1] != expected_classes:
             raise ValueError(
                 f"'{loss_name}' loss needs pred_logits of shape [bs, num_queries, {expected_classes}] "
@@ -224,17 +160,10 @@ class SetCriterion(nn.Module):
         targets: Sequence[Dict[str, torch.Tensor]],
         indices: Indices,
     ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Builds the per-query class targets, ``num_classes`` (no object) where unmatched.
+        """Class targets per query, ``num_classes`` (no object) where unmatched.
 
-        Args:
-            src_logits: Logits ``[bs, num_queries, C]``.
-            targets: Per-image target dicts.
-            indices: Per-image ``(query_idx, target_idx)`` matches.
-
-        Returns:
-            ``(idx, target_classes_o, target_classes)``: the (batch, query) index pair of the
-            matched queries, their labels ``[num_matched]`` and the full map
-            ``[bs, num_queries]``.
+        Returns ``(idx, target_classes_o, target_classes)``: the (batch, query) index pair of the matched
+        queries, their labels and the ``[bs, num_queries]`` class map.
         """
         check_targets(targets, src_logits.shape[0], self.num_classes)
         idx = self._get_src_permutation_idx(indices)
@@ -253,18 +182,7 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         log: bool = True,
     ) -> Dict[str, torch.Tensor]:
-        """Softmax cross-entropy over ``num_classes + 1`` classes, no-object weighted by ``eos_coef``.
-
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, num_classes + 1]``.
-            targets: Per-image target dicts.
-            indices: Per-image matches.
-            num_boxes: Normaliser (unused by this loss, kept for a common signature).
-            log: Whether to add ``class_error`` (top-1 error in percent on matched queries).
-
-        Returns:
-            ``{'loss_ce': ...}`` plus ``class_error`` when ``log``.
-        """
+        """Softmax cross-entropy over ``num_classes + 1`` classes; ``log`` adds ``class_error``."""
         src_logits = outputs["pred_logits"]
         self._check_logits(src_logits, self.num_classes + 1, "labels")
         idx, target_classes_o, target_classes = self._get_target_classes(src_logits, targets, indices)
@@ -283,18 +201,7 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         log: bool = True,
     ) -> Dict[str, torch.Tensor]:
-        """Per-class binary cross-entropy against one-hot targets.
-
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, num_classes]``.
-            targets: Per-image target dicts.
-            indices: Per-image matches.
-            num_boxes: Normaliser.
-            log: Unused, kept for a common signature.
-
-        Returns:
-            ``{'loss_bce': ...}``.
-        """
+        """Per-class binary cross-entropy against one-hot targets."""
         src_logits = outputs["pred_logits"]
         self._check_logits(src_logits, self.num_classes, "bce")
         _, _, target_classes = self._get_target_classes(src_logits, targets, indices)
@@ -312,18 +219,7 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         log: bool = True,
     ) -> Dict[str, torch.Tensor]:
-        """Sigmoid focal loss against one-hot targets.
-
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, num_classes]``.
-            targets: Per-image target dicts.
-            indices: Per-image matches.
-            num_boxes: Normaliser.
-            log: Unused, kept for a common signature.
-
-        Returns:
-            ``{'loss_focal': ...}``.
-        """
+        """Sigmoid focal loss against one-hot targets."""
         src_logits = outputs["pred_logits"]
         self._check_logits(src_logits, self.num_classes, "focal")
         _, _, target_classes = self._get_target_classes(src_logits, targets, indices)
@@ -341,23 +237,9 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         log: bool = True,
     ) -> Dict[str, torch.Tensor]:
-        """Varifocal loss: BCE towards the (detached) IoU of each matched box for its class.
+        """Varifocal loss: BCE towards the detached IoU of each matched box on its class.
 
-        Target score is the IoU of the matched prediction/target pair on the target class, 0
-        elsewhere; the weight is ``alpha * p**gamma * (1 - t) + target_score`` with the
-        predicted probability ``p`` detached. With no matched pairs the IoU part is empty and
-        only the negative term remains (finite).
-
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, num_classes]`` and
-                ``pred_boxes`` ``[bs, num_queries, 4]``.
-            targets: Per-image target dicts.
-            indices: Per-image matches.
-            num_boxes: Normaliser.
-            log: Unused, kept for a common signature.
-
-        Returns:
-            ``{'loss_vfl': ...}``.
+        Weighted by ``alpha * p**gamma * (1 - t) + target_score`` with ``p`` detached.
         """
         src_logits = outputs["pred_logits"]
         self._check_logits(src_logits, self.num_classes, "vfl")
@@ -382,18 +264,7 @@ class SetCriterion(nn.Module):
         return {"loss_vfl": loss}
 
     def l1_distance(self, src_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
-        """Element-wise ``|src - target|`` of the matched boxes (the L1 box loss before its sum).
-
-        A method of its own so that a parity harness can replace it on an instance (its
-        gradient ``sign(src - target)`` is a decision at ties).
-
-        Args:
-            src_boxes: ``[num_matched, 4]`` predicted boxes.
-            target_boxes: ``[num_matched, 4]`` matched target boxes.
-
-        Returns:
-            ``[num_matched, 4]``.
-        """
+        """Element-wise ``|src - target|``; a method so a harness can replace its gradient at ties."""
         return F.l1_loss(src_boxes, target_boxes, reduction="none")
 
     def loss_boxes(
@@ -404,18 +275,7 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         log: bool = True,
     ) -> Dict[str, torch.Tensor]:
-        """L1 and GIoU losses of the matched boxes (normalised ``cxcywh``), summed over ``num_boxes``.
-
-        Args:
-            outputs: Dict with ``pred_boxes`` ``[bs, num_queries, 4]``.
-            targets: Per-image target dicts with ``boxes`` ``[n_i, 4]``.
-            indices: Per-image matches.
-            num_boxes: Normaliser.
-            log: Unused, kept for a common signature.
-
-        Returns:
-            ``{'loss_bbox': ..., 'loss_giou': ...}``.
-        """
+        """L1 and GIoU losses of the matched ``cxcywh`` boxes, summed over ``num_boxes``."""
         pred_boxes = outputs["pred_boxes"]
         check_targets(targets, pred_boxes.shape[0], self.num_classes)
         idx = self._get_src_permutation_idx(indices)
@@ -431,14 +291,7 @@ class SetCriterion(nn.Module):
         }
 
     def _get_src_permutation_idx(self, indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Flattens per-image matches into a (batch index, query index) pair for advanced indexing.
-
-        Args:
-            indices: Per-image ``(query_idx, target_idx)`` matches.
-
-        Returns:
-            ``(batch_idx, src_idx)``, both ``[num_matched]`` int64.
-        """
+        """Per-image matches as one ``(batch_idx, query_idx)`` pair for indexing."""
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])  # [num_matched]
         src_idx = torch.cat([src for (src, _) in indices])  # [num_matched]
         return batch_idx, src_idx
@@ -452,22 +305,7 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         **kwargs,
     ) -> Dict[str, torch.Tensor]:
-        """Dispatches to the loss function called ``loss``.
-
-        Args:
-            loss: One of ``labels``, ``bce``, ``focal``, ``vfl``, ``boxes``.
-            outputs: Model outputs for one decoder layer.
-            targets: Per-image target dicts.
-            indices: Per-image matches.
-            num_boxes: Normaliser.
-            **kwargs: Passed to the loss function (``log``).
-
-        Returns:
-            The unweighted loss dict of that function.
-
-        Raises:
-            ValueError: When ``loss`` is not a supported loss name.
-        """
+        """Unweighted losses of the loss function named ``loss``."""
         loss_map: Dict[str, Callable[..., Dict[str, torch.Tensor]]] = {
             "labels": self.loss_labels,
             "bce": self.loss_labels_bce,
@@ -480,15 +318,7 @@ class SetCriterion(nn.Module):
         return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
 
     def _weighted(self, l_dict: Dict[str, torch.Tensor], suffix: str) -> Dict[str, torch.Tensor]:
-        """Multiplies each loss by its weight, drops unweighted ones and appends ``suffix`` to the keys.
-
-        Args:
-            l_dict: Unweighted losses.
-            suffix: Key suffix (``''``, ``'_aux_{i}'`` or ``'_dn_{i}'``).
-
-        Returns:
-            The weighted losses.
-        """
+        """Weights the losses, drops unweighted ones and appends ``suffix`` to the keys."""
         return {k + suffix: l_dict[k] * self.weight_dict[k] for k in l_dict if k in self.weight_dict}
 
     def forward(
@@ -496,22 +326,12 @@ class SetCriterion(nn.Module):
         outputs: Dict[str, object],
         targets: Sequence[Dict[str, torch.Tensor]],
     ) -> Dict[str, torch.Tensor]:
-        """Computes all weighted losses.
+        """Computes all weighted losses: ``loss_*``, ``loss_*_aux_{i}`` and ``loss_*_dn_{i}``.
 
         Args:
-            outputs: Dict with ``pred_logits`` and ``pred_boxes`` of the last decoder layer and
-                optionally ``aux_outputs`` (list of such dicts), ``dn_aux_outputs`` (list of
-                such dicts for the denoising queries) together with ``dn_meta`` (dict with
-                ``dn_positive_idx``: per-image int64 tensors, and ``dn_num_group``: int).
-            targets: ``bs`` dicts with ``labels`` ``[n_i]`` and ``boxes`` ``[n_i, 4]``
-                (normalised ``cxcywh``).
-
-        Returns:
-            Dict of weighted scalar losses: ``loss_*``, ``loss_*_aux_{i}``, ``loss_*_dn_{i}``.
-
-        Raises:
-            ValueError: When ``dn_aux_outputs`` comes without ``dn_meta``, on malformed inputs,
-                or on ``forced_indices`` that do not fit them.
+            outputs: ``pred_logits`` and ``pred_boxes`` of the last decoder layer, optionally
+                ``aux_outputs`` and ``dn_aux_outputs`` (lists of such dicts), the latter with ``dn_meta``.
+            targets: Per image, ``labels`` ``[n_i]`` and ``boxes`` ``[n_i, 4]`` (normalised ``cxcywh``).
         """
         self._check_forced_keys(outputs)
         self._last_matches = OrderedDict()
@@ -567,26 +387,14 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def decision_keys(outputs: Dict[str, object]) -> List[str]:
-        """The keys of the matching decisions a forward on ``outputs`` makes, in order.
-
-        Args:
-            outputs: Model outputs as passed to :meth:`forward`.
-
-        Returns:
-            ``['final', 'aux_0', ..., 'dn']``: ``aux_{i}`` per ``aux_outputs`` entry, ``dn``
-            when there are ``dn_aux_outputs``.
-        """
+        """Keys of the matching decisions a forward on ``outputs`` makes, in order."""
         keys = ["final"] + [f"aux_{i}" for i in range(len(outputs.get("aux_outputs", [])))]
         if "dn_aux_outputs" in outputs:
             keys.append("dn")
         return keys
 
     def _check_forced_keys(self, outputs: Dict[str, object]) -> None:
-        """Raises ValueError when ``forced_indices`` names a decision this forward does not make.
-
-        Args:
-            outputs: Model outputs as passed to :meth:`forward`.
-        """
+        """Raises ValueError when ``forced_indices`` names a decision this forward lacks."""
         if self.forced_indices is None:
             return
         keys = self.decision_keys(outputs)
@@ -604,23 +412,7 @@ class SetCriterion(nn.Module):
         decide: Callable[[], Indices],
         num_copies: int = 1,
     ) -> Indices:
-        """One matching decision: the forced matches of ``key`` if set, else ``decide()``; recorded.
-
-        Args:
-            key: Name of the decision (see ``last_indices``).
-            layer_outputs: The outputs matched (for the number of queries).
-            targets: Per-image target dicts.
-            decide: Gives the matches when none are forced.
-            num_copies: How often each target is matched: 1 for the Hungarian matches
-                (``min(num_queries, n_i)`` pairs per image), ``dn_num_group`` for the denoising
-                ones (``n_i * dn_num_group`` pairs).
-
-        Returns:
-            Per-image ``(query_idx, target_idx)`` int64 tensors.
-
-        Raises:
-            ValueError: When the forced matches of ``key`` do not fit the outputs and targets.
-        """
+        """One recorded matching decision: the checked forced matches of ``key``, else ``decide()``."""
         if self.forced_indices is not None and key in self.forced_indices:
             arrays = check_match_arrays(
                 self.forced_indices[key],
@@ -640,20 +432,10 @@ class SetCriterion(nn.Module):
         dn_meta: Dict[str, object],
         targets: Sequence[Dict[str, torch.Tensor]],
     ) -> Indices:
-        """Matches of the denoising queries: positive query ``k`` of group ``g`` ↔ target ``k``.
+        """Matches of the denoising queries: positive query ``k`` of each group ↔ target ``k``.
 
-        Args:
-            dn_meta: Dict with ``dn_positive_idx`` (per image, int64 tensor of the positive
-                denoising query indices, ``n_i * dn_num_group`` long) and ``dn_num_group``.
-            targets: Per-image target dicts.
-
-        Returns:
-            Per-image ``(dn_query_idx, target_idx)`` with ``target_idx = arange(n_i)`` tiled
-            ``dn_num_group`` times; empty int64 tensors for images without targets.
-
-        Raises:
-            ValueError: On missing keys, an empty batch, or a positive index list whose length is
-                not ``n_i * dn_num_group``.
+        ``dn_meta`` holds ``dn_num_group`` and ``dn_positive_idx`` (per image, ``n_i * dn_num_group``
+        query indices); ValueError when they do not fit ``targets``.
         """
         if "dn_positive_idx" not in dn_meta or "dn_num_group" not in dn_meta:
             raise ValueError(f"dn_meta must hold 'dn_positive_idx' and 'dn_num_group', got keys {sorted(dn_meta)}")
@@ -684,15 +466,7 @@ class SetCriterion(nn.Module):
 
 @torch.no_grad()
 def _top1_accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Top-1 accuracy in percent, 0 for an empty target (official ``accuracy`` with ``topk=(1,)``).
-
-    Args:
-        output: Logits ``[n, C]``.
-        target: Labels ``[n]``.
-
-    Returns:
-        Scalar tensor.
-    """
+    """Top-1 accuracy in percent, 0 without targets (official ``accuracy``, ``topk=(1,)``)."""
     if target.numel() == 0:
         return torch.zeros([], device=output.device)
     _, pred = output.topk(1, 1, True, True)  # [n, 1]
