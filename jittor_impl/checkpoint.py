@@ -1,14 +1,9 @@
 """Strict loading and saving of RT-DETR weights on the Jittor side.
 
 Differences from torch_ref/checkpoint.py:
-- Jittor cannot read a ``.pth`` without PyTorch. It reads its own checkpoints (``.pkl``, what
-  ``jittor.save`` writes, unpickled numpy-only so a file cannot run code) and the neutral
-  ``.safetensors`` / ``.npz`` files; ``rtdetr-parity convert`` turns a ``.pth`` into either.
-- Jittor has no 0-dim Vars: a state_dict scalar (only ``num_batches_tracked`` in RT-DETR)
-  lives in a Var of shape [1]. :func:`state_dict_specs` and the loaders translate, so the
-  checked and saved layout is exactly the official one (shape ``()``, int64).
-- Values are written into the existing Vars with ``Var.update``; nothing is replaced, so
-  optimizers and EMA copies holding the Vars keep seeing them.
+- Jittor reads no ``.pth`` (that needs PyTorch) but its ``.pkl`` (numpy-only unpickling) and neutral ``.safetensors`` / ``.npz``; ``rtdetr-parity convert`` makes them.
+- Jittor has no 0-dim Vars: ``num_batches_tracked`` lives in a shape [1] Var; :func:`state_dict_specs` and the loaders translate to the official ``()`` int64.
+- Values are written into the existing Vars with ``Var.update`` (nothing replaced), so optimizers and EMA copies holding them keep seeing them.
 """
 
 from __future__ import annotations
@@ -55,11 +50,7 @@ def model_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def read_weightset(path: str | Path) -> WeightSet:
-    """Reads a Jittor ``.pkl`` or a neutral ``.safetensors`` / ``.npz`` weight file.
-
-    Raises:
-        ValueError: For a ``.pth`` (convert it first) or an unknown suffix.
-    """
+    """Reads a Jittor ``.pkl`` or a neutral ``.safetensors`` / ``.npz`` file (ValueError for a ``.pth``)."""
     path = Path(path)
     if path.suffix in JITTOR_SUFFIXES:
         return load_jittor_pickle(path)
@@ -70,21 +61,13 @@ def read_weightset(path: str | Path) -> WeightSet:
 
 
 def read_checkpoint(path: str | Path, prefer: str = "ema") -> tuple[dict, str]:
-    """Reads the model weights (``ema`` preferred, as officially) from a weight file.
-
-    Returns:
-        ``(state_dict, entry)`` with numpy values; entry is ``"ema"`` or ``"model"``.
-    """
+    """Reads ``(state_dict, entry)`` from a weight file: numpy arrays and ``"ema"`` (preferred) or ``"model"``."""
     return read_weightset(path).preferred(prefer)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, np.ndarray],
                            source: str) -> None:
-    """Loads after checking keys, shapes and dtypes; on any mismatch nothing is loaded.
-
-    Raises:
-        StateDictMismatchError: Listing missing, unexpected and mismatched entries and the source.
-    """
+    """Loads after checking keys, shapes and dtypes; on a mismatch nothing is loaded (StateDictMismatchError)."""
     own = model.state_dict()
     check_state_dict(state_dict_specs(own), state_dict_specs(state_dict), source)
     for key, var in own.items():
@@ -94,11 +77,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, np.ndarray
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, prefer: str = "ema") -> str:
-    """Reads a weight file and loads it strictly into ``model``.
-
-    Returns:
-        The entry that was loaded (``"ema"`` or ``"model"``).
-    """
+    """Reads a weight file, loads it strictly into ``model`` and returns the entry loaded."""
     state_dict, entry = read_checkpoint(path, prefer)
     load_state_dict_strict(model, state_dict, f"{path} [{entry}]")
     return entry

@@ -1,26 +1,11 @@
 """One optimisation step, the unit that trainers and the parity harness repeat.
 
 Differences from torch_ref/engine.py:
-- ``optimizer.backward(loss)`` computes the gradients (Jittor has no ``loss.backward()``) and
-  :func:`clip_grad_norm` clips them with torch's rule (``max_norm / (norm + 1e-6)``, capped
-  at 1, over the norm of all gradients together) before ``optimizer.step()``. Jittor's own
-  ``Optimizer.clip_grad_norm`` has the same rule but takes the norm of all gradients
-  concatenated with one running float32 sum: over the ~2e7 gradient elements of r18vd the
-  sum loses ~2% (measured 4.375 against the exact 4.471 on 2e7 normal samples; r18vd at
-  256x256, seeded weights: clip factor 3.5% off torch's, every AdamW moment 3.5% off). Here
-  each gradient's sum of squares accumulates in float64 and the total is exact to fp32.
-- Jittor evaluates lazily. BatchNorm running statistics and ``num_batches_tracked`` are
-  stop-grad Vars updated in the forward pass; the optimizer syncs only the parameters it
-  updates, so without a sync each step's statistics would keep the previous step's graph
-  alive and memory would grow without bound. The step ends with one ``jt.sync`` of the loss
-  terms and the whole model state (the EMA syncs its own).
-- ``torch.optim.AdamW`` skips a parameter whose ``grad`` is None (the loss does not reach it:
-  ``denoising_class_embed`` on a batch without any target) and counts steps per parameter;
-  ``jittor.optim.AdamW`` gets zeros for such a parameter, still decays and moves it, and
-  bias-corrects every parameter with one global count. :class:`AdamW` here restores torch's
-  rule; :func:`gradient_probe` finds the parameters ``jt.grad`` does not reach. Its update
-  is torch's single-tensor arithmetic (the first moment by ``lerp``, where Jittor's
-  ``b1 * m + (1 - b1) * g`` rounds differently) in one OpenMP kernel per parameter.
+- ``optimizer.backward(loss)`` computes the gradients (Jittor has no ``loss.backward()``).
+- :func:`clip_grad_norm` is torch's rule with float64 sums of squares; Jittor's ``Optimizer.clip_grad_norm`` uses one float32 running sum, which drifts on large models.
+- Lazy evaluation: the step ends with one ``jt.sync`` of the losses and model state, else BatchNorm statistics keep each step's graph alive (EMA syncs its own).
+- :class:`AdamW` follows ``torch.optim.AdamW``: a parameter the loss does not reach (:func:`gradient_probe`) is untouched; bias correction counts each parameter's steps.
+- :class:`AdamW` updates with torch's single-tensor arithmetic (first moment by ``lerp``), rounding unlike Jittor's ``b1 * m + (1 - b1) * g``.
 """
 
 from __future__ import annotations
@@ -45,20 +30,9 @@ _PROBES = itertools.count()
 def gradient_probe(targets: list[jt.Var]) -> Iterator[set[int]]:
     """Finds the ``targets`` that the ``jt.grad`` calls made inside the block do not reach.
 
-    PyTorch leaves ``p.grad`` at None for a parameter the loss does not depend on; Jittor has
-    no such marker. ``jt.grad`` (``src/grad.cc``) walks back from the loss through Vars that
-    are not stop-grad; a target it does not reach gets a constant zero (indistinguishable from
-    a computed zero gradient, e.g. an embedding's padding row) and the warning
-    ``grads[i] '<name>' doesn't have gradient`` is logged, once per Var name for the life of
-    the process. So each target is renamed to a name unique to this block, the warnings are
-    captured with ``jt.log_capture_scope`` and the original names are restored on exit.
-
-    Args:
-        targets: The Vars the block's ``jt.grad`` calls differentiate with respect to.
-
-    Yields:
-        A set that, when the block ends, holds the indices (into ``targets``) of the Vars
-        without a gradient.
+    Jittor gives such a target a constant zero gradient and logs its name once per process, so the targets are renamed
+    uniquely for the block, the log is captured and the names are restored on exit. Yields a set that, when the block
+    ends, holds the indices (into ``targets``) of the unreached Vars.
     """
     probe = next(_PROBES)
     old_names = [var.name() for var in targets]
@@ -77,20 +51,10 @@ def gradient_probe(targets: list[jt.Var]) -> Iterator[set[int]]:
 
 
 class AdamW(jt.optim.AdamW):
-    """``jittor.optim.AdamW`` with ``torch.optim.AdamW``'s bookkeeping.
+    """``jittor.optim.AdamW`` with ``torch.optim.AdamW``'s bookkeeping and single-tensor update, a kernel per parameter.
 
-    The update of a parameter is torch's single-tensor formulas (``p *= 1 - lr * wd``, the
-    first moment by ``lerp``, bias-corrected moments, ``eps`` added after the square root) in
-    one OpenMP kernel per parameter on CPU (:func:`~jittor_impl._kernels.adamw_update`;
-    Jittor's own update is several single-threaded kernels). As in torch, a parameter the last
-    ``backward`` did not reach is not touched at all (no decay, no moment update, no count),
-    and each parameter's bias correction uses its own update count.
-
-    Beside Jittor's ``m`` / ``values`` / ``grads``, every group holds:
-        steps: Each parameter's update count (torch's ``state[p]["step"]``).
-        reached: Whether the gradients in ``grads`` reached each parameter (torch:
-            ``p.grad is not None``). As ``grads``, it is replaced by the first ``backward``
-            after a ``zero_grad`` (``step`` ends with one) and accumulated by later ones.
+    Each group also holds ``steps`` (per-parameter update counts, torch's ``state[p]["step"]``) and ``reached`` (torch's
+    ``p.grad is not None``; reset by the first ``backward`` after a ``zero_grad``, accumulated by later ones).
     """
 
     def __init__(self, params: list, lr: float, eps: float = 1e-8,
@@ -152,20 +116,12 @@ class AdamW(jt.optim.AdamW):
 
 
 def clip_grad_norm(optimizer: jt.optim.Optimizer, max_norm: float) -> float:
-    """Scales every gradient by ``min(1, max_norm / (total_norm + 1e-6))`` (torch's rule).
-
-    Args:
-        optimizer: An optimizer after ``backward``; its groups' ``grads`` are scaled in place.
-        max_norm: The largest allowed global L2 norm.
-
-    Returns:
-        The global L2 norm of the gradients before clipping.
-    """
+    """Scales the gradients by ``min(1, max_norm / (norm + 1e-6))`` (torch's rule); returns the L2 norm before."""
     grads = [g for group in optimizer.param_groups
              for p, g in zip(group["params"], group["grads"]) if not p.is_stop_grad()]
-    squares = jt.concat([g.float64().sqr().sum().reshape(1) for g in grads])  # [n_grads]
-    total_norm = squares.sum().sqrt()  # [1]
-    scale = jt.minimum(max_norm / (total_norm + 1e-6), 1.0).float32()  # [1]
+    squares = jt.concat([g.float64().sqr().sum().reshape(1) for g in grads])
+    total_norm = squares.sum().sqrt()
+    scale = jt.minimum(max_norm / (total_norm + 1e-6), 1.0).float32()
     for g in grads:
         g.update(g * scale)
     return float(total_norm.item())
@@ -174,19 +130,10 @@ def clip_grad_norm(optimizer: jt.optim.Optimizer, max_norm: float) -> float:
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: jt.optim.Optimizer,
                images: jt.Var, targets: list[dict], clip_max_norm: float = 0.0,
                ema: ModelEMA | None = None) -> dict[str, float]:
-    """Forward, losses, backward, gradient clipping, optimizer step and EMA update.
+    """Forward, losses, backward, gradient clipping, optimizer step and EMA update (when ``ema`` is given).
 
-    Args:
-        model: RTDETR in training mode.
-        criterion: SetCriterion.
-        optimizer: :class:`AdamW` (or any optimizer over the model's trainable Vars).
-        images: [bs, 3, h, w] in [0, 1].
-        targets: Per-image ``labels`` / ``boxes`` (normalised cxcywh).
-        clip_max_norm: Global gradient norm clip (official 0.1); 0 disables it.
-        ema: Updated after the step when given.
-
-    Returns:
-        Every loss term and their sum (``loss``) as Python floats.
+    ``images`` are ``[bs, 3, h, w]`` in [0, 1]; ``clip_max_norm`` (official 0.1) bounds the global gradient norm, 0
+    disables it. Returns every loss term and their sum (``loss``) as Python floats.
     """
     outputs = model(images, targets)
     losses = criterion(outputs, targets)

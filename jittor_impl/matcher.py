@@ -1,23 +1,14 @@
-"""Hungarian matching between RT-DETR predictions and ground-truth boxes.
+"""Hungarian matching between RT-DETR predictions and ground-truth boxes (the official v1 ``HungarianMatcher``).
 
-Follows the official v1 ``HungarianMatcher``: one cost matrix for the whole batch (class cost,
-L1 box cost and negative GIoU), then an independent linear assignment per image.
+One cost matrix for the whole batch (class cost, L1 box cost and negative GIoU), then a linear assignment per image.
 
 Differences from torch_ref/matcher.py:
-- ``forward`` is ``execute`` (Jittor's ``Module.__call__`` calls ``execute``);
-  ``@torch.no_grad()`` is ``@jt.no_grad()``.
-- ``torch.cdist(p=1)`` is :func:`_l1_cdist`, the same sum of absolute differences written
-  with broadcasting.
-- ``F.sigmoid`` / ``softmax`` / ``torch.cat`` are ``jt.sigmoid`` / ``Var.softmax`` /
-  ``jt.concat``; ``.cpu()`` is not needed (``.numpy()`` fetches the cost matrix), and the
-  per-image split of the cost matrix is ``np.split`` on that array instead of
-  ``Tensor.split``.
-- The matches are int64 Jittor Vars built from scipy's numpy result (``jt.array(...,
-  dtype="int64")``; a plain ``jt.array`` of an int64 array would give int32 because of
-  Jittor's ``auto_convert_64_to_32`` flag), so the criterion indexes with them as the torch
-  criterion indexes with int64 tensors.
-- Label dtype check: Jittor dtypes have ``is_float()`` / ``is_bool()`` instead of
-  ``is_floating_point`` / ``== torch.bool``; ``dim()`` and ``.item()`` as in PyTorch.
+- ``forward`` is ``execute`` (Jittor's ``Module.__call__`` calls ``execute``); ``@torch.no_grad()`` is ``@jt.no_grad()``.
+- ``torch.cdist(p=1)`` is :func:`_l1_cdist`, the same sum of absolute differences written with broadcasting.
+- ``F.sigmoid`` / ``softmax`` / ``torch.cat`` are ``jt.sigmoid`` / ``Var.softmax`` / ``jt.concat``.
+- The cost matrix is fetched by ``.numpy()`` (no ``.cpu()``) and split per image by ``np.split`` (PyTorch: ``Tensor.split``).
+- Matches are int64 Vars by ``jt.array(..., dtype="int64")`` (a plain ``jt.array`` gives int32), so the criterion indexes with int64 as in torch.
+- The label check uses ``dtype.is_float()`` / ``is_bool()`` (PyTorch: ``is_floating_point`` / ``== torch.bool``) and reads min/max with ``.item()``.
 """
 
 from __future__ import annotations
@@ -33,21 +24,10 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 def check_targets(targets: Sequence[Dict[str, jt.Var]], batch_size: int, num_classes: int) -> None:
-    """Validates a list of per-image targets against a batch of predictions.
+    """Validates one target per image: ``labels`` (1-D integer, in ``[0, num_classes)``) and ``boxes`` ``[n, 4]``.
 
-    Each target must hold ``labels`` (1-D integer Var of contiguous class labels in
-    ``[0, num_classes)``) and ``boxes`` (``[n, 4]`` normalised ``cxcywh``) of the same length.
-    COCO category ids (1..90) must be remapped first, e.g. with
-    ``rtdetr_common.coco.CATEGORY_TO_LABEL``.
-
-    Args:
-        targets: One dict per image.
-        batch_size: Number of images in the predictions.
-        num_classes: Number of valid labels.
-
-    Raises:
-        ValueError: On a wrong number of targets, missing keys, wrong shapes or dtypes, or a
-            label outside ``[0, num_classes)``.
+    Labels are contiguous: COCO category ids (1..90) must be remapped first (``rtdetr_common.coco.CATEGORY_TO_LABEL``).
+    Raises ValueError on a wrong count, missing keys, wrong shapes or dtypes, or an out-of-range label.
     """
     if len(targets) != batch_size:
         raise ValueError(f"got {len(targets)} targets for a batch of {batch_size} predictions")
@@ -79,39 +59,17 @@ def check_targets(targets: Sequence[Dict[str, jt.Var]], batch_size: int, num_cla
 
 
 def _l1_cdist(x1: jt.Var, x2: jt.Var) -> jt.Var:
-    """Pairwise L1 distance, the value of ``torch.cdist(x1, x2, p=1)`` for 2-D inputs.
-
-    Args:
-        x1: ``[N, D]`` points.
-        x2: ``[M, D]`` points.
-
-    Returns:
-        ``[N, M]`` matrix of ``sum_d |x1[n, d] - x2[m, d]|``.
-    """
-    return (x1[:, None, :] - x2[None, :, :]).abs().sum(-1)  # [N, M, D] -> [N, M]
+    """Pairwise L1 distance ``[N, M]`` of ``[N, D]`` and ``[M, D]`` points, as ``torch.cdist(x1, x2, p=1)``."""
+    return (x1[:, None, :] - x2[None, :, :]).abs().sum(-1)
 
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of predictions to targets minimising a weighted matching cost.
 
-    Cost per (query, target) pair: ``cost_bbox * L1 + cost_class * class_cost + cost_giou * (-GIoU)``.
-    With ``use_focal_loss`` the class cost is the focal-loss difference ``pos - neg`` on sigmoid
-    probabilities; otherwise it is the negative softmax probability of the target class.
-
-    Args:
-        weight_dict: Dict with keys ``cost_class``, ``cost_bbox`` and ``cost_giou``.
-        use_focal_loss: Whether the logits are per-class sigmoid scores (True) or softmax logits.
-        alpha: Focal cost alpha.
-        gamma: Focal cost gamma.
-
-    Attributes:
-        last_costs: The per-image cost matrices (numpy ``[num_queries, n_i]``, in the dtype of
-            the logits) of the last call, the inputs of its assignments. The parity harness
-            evaluates a differing assignment on them to measure how close the decision was (its
-            cost gap).
-
-    Raises:
-        ValueError: When a weight is missing or all three weights are zero.
+    The cost per (query, target) is ``cost_bbox * L1 + cost_class * class_cost + cost_giou * (-GIoU)``; the class
+    cost is the focal difference ``pos - neg`` on sigmoid probabilities with ``use_focal_loss``, else the negative
+    softmax probability of the target class. ValueError if a weight is missing or all three are zero.
+    ``last_costs`` keeps the last call's per-image cost matrices (numpy ``[num_queries, n_i]``) for the parity harness.
     """
 
     def __init__(
@@ -143,22 +101,9 @@ class HungarianMatcher(nn.Module):
         outputs: Dict[str, jt.Var],
         targets: Sequence[Dict[str, jt.Var]],
     ) -> List[Tuple[jt.Var, jt.Var]]:
-        """Matches the predictions of a batch to its targets.
+        """Matches ``pred_logits`` ``[bs, nq, C]`` and ``pred_boxes`` ``[bs, nq, 4]`` (cxcywh) to the targets.
 
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, num_classes]`` and
-                ``pred_boxes`` ``[bs, num_queries, 4]`` (normalised ``cxcywh``). Other keys are
-                ignored.
-            targets: ``bs`` dicts with ``labels`` ``[n_i]`` (contiguous labels in
-                ``[0, num_classes)``, where ``num_classes`` is the last dim of ``pred_logits``)
-                and ``boxes`` ``[n_i, 4]`` (normalised ``cxcywh``).
-
-        Returns:
-            ``bs`` tuples ``(query_idx, target_idx)`` of int64 Vars of length
-            ``min(num_queries, n_i)``; ``query_idx`` is sorted ascending.
-
-        Raises:
-            ValueError: On malformed outputs or targets (see :func:`check_targets`).
+        Returns ``bs`` pairs ``(query_idx, target_idx)`` of int64 indices, ``min(nq, n_i)`` long, query_idx ascending.
         """
         if "pred_logits" not in outputs or "pred_boxes" not in outputs:
             raise ValueError(f"outputs must hold 'pred_logits' and 'pred_boxes', got keys {sorted(outputs)}")
@@ -179,10 +124,10 @@ class HungarianMatcher(nn.Module):
             out_prob = jt.sigmoid(flat_logits)
         else:
             out_prob = flat_logits.softmax(-1)
-        out_bbox = pred_boxes.flatten(0, 1)  # [bs*num_queries, 4]
+        out_bbox = pred_boxes.flatten(0, 1)
 
-        tgt_ids = jt.concat([t["labels"] for t in targets])  # [total_targets]
-        tgt_bbox = jt.concat([t["boxes"] for t in targets])  # [total_targets, 4]
+        tgt_ids = jt.concat([t["labels"] for t in targets])
+        tgt_bbox = jt.concat([t["boxes"] for t in targets])
         num_targets = tgt_ids.shape[0]
 
         if self.use_focal_loss:
@@ -191,7 +136,7 @@ class HungarianMatcher(nn.Module):
             pos_cost_class = self.alpha * ((1 - out_prob) ** self.gamma) * (-(out_prob + 1e-8).log())
             cost_class = pos_cost_class - neg_cost_class
         else:
-            cost_class = -out_prob[:, tgt_ids]  # [bs*num_queries, total_targets]
+            cost_class = -out_prob[:, tgt_ids]
 
         cost_bbox = _l1_cdist(out_bbox, tgt_bbox)  # [bs*num_queries, total_targets]
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
@@ -205,7 +150,7 @@ class HungarianMatcher(nn.Module):
         ]
         indices = []
         for image_cost in self.last_costs:
-            query_idx, target_idx = linear_sum_assignment(image_cost)  # cost [num_queries, n_i]
+            query_idx, target_idx = linear_sum_assignment(image_cost)
             indices.append(
                 (jt.array(query_idx, dtype="int64"), jt.array(target_idx, dtype="int64"))
             )

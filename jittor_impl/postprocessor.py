@@ -1,19 +1,13 @@
 """RT-DETR post-processing: decoder outputs to per-image labelled boxes in pixels.
 
-IMPORTANT: ``orig_target_sizes`` is ``[bs, 2]`` ordered **(width, height)**, as in the official
-code (the COCO dataset stores ``orig_size`` as ``[w, h]``). Passing (height, width) silently
-swaps the x and y scaling of every box on non-square images.
+``orig_target_sizes`` rows are **(width, height)**, as in the official code (COCO's ``orig_size``); passing
+(height, width) silently swaps the x and y scaling of every box on non-square images.
 
 Differences from torch_ref/postprocessor.py:
 - ``forward`` is ``execute`` (Jittor's ``Module.__call__`` calls ``execute``).
-- ``torch.topk`` is ``jt.topk``, a full descending argsort followed by a slice: the same
-  values, but among exactly tied scores the order (and so which of them is kept at the cut)
-  may differ from PyTorch's. Its int32 indices are cast to int64, so ``labels`` are int64
-  as in PyTorch.
-- ``scores.max(dim=-1)`` is ``jt.argmax`` (which returns ``(indices, values)``; the int32
-  indices are cast to int64);
-  ``F.sigmoid`` / ``F.softmax`` / ``gather`` are ``jt.sigmoid`` / ``nn.softmax`` /
-  ``jt.gather``.
+- ``torch.topk`` is ``jt.topk``, a full descending argsort then a slice: same values, but exactly tied scores may come in another order (so differ at the cut).
+- ``scores.max(dim=-1)`` is ``jt.argmax`` (returning ``(indices, values)``); its and ``jt.topk``'s int32 indices are cast to int64, as PyTorch's.
+- ``F.sigmoid`` / ``F.softmax`` / ``gather`` are ``jt.sigmoid`` / ``nn.softmax`` / ``jt.gather``.
 - The COCO lookup table is an int64 Var built without a ``device`` argument.
 """
 
@@ -30,36 +24,13 @@ from .box_ops import box_cxcywh_to_xyxy
 
 
 class RTDETRPostProcessor(nn.Module):
-    """Selects the top-scoring detections and scales their boxes to the original image size.
+    """Keeps the top-scoring detections and scales their boxes to the original image size.
 
-    Focal mode (``use_focal_loss=True``, the RT-DETR default): sigmoid scores, top
-    ``num_top_queries`` over all (query, class) pairs, so one query may appear with several
-    classes. Softmax mode: softmax over ``num_classes + 1`` logits with the last (no-object)
-    column dropped, best class per query, then the top ``num_top_queries`` queries when there
-    are more queries than that.
-
-    Deviations from the official code, both in the softmax mode only:
-
-    * The official code calls ``F.softmax(logits)`` without ``dim``; for a 3-D tensor PyTorch's
-      implicit choice is ``dim=0`` (the batch), which is a bug. Here the softmax is over classes.
-    * The official code gathers the top-k boxes from the unscaled ``cxcywh`` ``pred_boxes``
-      instead of the scaled ``xyxy`` boxes, so its softmax-mode boxes are in the wrong format
-      and scale whenever ``num_queries > num_top_queries``. Here they are gathered from the
-      scaled ``xyxy`` boxes, as in focal mode.
-
-    Args:
-        num_classes: Number of object classes.
-        use_focal_loss: Focal (sigmoid) or softmax scoring, see above.
-        num_top_queries: Number of detections kept per image.
-        remap_mscoco_category: Map labels 0..79 to COCO category ids
-            (``rtdetr_common.coco.LABEL_TO_CATEGORY``); requires ``num_classes == 80``.
-
-    Attributes:
-        deploy_mode: When True, ``forward`` returns the tuple ``(labels, boxes, scores)`` of
-            batched tensors (without category remapping) instead of a list of dicts.
-
-    Raises:
-        ValueError: When ``remap_mscoco_category`` is set with ``num_classes != 80``.
+    Focal mode (the default): top ``num_top_queries`` over all sigmoid (query, class) scores, so a query may appear
+    with several classes. Softmax mode: best class per query (no-object column dropped), then the top
+    ``num_top_queries`` queries. Two softmax-mode bugs of the official code are fixed: the softmax is over classes
+    (not the batch), and the kept boxes are the scaled ``xyxy`` ones. ``remap_mscoco_category`` maps labels to COCO
+    category ids (needs ``num_classes == 80``); in ``deploy_mode`` the output is a tuple, see :meth:`deploy`.
     """
 
     def __init__(
@@ -92,21 +63,9 @@ class RTDETRPostProcessor(nn.Module):
         outputs: Dict[str, jt.Var],
         orig_target_sizes: jt.Var,
     ) -> Union[List[Dict[str, jt.Var]], Tuple[jt.Var, jt.Var, jt.Var]]:
-        """Turns decoder outputs into detections.
+        """Detections of a batch; ``orig_target_sizes`` is ``[bs, 2]`` as **(width, height)**.
 
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, C]`` (``C = num_classes`` in
-                focal mode, ``num_classes + 1`` in softmax mode) and ``pred_boxes``
-                ``[bs, num_queries, 4]`` (normalised ``cxcywh``).
-            orig_target_sizes: ``[bs, 2]`` original image sizes as **(width, height)**.
-
-        Returns:
-            A list of ``bs`` dicts with ``labels`` ``[k]``, ``boxes`` ``[k, 4]`` (``xyxy`` in
-            pixels) and ``scores`` ``[k]``; or, in ``deploy_mode``, the tuple
-            ``(labels [bs, k], boxes [bs, k, 4], scores [bs, k])``.
-
-        Raises:
-            ValueError: On missing keys or mismatched shapes.
+        Returns ``bs`` dicts of ``labels`` ``[k]``, ``boxes`` ``[k, 4]`` (``xyxy`` in pixels) and ``scores`` ``[k]``.
         """
         if "pred_logits" not in outputs or "pred_boxes" not in outputs:
             raise ValueError(f"outputs must hold 'pred_logits' and 'pred_boxes', got keys {sorted(outputs)}")
@@ -130,7 +89,7 @@ class RTDETRPostProcessor(nn.Module):
             )
 
         scale = orig_target_sizes.repeat(1, 2).unsqueeze(1)  # [bs, 1, 4] as (w, h, w, h)
-        bbox_pred = box_cxcywh_to_xyxy(boxes) * scale  # [bs, num_queries, 4]
+        bbox_pred = box_cxcywh_to_xyxy(boxes) * scale
 
         if self.use_focal_loss:
             if self.num_top_queries > num_queries * self.num_classes:
@@ -141,18 +100,18 @@ class RTDETRPostProcessor(nn.Module):
             scores = jt.sigmoid(logits)
             scores, index = jt.topk(scores.flatten(1), self.num_top_queries, dim=-1)  # [bs, k] over nq*C
             index = index.int64()
-            labels = index % self.num_classes  # [bs, k]
-            query_index = index // self.num_classes  # [bs, k]
-            boxes = jt.gather(bbox_pred, 1, query_index.unsqueeze(-1).repeat(1, 1, 4))  # [bs, k, 4]
+            labels = index % self.num_classes
+            query_index = index // self.num_classes
+            boxes = jt.gather(bbox_pred, 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
         else:
             scores = nn.softmax(logits, dim=-1)[:, :, :-1]  # [bs, nq, num_classes]
-            labels, scores = jt.argmax(scores, dim=-1)  # [bs, nq]
+            labels, scores = jt.argmax(scores, dim=-1)
             labels = labels.int64()
             boxes = bbox_pred
             if scores.shape[1] > self.num_top_queries:
-                scores, index = jt.topk(scores, self.num_top_queries, dim=-1)  # [bs, k]
-                labels = jt.gather(labels, 1, index)  # [bs, k]
-                boxes = jt.gather(bbox_pred, 1, index.unsqueeze(-1).repeat(1, 1, 4))  # [bs, k, 4]
+                scores, index = jt.topk(scores, self.num_top_queries, dim=-1)
+                labels = jt.gather(labels, 1, index)
+                boxes = jt.gather(bbox_pred, 1, index.unsqueeze(-1).repeat(1, 1, 4))
 
         if self.deploy_mode:
             return labels, boxes, scores
@@ -160,8 +119,8 @@ class RTDETRPostProcessor(nn.Module):
         if self.remap_mscoco_category:
             lookup = jt.array(
                 [LABEL_TO_CATEGORY[i] for i in range(self.num_classes)], dtype="int64"
-            )  # [num_classes]
-            labels = lookup[labels]  # [bs, k]
+            )
+            labels = lookup[labels]
 
         results = []
         for lab, box, sco in zip(labels, boxes, scores):
@@ -169,7 +128,7 @@ class RTDETRPostProcessor(nn.Module):
         return results
 
     def deploy(self) -> "RTDETRPostProcessor":
-        """Switches to eval and deploy mode (tuple output) and returns ``self``."""
+        """Switches to eval and deploy mode (batched ``(labels, boxes, scores)``, no remapping); returns ``self``."""
         self.eval()
         self.deploy_mode = True
         return self

@@ -5,29 +5,14 @@ its own way: the builders, seeding, tensors, the step (:func:`jittor_impl.engine
 no-grad, and ``.pkl`` checkpoints.
 
 Differences from torch_ref/trainer.py:
-- Checkpoints are pickles of numpy arrays and plain Python values (``last.pkl``), read back with
-  a numpy-only unpickler (:func:`rtdetr_common.weights.read_numpy_pickle`), so a file
-  cannot run code. Weights are stored in the official layout (0-dim ``num_batches_tracked``).
-- Jittor's optimizers have no usable ``state_dict`` (it pickles the parameter Vars
-  themselves): :func:`optimizer_state` / :func:`load_optimizer_state` save and restore
-  :class:`jittor_impl.engine.AdamW`'s step count ``n_step`` and each group's rate, per-parameter
-  update counts (``steps``) and first/second moments (``m`` / ``values``) by position.
-- Jittor evaluates lazily: after each step the optimizer's moment Vars are synced with the
-  weights, so every step starts from materialised values, as a resumed run does (without the
-  sync a step could fuse the previous step's pending moment update into its own kernels and
-  round differently from the resumed run).
-- ``runtime`` is the neutral no-op: Jittor's CPU kernels have no non-deterministic variants to
-  switch off, and its thread count is fixed when it starts (``OMP_NUM_THREADS``), so
-  ``TrainConfig.threads`` applies to the torch trainer only.
-- The model is seeded with ``jt.set_global_seed`` (torch: ``torch.manual_seed``); a run from
-  scratch therefore starts from other weights than the torch run unless ``init_weights`` is
-  given. Jittor's random initialisers draw when they are evaluated, so ``materialise``
-  evaluates the model right after it is built: its initial weights then do not depend on what
-  is built or loaded after it (optimizer, EMA, backbone weights).
-- Backbone weights in the published ``.pth`` format are converted first
-  (``rtdetr-parity convert FILE.pth FILE.safetensors --variant V --backbone``).
-- Initial weights are read with :func:`jittor_impl.checkpoint.read_weightset` (``.pkl``,
-  ``.safetensors``, ``.npz``); a ``.pth`` must be converted first (``rtdetr-parity convert``).
+- Checkpoints (``last.pkl``) pickle numpy arrays (official layout) and plain values, read back numpy-only by :func:`rtdetr_common.weights.read_numpy_pickle`.
+- Jittor's optimizers have no usable ``state_dict``: :func:`optimizer_state` / :func:`load_optimizer_state` keep AdamW's ``n_step``, rates, ``steps`` and moments.
+- The optimizer's moments are synced after each step, so every step starts from materialised values as a resumed run does (fusion across steps rounds differently).
+- ``runtime`` is a no-op: Jittor's CPU kernels have no non-deterministic variants and its thread count is fixed at start (``TrainConfig.threads`` is torch-only).
+- Seeding is ``jt.set_global_seed``, so a run from scratch starts from other weights than the torch run unless ``init_weights`` is given.
+- ``materialise`` evaluates the model once built (Jittor's initialisers draw when evaluated): its initial weights do not depend on what is built or loaded later.
+- Backbone weights in the published ``.pth`` format are converted first (``rtdetr-parity convert FILE.pth FILE.safetensors --variant V --backbone``).
+- Initial weights are read by :func:`jittor_impl.checkpoint.read_weightset` (``.pkl``, ``.safetensors``, ``.npz``); a ``.pth`` is converted first.
 - Targets' int64 labels are cast with ``.int64()`` (``jt.array`` would make them int32).
 """
 
@@ -81,11 +66,7 @@ def optimizer_state(optimizer: AdamW) -> dict:
 
 
 def load_optimizer_state(optimizer: AdamW, state: dict, source: str) -> None:
-    """Restores :func:`optimizer_state` output into an AdamW over the same parameter groups.
-
-    Raises:
-        ValueError: If the groups or moment shapes differ.
-    """
+    """Restores :func:`optimizer_state` output into an AdamW over the same groups (ValueError if they differ)."""
     groups = state["groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(f"{source}: optimizer state has {len(groups)} parameter groups, the "

@@ -1,8 +1,6 @@
-"""Box utilities of RT-DETR: format conversion, IoU, generalized IoU and inverse sigmoid.
+"""Box utilities of RT-DETR: cxcywh / xyxy conversion, area, (generalized) IoU and inverse sigmoid.
 
-Boxes are either ``cxcywh`` (centre x, centre y, width, height) or ``xyxy`` (left, top,
-right, bottom). The pairwise functions take 2-D ``[N, 4]`` / ``[M, 4]`` tensors in ``xyxy``
-and return ``[N, M]`` matrices, as in the official code (which follows DETR).
+``cxcywh`` boxes are (centre x, centre y, width, height), ``xyxy`` boxes (left, top, right, bottom).
 """
 
 from __future__ import annotations
@@ -13,30 +11,14 @@ import torch
 
 
 def _check_pairwise_boxes(boxes: torch.Tensor, name: str) -> None:
-    """Raises ValueError unless ``boxes`` is a 2-D ``[N, 4]`` tensor.
-
-    Args:
-        boxes: Tensor to check.
-        name: Name used in the error message.
-
-    Raises:
-        ValueError: When the tensor is not shaped ``[N, 4]``.
-    """
+    """Raises ValueError unless ``boxes`` is shaped ``[N, 4]``."""
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"{name} must have shape [N, 4], got {tuple(boxes.shape)}")
 
 
 def _check_xyxy_order(boxes: torch.Tensor, name: str) -> None:
-    """Raises ValueError when any box has ``x1 < x0`` or ``y1 < y0`` (NaN counts as bad).
-
-    Args:
-        boxes: ``[N, 4]`` boxes in ``xyxy``.
-        name: Name used in the error message.
-
-    Raises:
-        ValueError: When a box is inverted or holds NaN.
-    """
-    ordered = (boxes[:, 2:] >= boxes[:, :2]).all(dim=-1)  # [N]
+    """Raises ValueError when any box has ``x1 < x0`` or ``y1 < y0`` (NaN counts as bad)."""
+    ordered = (boxes[:, 2:] >= boxes[:, :2]).all(dim=-1)
     if not bool(ordered.all()):
         num_bad = int((~ordered).sum())
         raise ValueError(
@@ -46,130 +28,66 @@ def _check_xyxy_order(boxes: torch.Tensor, name: str) -> None:
 
 
 def box_cxcywh_to_xyxy(x: torch.Tensor) -> torch.Tensor:
-    """Converts boxes from ``cxcywh`` to ``xyxy``.
-
-    Args:
-        x: Boxes ``[..., 4]`` as (cx, cy, w, h).
-
-    Returns:
-        Boxes ``[..., 4]`` as (x0, y0, x1, y1).
-
-    Raises:
-        ValueError: When the last dimension is not 4.
-    """
+    """Converts ``[..., 4]`` boxes from (cx, cy, w, h) to (x0, y0, x1, y1)."""
     if x.shape[-1] != 4:
         raise ValueError(f"box_cxcywh_to_xyxy expects [..., 4], got {tuple(x.shape)}")
     x_c, y_c, w, h = x.unbind(-1)
     corners = [x_c - 0.5 * w, y_c - 0.5 * h, x_c + 0.5 * w, y_c + 0.5 * h]
-    return torch.stack(corners, dim=-1)  # [..., 4]
+    return torch.stack(corners, dim=-1)
 
 
 def box_xyxy_to_cxcywh(x: torch.Tensor) -> torch.Tensor:
-    """Converts boxes from ``xyxy`` to ``cxcywh``.
-
-    Args:
-        x: Boxes ``[..., 4]`` as (x0, y0, x1, y1).
-
-    Returns:
-        Boxes ``[..., 4]`` as (cx, cy, w, h).
-
-    Raises:
-        ValueError: When the last dimension is not 4.
-    """
+    """Converts ``[..., 4]`` boxes from (x0, y0, x1, y1) to (cx, cy, w, h)."""
     if x.shape[-1] != 4:
         raise ValueError(f"box_xyxy_to_cxcywh expects [..., 4], got {tuple(x.shape)}")
     x0, y0, x1, y1 = x.unbind(-1)
     centre_size = [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
-    return torch.stack(centre_size, dim=-1)  # [..., 4]
+    return torch.stack(centre_size, dim=-1)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    """Area of ``xyxy`` boxes, ``(x1 - x0) * (y1 - y0)``.
-
-    Args:
-        boxes: Boxes ``[..., 4]`` in ``xyxy``.
-
-    Returns:
-        Areas ``[...]``.
-
-    Raises:
-        ValueError: When the last dimension is not 4.
-    """
+    """Areas ``[...]`` of ``[..., 4]`` boxes in ``xyxy``."""
     if boxes.shape[-1] != 4:
         raise ValueError(f"box_area expects [..., 4], got {tuple(boxes.shape)}")
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU of two sets of ``xyxy`` boxes, together with the pairwise union area.
-
-    Args:
-        boxes1: ``[N, 4]`` boxes in ``xyxy``.
-        boxes2: ``[M, 4]`` boxes in ``xyxy``.
-
-    Returns:
-        A tuple ``(iou, union)``, both ``[N, M]``.
-
-    Raises:
-        ValueError: When either input is not shaped ``[K, 4]``.
-    """
+    """Pairwise IoU and union area, both ``[N, M]``, of ``[N, 4]`` and ``[M, 4]`` boxes in ``xyxy``."""
     _check_pairwise_boxes(boxes1, "boxes1")
     _check_pairwise_boxes(boxes2, "boxes2")
-    area1 = box_area(boxes1)  # [N]
-    area2 = box_area(boxes2)  # [M]
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
 
-    top_left = torch.max(boxes1[:, None, :2], boxes2[:, :2])  # [N, M, 2]
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])  # [N, M, 2]
+    top_left = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
 
-    wh = (bottom_right - top_left).clamp(min=0)  # [N, M, 2]
-    inter = wh[:, :, 0] * wh[:, :, 1]  # [N, M]
+    wh = (bottom_right - top_left).clamp(min=0)
+    inter = wh[:, :, 0] * wh[:, :, 1]
 
-    union = area1[:, None] + area2 - inter  # [N, M]
+    union = area1[:, None] + area2 - inter
     iou = inter / union
     return iou, union
 
 
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise generalized IoU (https://giou.stanford.edu/) of two sets of ``xyxy`` boxes.
-
-    Args:
-        boxes1: ``[N, 4]`` boxes in ``xyxy``.
-        boxes2: ``[M, 4]`` boxes in ``xyxy``.
-
-    Returns:
-        ``[N, M]`` matrix of GIoU values in ``[-1, 1]``.
-
-    Raises:
-        ValueError: When an input is not ``[K, 4]``, or a box has ``x1 < x0`` or ``y1 < y0``
-            (the official code asserts the same, since such boxes give inf/NaN).
-    """
+    """Pairwise generalized IoU ``[N, M]`` of ``xyxy`` boxes; inverted boxes raise ValueError (official: assert)."""
     _check_pairwise_boxes(boxes1, "boxes1")
     _check_pairwise_boxes(boxes2, "boxes2")
     _check_xyxy_order(boxes1, "boxes1")
     _check_xyxy_order(boxes2, "boxes2")
-    iou, union = box_iou(boxes1, boxes2)  # [N, M], [N, M]
+    iou, union = box_iou(boxes1, boxes2)
 
-    top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])  # [N, M, 2]
-    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])  # [N, M, 2]
+    top_left = torch.min(boxes1[:, None, :2], boxes2[:, :2])
+    bottom_right = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
 
-    wh = (bottom_right - top_left).clamp(min=0)  # [N, M, 2]
-    enclosing_area = wh[:, :, 0] * wh[:, :, 1]  # [N, M]
+    wh = (bottom_right - top_left).clamp(min=0)
+    enclosing_area = wh[:, :, 0] * wh[:, :, 1]
 
     return iou - (enclosing_area - union) / enclosing_area
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Logit of ``x``, clipped for numerical safety exactly as the official code does.
-
-    ``x`` is first clipped to ``[0, 1]``; numerator and denominator are each clipped to at
-    least ``eps`` before the log.
-
-    Args:
-        x: Tensor of probabilities.
-        eps: Lower bound applied to ``x`` and ``1 - x``.
-
-    Returns:
-        ``log(x / (1 - x))`` with the clipping above, same shape as ``x``.
-    """
+    """Logit of ``x`` clipped to ``[0, 1]``, numerator and denominator floored at ``eps`` (as officially)."""
     x = x.clip(min=0.0, max=1.0)
     return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))

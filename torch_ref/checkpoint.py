@@ -1,13 +1,7 @@
-"""Strict loading of official-format PyTorch checkpoints.
+"""Strict loading of official-format PyTorch checkpoints, read with ``weights_only=True`` (a file cannot run code).
 
-Accepted files (``torch.load`` with ``weights_only=True``, so an untrusted file cannot run code):
-
-- the published COCO checkpoints: ``{'ema': {'module': state_dict}}``;
-- checkpoints of official training: ``model``, ``ema`` (``module``, ``updates``, ``warmups``),
-  ``optimizer``, ``lr_scheduler``, ...;
-- a bare state_dict.
-
-Like the official loaders, ``ema.module`` is preferred and ``model`` is the fallback.
+Accepted: the published ``{'ema': {'module': state_dict}}``, official training checkpoints (``model``, ``ema``,
+``optimizer``, ...) and a bare state_dict. As in the official loaders, ``ema.module`` wins over ``model``.
 """
 
 from __future__ import annotations
@@ -33,52 +27,27 @@ def state_dict_specs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Tensor
 
 
 def read_checkpoint(path: str | Path, prefer: str = "ema") -> tuple[dict, str]:
-    """Reads the model weights from an official-format ``.pth`` file.
-
-    Args:
-        path: Checkpoint file.
-        prefer: Which entry wins when both ``ema`` and ``model`` exist (official: ``ema``).
-
-    Returns:
-        ``(state_dict, entry)``: torch tensors, and ``"ema"`` or ``"model"`` (a bare
-        state_dict counts as ``model``).
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If the file cannot be read safely or holds no state_dict.
-    """
+    """Reads ``(state_dict, entry)`` from a ``.pth``: torch tensors and ``"ema"`` or ``"model"`` (a bare state_dict)."""
     state_dict, entry = read_weightset(path).preferred(prefer)
     return {k: torch.from_numpy(v) for k, v in state_dict.items()}, entry
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                            source: str) -> None:
-    """Loads after checking keys, shapes and dtypes; on any mismatch nothing is loaded.
-
-    Raises:
-        StateDictMismatchError: Listing missing, unexpected and mismatched entries and the source.
-    """
+    """Loads after checking keys, shapes and dtypes; on a mismatch nothing is loaded (StateDictMismatchError)."""
     check_state_dict(state_dict_specs(model.state_dict()), state_dict_specs(state_dict), source)
     model.load_state_dict(state_dict, strict=True)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, prefer: str = "ema") -> str:
-    """Reads an official-format checkpoint and loads it strictly into ``model``.
-
-    Returns:
-        The entry that was loaded (``"ema"`` or ``"model"``).
-    """
+    """Reads an official-format checkpoint, loads it strictly into ``model`` and returns the entry loaded."""
     state_dict, entry = read_checkpoint(path, prefer)
     load_state_dict_strict(model, state_dict, f"{path} [{entry}]")
     return entry
 
 
 def read_weightset(path: str | Path) -> WeightSet:
-    """Reads a ``.pth`` into the framework-neutral :class:`WeightSet` (``model`` and/or ``ema``).
-
-    Entries other than ``model`` and ``ema`` (optimizer, scheduler, ...) are listed in
-    ``WeightSet.dropped``.
-    """
+    """Reads a ``.pth`` into a :class:`WeightSet`; entries besides ``model`` / ``ema`` are listed in ``dropped``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

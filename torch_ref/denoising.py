@@ -1,14 +1,8 @@
 """Contrastive denoising training group of RT-DETR (PyTorch reference).
 
-During training RT-DETR feeds the decoder, in front of its ``num_queries`` matching queries,
-extra "denoising" queries built from noised copies of the ground-truth boxes and labels
-(the contrastive denoising of DINO). Each group holds one positive copy (small box noise)
-and one negative copy (large box noise) of every ground-truth object; the groups and the
-matching queries are kept from seeing each other with a self-attention mask.
-
-The official code draws the noise from torch's global generator. Here every draw comes
-from a :class:`~rtdetr_common.random.SharedRandom`, in a fixed order, so that the torch and
-Jittor implementations build identical groups.
+In training the decoder gets, before its matching queries, denoising queries made from noised copies of the
+ground truth (DINO's contrastive denoising). Every noise draw comes from a :class:`~rtdetr_common.random.SharedRandom`
+in a fixed order (the official code uses torch's global generator), so both frameworks build identical groups.
 """
 
 from __future__ import annotations
@@ -26,18 +20,7 @@ __all__ = ["get_contrastive_denoising_training_group"]
 
 
 def _check_targets(targets: List[Dict[str, torch.Tensor]]) -> List[int]:
-    """Validates the per-image targets and returns their box counts.
-
-    Args:
-        targets: One dict per image with ``'labels'`` (int64 ``[n]``) and ``'boxes'``
-            (float ``[n, 4]``, normalised cxcywh).
-
-    Returns:
-        The number of ground-truth objects of each image.
-
-    Raises:
-        ValueError: If ``targets`` is empty or an entry is malformed.
-    """
+    """Validates the targets (ValueError if empty or malformed) and returns their box counts."""
     if len(targets) == 0:
         raise ValueError("targets must hold one dict per image, got an empty sequence")
     num_gts = []
@@ -67,45 +50,17 @@ def get_contrastive_denoising_training_group(
     box_noise_scale: float = 1.0,
     rng: Optional[SharedRandom] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[dict]]:
-    """Builds the noised denoising queries, their attention mask and metadata.
+    """Builds the noised denoising queries, their self-attention mask and metadata.
 
-    Every image is padded to ``max_gt_num`` objects (label ``num_classes``, zero box) and the
-    padded set is repeated ``2 * num_group`` times, ``num_group = max(num_denoising // max_gt_num, 1)``;
-    in each group the first ``max_gt_num`` queries are positives, the next ``max_gt_num`` negatives.
-    With ``n = max_gt_num * 2 * num_group`` denoising queries, the noise is drawn from ``rng`` in
-    this order::
-
-        if label_noise_ratio > 0:  u = rng.uniform((bs, n)); new_label = rng.integers(0, num_classes, (bs, n))
-        if box_noise_scale > 0:    rand_sign = rng.integers(0, 2, (bs, n, 4)); rand_part = rng.uniform((bs, n, 4))
-
-    A real (non-padding) label is replaced by ``new_label`` where ``u < label_noise_ratio * 0.5``.
-    Box corners move by ``rand_sign * rand_part * box_noise_scale * wh / 2``, with ``rand_part``
-    in ``[0, 1)`` for positives and ``[1, 2)`` for negatives, and are clipped to ``[0, 1]``.
-
-    As in the official code, the boxes are mapped to logits (inverse sigmoid) only inside the
-    box-noise step: with ``box_noise_scale <= 0`` they are returned as plain normalised cxcywh.
-
-    Args:
-        targets: One dict per image with ``'labels'`` (int64 ``[n_i]``) and ``'boxes'``
-            (float ``[n_i, 4]``, normalised cxcywh). Images without objects are allowed.
-        num_classes: Number of object classes; ``num_classes`` itself is the padding label.
-        num_queries: Number of matching (non-denoising) decoder queries.
-        class_embed: Embedding with ``num_classes + 1`` rows (padding row last).
-        num_denoising: Requested number of denoising queries; ``<= 0`` disables denoising.
-        label_noise_ratio: Twice the probability of replacing a label.
-        box_noise_scale: Scale of the box noise; ``<= 0`` disables it.
-        rng: Shared random stream every noise draw comes from.
+    Each image is padded to ``max_gt_num`` objects (label ``num_classes``, zero box) and repeated ``2 * num_group``
+    times, ``num_group = max(num_denoising // max_gt_num, 1)``: positives then negatives in each group. Labels are
+    resampled with probability ``label_noise_ratio / 2``; box corners move by up to ``box_noise_scale * wh / 2``
+    (negatives 1 to 2 times that) and become logits, as officially only when ``box_noise_scale > 0``.
 
     Returns:
-        ``(input_query_class, input_query_bbox_unact, attn_mask, dn_meta)``:
-        the embedded labels ``[bs, n, hidden]``, the box logits ``[bs, n, 4]``, the boolean
-        self-attention mask ``[n + num_queries, n + num_queries]`` (True = may not attend) and
-        a dict with ``'dn_positive_idx'`` (tuple of per-image index tensors of the positive
-        queries), ``'dn_num_group'`` and ``'dn_num_split'`` (``[n, num_queries]``).
-        All four are None when ``num_denoising <= 0`` or no image has an object.
-
-    Raises:
-        ValueError: If ``rng`` is missing or ``targets`` is malformed.
+        ``(input_query_class [bs, n, hidden], input_query_bbox_unact [bs, n, 4], attn_mask, dn_meta)``, the mask
+        ``[n + num_queries]`` square (True = may not attend), ``dn_meta`` with ``dn_positive_idx`` (per image),
+        ``dn_num_group`` and ``dn_num_split``; all None when ``num_denoising <= 0`` or no image has an object.
     """
     if num_denoising <= 0:
         return None, None, None, None
@@ -135,15 +90,15 @@ def get_contrastive_denoising_training_group(
             pad_gt_mask[i, :num_gt] = True
 
     # Repeat for the positive and negative half of every group.
-    input_query_class = input_query_class.tile([1, 2 * num_group])  # [bs, n]
-    input_query_bbox = input_query_bbox.tile([1, 2 * num_group, 1])  # [bs, n, 4]
-    pad_gt_mask = pad_gt_mask.tile([1, 2 * num_group])  # [bs, n]
+    input_query_class = input_query_class.tile([1, 2 * num_group])
+    input_query_bbox = input_query_bbox.tile([1, 2 * num_group, 1])
+    pad_gt_mask = pad_gt_mask.tile([1, 2 * num_group])
 
     negative_gt_mask = torch.zeros([bs, max_gt_num * 2, 1], dtype=torch.float32, device=device)
     negative_gt_mask[:, max_gt_num:] = 1.0
     negative_gt_mask = negative_gt_mask.tile([1, num_group, 1])  # [bs, n, 1]
     positive_gt_mask = 1.0 - negative_gt_mask
-    positive_gt_mask = positive_gt_mask.squeeze(-1) * pad_gt_mask  # [bs, n]
+    positive_gt_mask = positive_gt_mask.squeeze(-1) * pad_gt_mask
     # Column of every positive query, image by image (nonzero is row-major).
     dn_positive_idx = torch.nonzero(positive_gt_mask)[:, 1]
     dn_positive_idx = torch.split(dn_positive_idx, [n * num_group for n in num_gts])
@@ -158,7 +113,6 @@ def get_contrastive_denoising_training_group(
 
     if box_noise_scale > 0:
         known_bbox = box_cxcywh_to_xyxy(input_query_bbox)
-        # Half width / height for (x1, y1, x2, y2): [bs, n, 4]
         diff = torch.tile(input_query_bbox[..., 2:] * 0.5, [1, 1, 2]) * box_noise_scale
         rand_sign = torch.from_numpy(rng.integers(0, 2, (bs, num_denoising, 4)))
         rand_sign = rand_sign.to(device=device, dtype=torch.float32) * 2.0 - 1.0
@@ -170,7 +124,7 @@ def get_contrastive_denoising_training_group(
         input_query_bbox = box_xyxy_to_cxcywh(known_bbox)
         input_query_bbox = inverse_sigmoid(input_query_bbox)
 
-    input_query_class = class_embed(input_query_class)  # [bs, n, hidden]
+    input_query_class = class_embed(input_query_class)
 
     tgt_size = num_denoising + num_queries
     attn_mask = torch.zeros([tgt_size, tgt_size], dtype=torch.bool, device=device)

@@ -1,10 +1,4 @@
-"""Exponential moving average of model weights (official RT-DETR ``ModelEMA``).
-
-Every floating-point entry of the model's ``state_dict`` (parameters and buffers such as
-BatchNorm running statistics) is averaged; integer buffers (``num_batches_tracked``) keep the
-value they had when the EMA was created. The decay ramps up as
-``decay * (1 - exp(-updates / warmups))``, so early updates follow the model closely.
-"""
+"""Exponential moving average of model weights (the official RT-DETR ``ModelEMA``)."""
 
 from __future__ import annotations
 
@@ -17,37 +11,14 @@ import torch.nn as nn
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Returns the wrapped module of a (Distributed)DataParallel model, else the model itself.
-
-    Args:
-        model: A module, possibly wrapped for data parallelism.
-
-    Returns:
-        The underlying module.
-    """
+    """The module inside a (Distributed)DataParallel wrapper, else ``model`` itself."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return model.module
     return model
 
 
 class ModelEMA:
-    """Keeps an exponential moving average copy of a model.
-
-    Args:
-        model: Model to track; a deep copy is taken (unwrapped from data-parallel wrappers),
-            put in eval mode, with ``requires_grad`` False on all parameters.
-        decay: Asymptotic decay.
-        warmups: Number of updates setting the time constant of the decay ramp.
-
-    Attributes:
-        module: The averaged model.
-        decay: Asymptotic decay.
-        warmups: Ramp time constant.
-        updates: Number of :meth:`update` calls so far.
-
-    Raises:
-        ValueError: When ``decay`` is outside ``[0, 1]`` or ``warmups`` is not positive.
-    """
+    """Averaged copy of a model (eval mode, no gradients): float state entries are averaged, integer ones kept."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmups: int = 2000) -> None:
         if not 0.0 <= decay <= 1.0:
@@ -62,25 +33,11 @@ class ModelEMA:
             p.requires_grad_(False)
 
     def decay_fn(self, updates: int) -> float:
-        """Decay used at a given update count: ``decay * (1 - exp(-updates / warmups))``.
-
-        Args:
-            updates: Update count (1 for the first update).
-
-        Returns:
-            The decay as a Python float.
-        """
+        """Decay at update count ``updates`` (1 for the first): ``decay * (1 - exp(-updates / warmups))``."""
         return self.decay * (1 - math.exp(-updates / self.warmups))
 
     def update(self, model: nn.Module) -> None:
-        """Blends the current weights of ``model`` into the average: ``v = d * v + (1 - d) * w``.
-
-        Args:
-            model: The trained model (same architecture; may be data-parallel wrapped).
-
-        Raises:
-            ValueError: When ``model``'s state_dict lacks a floating-point entry of the EMA.
-        """
+        """Blends the weights of ``model`` into the average: ``v = d * v + (1 - d) * w`` for every float entry."""
         with torch.no_grad():
             self.updates += 1
             d = self.decay_fn(self.updates)
@@ -102,17 +59,7 @@ class ModelEMA:
         return {"module": self.module.state_dict(), "updates": self.updates, "warmups": self.warmups}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restores a state written by :meth:`state_dict` (strict on the module keys).
-
-        As in the official code, ``updates`` is restored when present and ``warmups`` is kept
-        from the constructor.
-
-        Args:
-            state: Dict with ``module`` and optionally ``updates``.
-
-        Raises:
-            ValueError: When ``state`` has no ``module`` entry.
-        """
+        """Restores :meth:`state_dict` output (strict on the module); ``warmups`` stays the constructor's."""
         if "module" not in state:
             raise ValueError(f"ModelEMA state must hold 'module', got keys {sorted(state)}")
         self.module.load_state_dict(state["module"])

@@ -11,19 +11,10 @@ from .ema import ModelEMA
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                images: torch.Tensor, targets: list[dict], clip_max_norm: float = 0.0,
                ema: ModelEMA | None = None) -> dict[str, float]:
-    """Forward, losses, backward, gradient clipping, optimizer step and EMA update.
+    """Forward, losses, backward, gradient clipping, optimizer step and EMA update (when ``ema`` is given).
 
-    Args:
-        model: RTDETR in training mode.
-        criterion: SetCriterion.
-        optimizer: AdamW (or any optimizer over the model's parameters).
-        images: [bs, 3, h, w] in [0, 1].
-        targets: Per-image ``labels`` / ``boxes`` (normalised cxcywh).
-        clip_max_norm: Global gradient norm clip (official 0.1); 0 disables it.
-        ema: Updated after the step when given.
-
-    Returns:
-        Every loss term and their sum (``loss``) as Python floats.
+    ``images`` are ``[bs, 3, h, w]`` in [0, 1]; ``clip_max_norm`` (official 0.1) bounds the global gradient norm, 0
+    disables it. Returns every loss term and their sum (``loss``) as Python floats.
     """
     outputs = model(images, targets)
     losses = criterion(outputs, targets)

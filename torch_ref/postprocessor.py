@@ -1,8 +1,7 @@
 """RT-DETR post-processing: decoder outputs to per-image labelled boxes in pixels.
 
-IMPORTANT: ``orig_target_sizes`` is ``[bs, 2]`` ordered **(width, height)**, as in the official
-code (the COCO dataset stores ``orig_size`` as ``[w, h]``). Passing (height, width) silently
-swaps the x and y scaling of every box on non-square images.
+``orig_target_sizes`` rows are **(width, height)**, as in the official code (COCO's ``orig_size``); passing
+(height, width) silently swaps the x and y scaling of every box on non-square images.
 """
 
 from __future__ import annotations
@@ -19,36 +18,13 @@ from .box_ops import box_cxcywh_to_xyxy
 
 
 class RTDETRPostProcessor(nn.Module):
-    """Selects the top-scoring detections and scales their boxes to the original image size.
+    """Keeps the top-scoring detections and scales their boxes to the original image size.
 
-    Focal mode (``use_focal_loss=True``, the RT-DETR default): sigmoid scores, top
-    ``num_top_queries`` over all (query, class) pairs, so one query may appear with several
-    classes. Softmax mode: softmax over ``num_classes + 1`` logits with the last (no-object)
-    column dropped, best class per query, then the top ``num_top_queries`` queries when there
-    are more queries than that.
-
-    Deviations from the official code, both in the softmax mode only:
-
-    * The official code calls ``F.softmax(logits)`` without ``dim``; for a 3-D tensor PyTorch's
-      implicit choice is ``dim=0`` (the batch), which is a bug. Here the softmax is over classes.
-    * The official code gathers the top-k boxes from the unscaled ``cxcywh`` ``pred_boxes``
-      instead of the scaled ``xyxy`` boxes, so its softmax-mode boxes are in the wrong format
-      and scale whenever ``num_queries > num_top_queries``. Here they are gathered from the
-      scaled ``xyxy`` boxes, as in focal mode.
-
-    Args:
-        num_classes: Number of object classes.
-        use_focal_loss: Focal (sigmoid) or softmax scoring, see above.
-        num_top_queries: Number of detections kept per image.
-        remap_mscoco_category: Map labels 0..79 to COCO category ids
-            (``rtdetr_common.coco.LABEL_TO_CATEGORY``); requires ``num_classes == 80``.
-
-    Attributes:
-        deploy_mode: When True, ``forward`` returns the tuple ``(labels, boxes, scores)`` of
-            batched tensors (without category remapping) instead of a list of dicts.
-
-    Raises:
-        ValueError: When ``remap_mscoco_category`` is set with ``num_classes != 80``.
+    Focal mode (the default): top ``num_top_queries`` over all sigmoid (query, class) scores, so a query may appear
+    with several classes. Softmax mode: best class per query (no-object column dropped), then the top
+    ``num_top_queries`` queries. Two softmax-mode bugs of the official code are fixed: the softmax is over classes
+    (not the batch), and the kept boxes are the scaled ``xyxy`` ones. ``remap_mscoco_category`` maps labels to COCO
+    category ids (needs ``num_classes == 80``); in ``deploy_mode`` the output is a tuple, see :meth:`deploy`.
     """
 
     def __init__(
@@ -81,21 +57,9 @@ class RTDETRPostProcessor(nn.Module):
         outputs: Dict[str, torch.Tensor],
         orig_target_sizes: torch.Tensor,
     ) -> Union[List[Dict[str, torch.Tensor]], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Turns decoder outputs into detections.
+        """Detections of a batch; ``orig_target_sizes`` is ``[bs, 2]`` as **(width, height)**.
 
-        Args:
-            outputs: Dict with ``pred_logits`` ``[bs, num_queries, C]`` (``C = num_classes`` in
-                focal mode, ``num_classes + 1`` in softmax mode) and ``pred_boxes``
-                ``[bs, num_queries, 4]`` (normalised ``cxcywh``).
-            orig_target_sizes: ``[bs, 2]`` original image sizes as **(width, height)**.
-
-        Returns:
-            A list of ``bs`` dicts with ``labels`` ``[k]``, ``boxes`` ``[k, 4]`` (``xyxy`` in
-            pixels) and ``scores`` ``[k]``; or, in ``deploy_mode``, the tuple
-            ``(labels [bs, k], boxes [bs, k, 4], scores [bs, k])``.
-
-        Raises:
-            ValueError: On missing keys or mismatched shapes.
+        Returns ``bs`` dicts of ``labels`` ``[k]``, ``boxes`` ``[k, 4]`` (``xyxy`` in pixels) and ``scores`` ``[k]``.
         """
         if "pred_logits" not in outputs or "pred_boxes" not in outputs:
             raise ValueError(f"outputs must hold 'pred_logits' and 'pred_boxes', got keys {sorted(outputs)}")
@@ -119,7 +83,7 @@ class RTDETRPostProcessor(nn.Module):
             )
 
         scale = orig_target_sizes.repeat(1, 2).unsqueeze(1)  # [bs, 1, 4] as (w, h, w, h)
-        bbox_pred = box_cxcywh_to_xyxy(boxes) * scale  # [bs, num_queries, 4]
+        bbox_pred = box_cxcywh_to_xyxy(boxes) * scale
 
         if self.use_focal_loss:
             if self.num_top_queries > num_queries * self.num_classes:
@@ -129,17 +93,17 @@ class RTDETRPostProcessor(nn.Module):
                 )
             scores = F.sigmoid(logits)
             scores, index = torch.topk(scores.flatten(1), self.num_top_queries, dim=-1)  # [bs, k] over nq*C
-            labels = index % self.num_classes  # [bs, k]
-            query_index = index // self.num_classes  # [bs, k]
-            boxes = bbox_pred.gather(dim=1, index=query_index.unsqueeze(-1).repeat(1, 1, 4))  # [bs, k, 4]
+            labels = index % self.num_classes
+            query_index = index // self.num_classes
+            boxes = bbox_pred.gather(dim=1, index=query_index.unsqueeze(-1).repeat(1, 1, 4))
         else:
             scores = F.softmax(logits, dim=-1)[:, :, :-1]  # [bs, nq, num_classes]
-            scores, labels = scores.max(dim=-1)  # [bs, nq]
+            scores, labels = scores.max(dim=-1)
             boxes = bbox_pred
             if scores.shape[1] > self.num_top_queries:
-                scores, index = torch.topk(scores, self.num_top_queries, dim=-1)  # [bs, k]
-                labels = torch.gather(labels, dim=1, index=index)  # [bs, k]
-                boxes = torch.gather(bbox_pred, dim=1, index=index.unsqueeze(-1).repeat(1, 1, 4))  # [bs, k, 4]
+                scores, index = torch.topk(scores, self.num_top_queries, dim=-1)
+                labels = torch.gather(labels, dim=1, index=index)
+                boxes = torch.gather(bbox_pred, dim=1, index=index.unsqueeze(-1).repeat(1, 1, 4))
 
         if self.deploy_mode:
             return labels, boxes, scores
@@ -147,8 +111,8 @@ class RTDETRPostProcessor(nn.Module):
         if self.remap_mscoco_category:
             lookup = torch.tensor(
                 [LABEL_TO_CATEGORY[i] for i in range(self.num_classes)], dtype=torch.int64, device=labels.device
-            )  # [num_classes]
-            labels = lookup[labels]  # [bs, k]
+            )
+            labels = lookup[labels]
 
         results = []
         for lab, box, sco in zip(labels, boxes, scores):
@@ -156,7 +120,7 @@ class RTDETRPostProcessor(nn.Module):
         return results
 
     def deploy(self) -> "RTDETRPostProcessor":
-        """Switches to eval and deploy mode (tuple output) and returns ``self``."""
+        """Switches to eval and deploy mode (batched ``(labels, boxes, scores)``, no remapping); returns ``self``."""
         self.eval()
         self.deploy_mode = True
         return self
