@@ -460,7 +460,8 @@ def batched_matmul(a: jt.Var, b: jt.Var, transpose_b: bool = False) -> jt.Var:
     Returns:
         ``[n, m, p]``.
     """
-    if jt.flags.use_cuda:
+    from ._kernels import uses_kernel
+    if not uses_kernel("batched_matmul"):
         return jt.matmul(a, b.transpose(0, 2, 1) if transpose_b else b)
     return _BatchedMatmul.apply(a, b, transpose_b)
 

@@ -436,7 +436,8 @@ class MSDeformableAttention(nn.Module):
         Returns:
             ``[bs, len_q, embed_dim]``.
         """
-        if jt.flags.use_cuda:
+        from ._kernels import uses_kernel
+        if not uses_kernel("ms_deform_attn"):
             return deformable_attention_core_func(value, value_spatial_shapes, sampling_locations,
                                                   attention_weights, cells)
         return ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights, cells)
