@@ -37,7 +37,7 @@ from jittor import init, nn
 
 from rtdetr_common.random import SharedRandom
 
-from ._kernels import ms_deform_attn, softmax_last, swap_last_axes
+from ._kernels import ms_deform_attn, softmax_last, swap_last_axes, uses_kernel
 from .box_ops import inverse_sigmoid
 from .common import get_activation
 from .nn import BatchNorm2d, Conv2d, Dropout, LayerNorm, Linear, MultiheadAttention
@@ -318,11 +318,12 @@ class MSDeformableAttention(nn.Module):
                cells: Optional[jt.Var] = None) -> jt.Var:
         """Bilinear sampling of the values and their weighted sum (the attention core).
 
-        A method, so that a parity check can see and force each layer's sampling locations. On CPU it is
-        :func:`~jittor_impl._kernels.ms_deform_attn`, on CUDA :func:`deformable_attention_core_func`. ``cells``
-        (optional int32, a column and row per point) forces the top-left corners, not the bilinear weights.
+        A method, so that a parity check can see and force each layer's sampling locations:
+        :func:`~jittor_impl._kernels.ms_deform_attn` or :func:`deformable_attention_core_func`, as
+        ``kernels.OPERATORS`` says. ``cells`` (optional int32, a column and row per point) forces
+        the top-left corners, not the bilinear weights.
         """
-        if jt.flags.use_cuda:
+        if not uses_kernel("ms_deform_attn"):
             return deformable_attention_core_func(value, value_spatial_shapes, sampling_locations,
                                                   attention_weights, cells)
         return ms_deform_attn(value, value_spatial_shapes, sampling_locations, attention_weights, cells)

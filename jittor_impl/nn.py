@@ -9,7 +9,7 @@ import jittor as jt
 from jittor import init, nn
 
 from ._kernels import (avg_pool2d, batch_norm_train, batched_sgemm, channel_affine, conv1x1,
-                       layer_norm, linear, relu, softmax_last)
+                       layer_norm, linear, relu, softmax_last, uses_kernel)
 
 __all__ = [
     "Hardsigmoid",
@@ -206,8 +206,8 @@ class _BatchedMatmul(jt.Function):
 
 def batched_matmul(a: jt.Var, b: jt.Var, transpose_b: bool = False) -> jt.Var:
     """``[n, m, k] @ [n, k, p] -> [n, m, p]`` (``b`` as ``[n, p, k]`` with ``transpose_b``):
-    :class:`_BatchedMatmul` on CPU, ``jt.matmul`` on CUDA."""
-    if jt.flags.use_cuda:
+    :class:`_BatchedMatmul` or ``jt.matmul``, as ``kernels.OPERATORS`` says."""
+    if not uses_kernel("batched_matmul"):
         return jt.matmul(a, b.transpose(0, 2, 1) if transpose_b else b)
     return _BatchedMatmul.apply(a, b, transpose_b)
 
