@@ -240,5 +240,7 @@ def prepare_jittor_env() -> None:
         _request_precise_kernels()
     if "nvcc_path" not in os.environ and not cuda_available():
         os.environ["nvcc_path"] = ""
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ:  # not launched by mpirun: no MPI to load
+        os.environ.setdefault("use_mpi", "0")
     if os.environ.get("use_mkl", "1") == "1":
         _ensure_dnnl()

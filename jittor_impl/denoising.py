@@ -21,6 +21,7 @@ from jittor import nn
 from rtdetr_common.random import SharedRandom
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .distributed import gather_counts
 
 __all__ = ["get_contrastive_denoising_training_group"]
 
@@ -75,7 +76,9 @@ def get_contrastive_denoising_training_group(
 
     num_gts = _check_targets(targets)
 
-    max_gt_num = max(num_gts)
+    all_gts, start = gather_counts(num_gts)  # the global batch's, over every process
+    rows = slice(start, start + len(num_gts))  # this process's images among them
+    max_gt_num = max(all_gts)
     if max_gt_num == 0:
         return None, None, None, None
 
@@ -111,17 +114,17 @@ def get_contrastive_denoising_training_group(
     num_denoising = int(max_gt_num * 2 * num_group)
 
     if label_noise_ratio > 0:
-        u = jt.array(rng.uniform((bs, num_denoising)))
-        new_label = jt.array(rng.integers(0, num_classes, (bs, num_denoising)))
+        u = jt.array(rng.uniform((len(all_gts), num_denoising))[rows])
+        new_label = jt.array(rng.integers(0, num_classes, (len(all_gts), num_denoising))[rows])
         noise_mask = u < (label_noise_ratio * 0.5)
         input_query_class = jt.where(noise_mask & pad_gt_mask, new_label, input_query_class)
 
     if box_noise_scale > 0:
         known_bbox = box_cxcywh_to_xyxy(input_query_bbox)
         diff = (input_query_bbox[..., 2:] * 0.5).repeat(1, 1, 2) * box_noise_scale
-        rand_sign = jt.array(rng.integers(0, 2, (bs, num_denoising, 4)))
+        rand_sign = jt.array(rng.integers(0, 2, (len(all_gts), num_denoising, 4))[rows])
         rand_sign = rand_sign.float32() * 2.0 - 1.0
-        rand_part = jt.array(rng.uniform((bs, num_denoising, 4)))
+        rand_part = jt.array(rng.uniform((len(all_gts), num_denoising, 4))[rows])
         rand_part = (rand_part + 1.0) * negative_gt_mask + rand_part * (1.0 - negative_gt_mask)
         rand_part = rand_part * rand_sign
         known_bbox = known_bbox + rand_part * diff

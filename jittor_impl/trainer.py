@@ -30,7 +30,7 @@ from rtdetr_common.weights import read_numpy_pickle
 from rtdetr_common.trainer import BaseTrainer
 from rtdetr_common.weights import WeightSet
 
-from . import build
+from . import build, distributed
 from .checkpoint import load_state_dict_strict, model_state_dict, read_weightset
 from .engine import AdamW, train_step
 
@@ -98,10 +98,11 @@ class Trainer(BaseTrainer):
     FRAMEWORK = FRAMEWORK
     CHECKPOINT_SUFFIX = CHECKPOINT_SUFFIX
     build = build
+    distributed = distributed
 
     @staticmethod
     def seed(seed: int) -> None:
-        jt.set_global_seed(seed)
+        jt.set_global_seed(seed, different_seed_for_mpi=False)  # every process alike
 
     @staticmethod
     def read_weights(path: str | Path) -> WeightSet:
@@ -121,7 +122,7 @@ class Trainer(BaseTrainer):
 
     def optimise(self, batch: Batch) -> dict[str, float]:
         images, targets = to_tensors(batch)
-        losses = train_step(self.model, self.criterion, self.optimizer, images, targets,
+        losses = train_step(self.train_model, self.criterion, self.optimizer, images, targets,
                             self.cfg.clip_max_norm, self.ema)
         jt.sync(optimizer_moments(self.optimizer))
         return losses

@@ -160,6 +160,10 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(*args, **kwargs) -> None:
+    """Prints nothing (the console of a process other than process 0)."""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Trains (or resumes) with one framework's trainer."""
     values = {name: getattr(args, name) for name in _TRAIN_OPTIONS
@@ -173,24 +177,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     module = _trainer_module(args.framework)
     trainer = module.Trainer(cfg)
     c = trainer.cfg
-    print(f"rtdetr-parity train: {args.framework}, {c.variant}, {c.num_classes} classes, "
+    say = print if trainer.rank == 0 else _quiet  # one process speaks for all
+    say(f"rtdetr-parity train: {args.framework}, {c.variant}, {c.num_classes} classes, "
           f"size {c.size} (multi-scale {c.multi_scale or 'off'}), batch {c.batch_size}, "
           f"{c.epochs} epochs, output {c.output_dir}", flush=True)
     if trainer.backbone_loaded:
-        print(trainer.backbone_loaded, flush=True)
+        say(trainer.backbone_loaded, flush=True)
     ckpt = checkpoint_path(c, module.CHECKPOINT_SUFFIX)
     if ckpt.is_file():
-        print(f"resuming from {ckpt}", flush=True)
+        say(f"resuming from {ckpt}", flush=True)
     result = trainer.train()
     p = result.progress
     if result.interrupted:
-        print(f"stopped by {result.interrupted} at epoch {p.epoch + 1}, batch {p.iteration} "
+        say(f"stopped by {result.interrupted} at epoch {p.epoch + 1}, batch {p.iteration} "
               f"({p.global_step} iterations done); checkpoint {result.checkpoint}. "
               f"Run the same command again to resume.")
         return 128 + int(signal.Signals[result.interrupted])
-    print(f"training complete: {p.global_step} iterations, checkpoint {result.checkpoint}")
+    say(f"training complete: {p.global_step} iterations, checkpoint {result.checkpoint}")
     if result.metrics is not None:
-        print(f"val: {format_metrics(result.metrics)}")
+        say(f"val: {format_metrics(result.metrics)}")
     return 0
 
 

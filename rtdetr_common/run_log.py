@@ -89,10 +89,12 @@ def report_metrics(epoch: int, metrics: Mapping[str, float], stream: TextIO | No
     out.flush()
 
 
-def epoch_bar(total: int, title: str, stream: TextIO | None = None, done: int = 0) -> tqdm:
+def epoch_bar(total: int, title: str, stream: TextIO | None = None, done: int = 0,
+              disable: bool = False) -> tqdm:
     """A progress bar (tqdm) over an epoch's ``total`` iterations on ``stream`` (stderr by
-    default), starting at ``done`` (a resumed epoch); set its position with :func:`advance`."""
-    return tqdm(total=max(int(total), 1), initial=int(done), desc=title,
+    default), starting at ``done`` (a resumed epoch); set its position with :func:`advance`.
+    A disabled bar shows nothing."""
+    return tqdm(total=max(int(total), 1), initial=int(done), desc=title, disable=disable,
                 file=stream if stream is not None else sys.stderr, dynamic_ncols=True, leave=True)
 
 

@@ -296,12 +296,14 @@ def open_split(cfg: TrainConfig, split: str, train: bool) -> CocoDetection:
     return CocoDetection(images, ann, transforms)
 
 
-def train_loader(cfg: TrainConfig, dataset: CocoDetection, category_map: CategoryMap) -> DataLoader:
-    """The shuffled, seeded, multi-scale train loader (last incomplete batch dropped).
+def train_loader(cfg: TrainConfig, dataset: CocoDetection, category_map: CategoryMap,
+                 rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The shuffled, seeded, multi-scale train loader (last incomplete batch dropped); with
+    several processes, this ``rank``'s shard of every global batch of ``cfg.batch_size`` images.
 
     Raises:
         ValueError: If the split holds fewer images than one batch, or its categories are not
-            the model's.
+            the model's, or ``world_size`` does not divide the batch size.
     """
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"the train split ({dataset.ann_file}) has {len(dataset)} images, "
@@ -310,7 +312,8 @@ def train_loader(cfg: TrainConfig, dataset: CocoDetection, category_map: Categor
         raise ValueError(f"the train split's categories {dataset.category_map.names} differ "
                          f"from the model's {category_map.names}")
     return DataLoader(dataset, cfg.batch_size, shuffle=True, drop_last=True,
-                      num_workers=cfg.num_workers, seed=cfg.seed, multi_scale=cfg.multi_scale)
+                      num_workers=cfg.num_workers, seed=cfg.seed, multi_scale=cfg.multi_scale,
+                      rank=rank, world_size=world_size)
 
 
 def eval_loader(cfg: TrainConfig, dataset: CocoDetection) -> DataLoader:

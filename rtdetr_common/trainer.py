@@ -14,11 +14,18 @@ official layout, plus ``optimizer`` and ``train_state``: the config, epoch/itera
 the data loader's position and the model's shared random stream (denoising noise). Nothing else
 draws random numbers during training, so a resumed run repeats exactly what the uninterrupted
 run would have computed.
+
+Launched as several processes (``torchrun`` for torch, ``mpirun`` for Jittor), every process
+trains on its shard of each global batch of ``cfg.batch_size`` images, with BatchNorm
+statistics, gradients, the box normaliser and the denoising queries of the whole global batch,
+so that the run equals a one-process run; process 0 alone writes the log, the checkpoints and
+evaluates, and every process stops at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Sequence, TextIO
@@ -26,6 +33,7 @@ from typing import Any, ContextManager, Iterator, Sequence, TextIO
 import numpy as np
 
 from . import coco_eval
+from .distributed import first_signal, mean_over_processes
 from .coco import CategoryMap
 from .coco_eval import CocoMetrics
 from .pipeline.coco_dataset import CocoDetection
@@ -78,9 +86,15 @@ class BaseTrainer:
     FRAMEWORK = ""  # the framework's name in checkpoints, logs and the progress bar
     CHECKPOINT_SUFFIX = ""  # the training checkpoint's file suffix
     build: Any = None  # the framework's builders: build_model, build_criterion, ...
+    distributed: Any = None  # the framework's collectives: init, rank, world_size, all_reduce, ...
 
     def __init__(self, cfg: TrainConfig, category_map: CategoryMap | None = None) -> None:
         self.cfg = cfg.resolved(data=category_map is None)
+        self.distributed.init()
+        self.rank, self.world_size = self.distributed.rank(), self.distributed.world_size()
+        if self.cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size={self.cfg.batch_size} (the global batch) must be a multiple "
+                             f"of the {self.world_size} processes")
         self._datasets: dict[tuple[str, bool], CocoDetection] = {}
         self.category_map = category_map or self.dataset("train").category_map
         num_classes = self.category_map.num_classes
@@ -98,6 +112,9 @@ class BaseTrainer:
         self.backbone_loaded = ""
         if self.cfg.backbone_weights is not None:
             self.backbone_loaded = self.load_backbone_weights(self.cfg.backbone_weights)
+        if self.world_size > 1:
+            self.model = self.distributed.convert_sync_batchnorm(self.model)
+        self.train_model = self.distributed.parallel(self.model)  # what the training step calls
         self.criterion = self.build.build_criterion(self.variant)
         self.postprocessor = self.build.build_postprocessor(self.variant)
         self.optimizer = self.build.build_optimizer(self.model, self.variant)
@@ -220,12 +237,13 @@ class BaseTrainer:
         """One optimisation step on a loader batch at the rates currently set.
 
         Returns:
-            Every loss term and their sum (``loss``).
+            Every loss term and their sum (``loss``), the mean over processes.
 
         Raises:
             FloatingPointError: If the total loss is not finite (nothing is saved).
         """
-        losses = self.optimise(batch)
+        losses = mean_over_processes(self.optimise(batch), self.world_size,
+                                     self.distributed.all_reduce)
         if not np.isfinite(losses["loss"]):
             raise FloatingPointError(
                 f"loss is {losses['loss']} at epoch {self.progress.epoch} step "
@@ -245,51 +263,66 @@ class BaseTrainer:
             ValueError: If the checkpoint to resume was written with a different config.
             FloatingPointError: If a loss is not finite.
         """
+        main = self.rank == 0
         out = Path(self.cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.distributed.barrier()
         ckpt = checkpoint_path(self.cfg, self.CHECKPOINT_SUFFIX)
         resumed = None
         if ckpt.is_file():
             self.load_training_checkpoint(ckpt)
             resumed = ckpt
-        log = JsonLog(out / "log.jsonl")
-        log.truncate_to(self.progress)
-        loader = train_loader(self.cfg, self.dataset("train"), self.category_map)
+        log = JsonLog(out / "log.jsonl") if main else None
+        if log is not None:
+            log.truncate_to(self.progress)
+        loader = train_loader(self.cfg, self.dataset("train"), self.category_map,
+                              self.rank, self.world_size)
         loader.load_state_dict(self.loader_state)
         metrics = None
         with StopOnSignal() as stop, self.runtime(), loader:
+            stopping = None  # the signal every process stops on
+
+            def stop_requested() -> int | None:
+                return first_signal(stop.signum, self.world_size, self.distributed.all_reduce)
+
+            def stopped_by() -> str:
+                return signal.Signals(stopping).name
+
             while self.progress.epoch < self.cfg.epochs:
                 epoch = self.progress.epoch
                 bar = epoch_bar(len(loader), f"{self.FRAMEWORK} epoch {epoch + 1}/{self.cfg.epochs}",
-                                stream, loader.position)
+                                stream, loader.position, disable=not main)
                 for batch in loader:
                     start = time.perf_counter()
                     factor = self.set_lr()
                     losses = self.step(batch)
                     self.progress.iteration = loader.position
-                    if self.progress.global_step % self.cfg.log_every == 0:
+                    if log is not None and self.progress.global_step % self.cfg.log_every == 0:
                         log.write(loss_entry(self.progress, self.cfg.lr * factor,
                                              self.backbone_lr * factor, losses,
                                              time.perf_counter() - start))
                     self.progress.global_step += 1
                     advance(bar, self.progress.iteration, f"loss {losses['loss']:.4f}")
-                    if stop.signum is not None:
+                    stopping = stop_requested()
+                    if stopping:
                         break
                 bar.close()
-                if stop.signum is not None and loader.epoch == epoch and loader.position < len(loader):
+                if stopping and loader.epoch == epoch and loader.position < len(loader):
                     self.loader_state = loader.state_dict()
                     self.save_training_checkpoint(ckpt)
-                    return TrainResult(self.progress, ckpt, stop.name, resumed, metrics)
+                    return TrainResult(self.progress, ckpt, stopped_by(), resumed, metrics)
                 self.progress.epoch, self.progress.iteration = epoch + 1, 0
                 self.loader_state = {"epoch": epoch + 1, "position": 0}
                 loader.load_state_dict(self.loader_state)
                 self.save_training_checkpoint(ckpt)
-                if eval_due(self.cfg, epoch):
+                if main and eval_due(self.cfg, epoch):
                     metrics = self.evaluate("val")
                     log.write({"kind": "eval", "epoch": epoch, **metrics})
                     report_metrics(epoch, metrics, stream)
-                if stop.signum is not None:
-                    return TrainResult(self.progress, ckpt, stop.name, resumed, metrics)
+                stopping = stopping or stop_requested()
+                if stopping:
+                    return TrainResult(self.progress, ckpt, stopped_by(), resumed, metrics)
         return TrainResult(self.progress, ckpt, "", resumed, metrics)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -297,13 +330,18 @@ class BaseTrainer:
     def save_training_checkpoint(self, path: str | Path) -> None:
         """Writes model, EMA, optimizer and train state to ``path`` atomically.
 
-        The previous file stays in place until the new one is complete.
+        The previous file stays in place until the new one is complete. Only process 0 writes;
+        every process returns once the file is in place.
         """
+        if self.rank != 0:
+            self.distributed.barrier()
+            return
         contents = self.checkpoint_contents()
         contents["train_state"] = train_state(
             self.cfg, self.progress, self.loader_state, self.model.rng.state_dict(),
             self.FRAMEWORK, categories_of(self.category_map.names, self.category_map.category_ids))
         atomic_write(path, lambda tmp: self.write_checkpoint(contents, tmp))
+        self.distributed.barrier()
 
     def load_training_checkpoint(self, path: str | Path) -> None:
         """Restores everything :meth:`save_training_checkpoint` wrote.

@@ -3,7 +3,8 @@
 # reachable) so that both PyTorch and Jittor run:
 #   1. Debian packages: libdnnl-dev (oneDNN for Jittor, which would otherwise download it),
 #      g++ and python3.X-dev (Jittor compiles its kernels against Python's headers).
-#      and chromium (headless; the report test renders report.html in it).
+#      chromium (headless; the report test renders report.html in it), and OpenMPI
+#      (openmpi-bin for mpirun, libopenmpi-dev for the mpicc that Jittor builds its MPI with).
 #   2. A virtual environment in .venv at the repository root.
 #   3. The project and its pinned dependencies: pip install -e '.[dev]'.
 #   4. A check that torch is the CPU build 2.13.0+cpu (never a multi-GB CUDA build).
@@ -43,7 +44,7 @@ else
 fi
 PYVER="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 need=()
-for pkg in libdnnl-dev g++ "python${PYVER}-dev" "python${PYVER}-venv" chromium; do
+for pkg in libdnnl-dev g++ "python${PYVER}-dev" "python${PYVER}-venv" chromium openmpi-bin libopenmpi-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

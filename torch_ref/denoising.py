@@ -15,6 +15,7 @@ import torch.nn as nn
 from rtdetr_common.random import SharedRandom
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .distributed import gather_counts
 
 __all__ = ["get_contrastive_denoising_training_group"]
 
@@ -70,7 +71,9 @@ def get_contrastive_denoising_training_group(
     num_gts = _check_targets(targets)
     device = targets[0]["labels"].device
 
-    max_gt_num = max(num_gts)
+    all_gts, start = gather_counts(num_gts)  # the global batch's, over every process
+    rows = slice(start, start + len(num_gts))  # this process's images among them
+    max_gt_num = max(all_gts)
     if max_gt_num == 0:
         return None, None, None, None
 
@@ -106,17 +109,17 @@ def get_contrastive_denoising_training_group(
     num_denoising = int(max_gt_num * 2 * num_group)
 
     if label_noise_ratio > 0:
-        u = torch.from_numpy(rng.uniform((bs, num_denoising))).to(device)
-        new_label = torch.from_numpy(rng.integers(0, num_classes, (bs, num_denoising))).to(device)
+        u = torch.from_numpy(rng.uniform((len(all_gts), num_denoising))[rows]).to(device)
+        new_label = torch.from_numpy(rng.integers(0, num_classes, (len(all_gts), num_denoising))[rows]).to(device)
         noise_mask = u < (label_noise_ratio * 0.5)
         input_query_class = torch.where(noise_mask & pad_gt_mask, new_label, input_query_class)
 
     if box_noise_scale > 0:
         known_bbox = box_cxcywh_to_xyxy(input_query_bbox)
         diff = torch.tile(input_query_bbox[..., 2:] * 0.5, [1, 1, 2]) * box_noise_scale
-        rand_sign = torch.from_numpy(rng.integers(0, 2, (bs, num_denoising, 4)))
+        rand_sign = torch.from_numpy(rng.integers(0, 2, (len(all_gts), num_denoising, 4))[rows])
         rand_sign = rand_sign.to(device=device, dtype=torch.float32) * 2.0 - 1.0
-        rand_part = torch.from_numpy(rng.uniform((bs, num_denoising, 4))).to(device)
+        rand_part = torch.from_numpy(rng.uniform((len(all_gts), num_denoising, 4))[rows]).to(device)
         rand_part = (rand_part + 1.0) * negative_gt_mask + rand_part * (1.0 - negative_gt_mask)
         rand_part = rand_part * rand_sign
         known_bbox = known_bbox + rand_part * diff

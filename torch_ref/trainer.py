@@ -21,7 +21,7 @@ from rtdetr_common.trainer import BaseTrainer
 from rtdetr_common.weights import (JITTOR_SUFFIXES, NEUTRAL_SUFFIXES, WeightSet,
                                    load_jittor_pickle, load_neutral)
 
-from . import build
+from . import build, distributed
 from .checkpoint import load_state_dict_strict, read_weightset
 from .engine import train_step
 
@@ -53,6 +53,7 @@ class Trainer(BaseTrainer):
     FRAMEWORK = FRAMEWORK
     CHECKPOINT_SUFFIX = CHECKPOINT_SUFFIX
     build = build
+    distributed = distributed
 
     @staticmethod
     def seed(seed: int) -> None:
@@ -73,7 +74,7 @@ class Trainer(BaseTrainer):
 
     def optimise(self, batch: Batch) -> dict[str, float]:
         images, targets = to_tensors(batch)
-        return train_step(self.model, self.criterion, self.optimizer, images, targets,
+        return train_step(self.train_model, self.criterion, self.optimizer, images, targets,
                           self.cfg.clip_max_norm, self.ema)
 
     @staticmethod

@@ -177,15 +177,26 @@ class DataLoader:
         seed: Seed of every random stream (>= 0).
         multi_scale: Sizes; each batch is resized (nearest, as the official model) to one drawn
             from ``(seed, epoch, batch index)``. None or empty keeps the transforms' size.
+        rank: This process's rank among ``world_size`` processes: it yields the ``rank``-th
+            contiguous shard of every global batch (``batch_size / world_size`` images).
+        world_size: Processes sharing each global batch; the global batches, their order,
+            augmentations and sizes are the same for every world size.
 
     Raises:
-        ValueError: For a non-positive batch size, negative workers or seed, or bad sizes.
+        ValueError: For a non-positive batch size, negative workers or seed, bad sizes, or a
+            batch size that the world size does not divide.
     """
 
     def __init__(self, dataset: CocoDetection, batch_size: int, *, shuffle: bool, drop_last: bool,
-                 num_workers: int = 0, seed: int = 0, multi_scale: Optional[Sequence[int]] = None) -> None:
+                 num_workers: int = 0, seed: int = 0, multi_scale: Optional[Sequence[int]] = None,
+                 rank: int = 0, world_size: int = 1) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank {rank} is not one of world_size={world_size} processes")
+        if int(batch_size) % int(world_size) or (int(world_size) > 1 and not drop_last):
+            raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size} "
+                             f"and, with several processes, every batch complete (drop_last)")
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if int(seed) < 0:
@@ -200,6 +211,8 @@ class DataLoader:
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.multi_scale = sizes
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self.epoch = 0
         self.position = 0
         self._maker: Optional[_BatchMaker] = None
@@ -266,10 +279,15 @@ class DataLoader:
         return [order[start:start + self.batch_size] for start in range(0, len(self) * self.batch_size,
                                                                           self.batch_size)]
 
+    def shard(self, indices: np.ndarray) -> np.ndarray:
+        """This rank's contiguous share of a global batch's dataset indices."""
+        size = len(indices) // self.world_size
+        return indices[self.rank * size:(self.rank + 1) * size]
+
     def __iter__(self) -> Iterator[Batch]:
         epoch, first = self.epoch, self.position
         plan = self.batch_indices(epoch)
-        jobs = [(epoch, b, plan[b]) for b in range(first, len(plan))]
+        jobs = [(epoch, b, self.shard(plan[b])) for b in range(first, len(plan))]
         if self._maker is None:
             self._maker = _BatchMaker(self.dataset, self.seed, self.multi_scale)
         maker = self._maker
