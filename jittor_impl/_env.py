@@ -242,5 +242,7 @@ def prepare_jittor_env() -> None:
         os.environ["nvcc_path"] = ""
     if "OMPI_COMM_WORLD_SIZE" not in os.environ:  # not launched by mpirun: no MPI to load
         os.environ.setdefault("use_mpi", "0")
+    else:  # under mpirun Jittor needs its MPI, whatever a parent process left in use_mpi
+        os.environ["use_mpi"] = "1"
     if os.environ.get("use_mkl", "1") == "1":
         _ensure_dnnl()

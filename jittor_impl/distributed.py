@@ -16,7 +16,7 @@ from jittor import nn
 
 from rtdetr_common import distributed as common
 
-from .common import BatchNorm2d, named_children, set_child
+from .nn import BatchNorm2d, named_children, set_child
 
 
 def init() -> None:

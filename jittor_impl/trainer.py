@@ -10,6 +10,7 @@ Differences from torch_ref/trainer.py:
 - The optimizer's moments are synced after each step, so every step starts from materialised values as a resumed run does (fusion across steps rounds differently).
 - ``runtime`` is a no-op: Jittor's CPU kernels have no non-deterministic variants and its thread count is fixed at start (``TrainConfig.threads`` is torch-only).
 - Seeding is ``jt.set_global_seed``, so a run from scratch starts from other weights than the torch run unless ``init_weights`` is given.
+- ``jt.set_global_seed`` is told ``different_seed_for_mpi=False``: Jittor would seed each MPI process differently; torch seeds every process alike.
 - ``materialise`` evaluates the model once built (Jittor's initialisers draw when evaluated): its initial weights do not depend on what is built or loaded later.
 - Backbone weights in the published ``.pth`` format are converted first (``rtdetr-parity convert FILE.pth FILE.safetensors --variant V --backbone``).
 - Initial weights are read by :func:`jittor_impl.checkpoint.read_weightset` (``.pkl``, ``.safetensors``, ``.npz``); a ``.pth`` is converted first.
