@@ -349,19 +349,37 @@ _KIND_ROWS = {"relu_gate": "train.relu_gate.a", "match": "train.match.final"}
 def _two_step_trajectory(flipped: int, floor: int, kind: str = "relu_gate") -> Trajectory:
     """A hand-made two-step trajectory whose second step flips ``flipped`` decisions of
     ``kind`` against the float64 replay's ``floor``; losses and weights agree exactly."""
+    return _trajectory([(0, 0), (flipped, floor)], kind)
+
+
+def _trajectory(counts: list[tuple[int, int]], kind: str = "relu_gate") -> Trajectory:
+    """A hand-made trajectory whose step ``k`` flips ``counts[k - 1] = (port, replay)``
+    decisions of ``kind``; losses and weights agree exactly."""
     step = dict(torch_loss=1.0, jittor_loss=1.0, float64_loss=1.0, loss_rel_diff=0.0,
                 loss_floor=1e-7, weights_rel_l2=0.0, max_param_rel_l2=0.0, max_param="w",
                 max_param_floor=1e-7, worst_excess=0.0, tie_flips=0, tie_forced=0,
                 tie_max_gap=0.0, tie_floor_flips=0, seconds_torch=0.0, seconds_jittor=0.0)
     traj = Trajectory("r18vd", (64, 96), 2)
     compared = 10**6 if kind == "relu_gate" else 200
-    for k, (f, fl) in enumerate([(0, 0), (flipped, floor)], 1):
+    for k, (f, fl) in enumerate(counts, 1):
         traj.steps.append(TrajectoryStep(step=k, **step))
         traj.drift.append({"w": (0.0, 1e-7)})
         traj.decisions.append([_kink_row(_KIND_ROWS[kind], compared, f, f),
                                _kink_row("train.sample_cell.b", 10**5, 0, 0)])
         traj.floor_flips.append({kind: fl})
     return traj
+
+
+@pytest.mark.parametrize("past", [False, True])
+def test_a_later_step_is_judged_against_the_replays_most_flips_so_far(past: bool) -> None:
+    """A step where the replay happens to flip nothing is judged against the most it flipped
+    in an earlier step (the drift only grows), not against that step's zero."""
+    factor = tolerance("noise", "trajectory.step[3].ties.relu_gate").atol
+    flipped = int(factor * 5) + (1 if past else 0)
+    rows = {c.path: c for c in _trajectory([(0, 0), (5, 5), (flipped, 0)]).comparisons()}
+    row = rows["trajectory.step[3].ties.relu_gate"]
+    assert row.passed is not past, row.reason
+    assert "the float64 replay 0, at most 5 in a step so far" in row.reason
 
 
 @pytest.mark.parametrize("kind", sorted(_KIND_ROWS))
@@ -373,8 +391,8 @@ def _two_step_trajectory(flipped: int, floor: int, kind: str = "relu_gate") -> T
 def test_later_trajectory_steps_judge_counts_against_the_float64_replays(kind, flipped, floor,
                                                                          passed) -> None:
     """From step 2 a kind of kink, and the matches, are one counted row each, judged against
-    the float64 replay's own flips of that step: a port flipping past that allowance fails,
-    whatever the tie band."""
+    the float64 replay's own flips (here the most so far, which is this step's): a port
+    flipping past that allowance fails, whatever the tie band."""
     factor = tolerance("noise", f"trajectory.step[2].ties.{kind}").atol
     if isinstance(flipped, str):
         flipped = int(factor * floor) + (1 if flipped == "past" else 0)

@@ -136,13 +136,17 @@ class Trajectory:
         and its band no longer separates ties; each kind of kink (max-pool argmaxes among
         them), the top-k selection and the Hungarian matches are then one row per step each,
         judged by its count: the port's flips within the trajectory's ``noise`` factor times
-        the float64 replay's own flips of that step (elements within a distance of a kink are
-        as many as the distance is long, so a count grows as the drift of the kink's inputs,
-        which that factor bounds), or within the ``decision.forced`` entry's count.
+        the float64 replay's own flips of that kind, the most it made in any step so far
+        (elements within a distance of a kink are as many as the distance is long, so a count
+        grows as the drift of the kink's inputs, which that factor bounds and which only
+        grows; a single step's count of a few is too small a sample to stand for it), or
+        within the ``decision.forced`` entry's count.
         """
         rows = []
+        envelope: dict[str, int] = {}  # per kind, the replay's most flips up to this step
         for s, drift, decisions, floor in zip(self.steps, self.drift, self.decisions,
                                               self.floor_flips):
+            envelope = {k: max(envelope.get(k, 0), floor.get(k, 0)) for k in {*envelope, *floor}}
             path = f"trajectory.step[{s.step}].loss"
             factor = tolerance("noise", path).atol
             c = compare_arrays(np.float64(s.jittor_loss), np.float64(s.torch_loss),
@@ -172,7 +176,7 @@ class Trajectory:
                 if s.step == 1 or _counted_kind(d.path) is None:
                     rows.append(replace(d, path=f"trajectory.step[{s.step}].{d.path}"))
             if s.step > 1:
-                rows += _kink_rows(s.step, decisions, floor)
+                rows += _kink_rows(s.step, decisions, envelope, floor)
         return rows
 
 
@@ -181,9 +185,11 @@ def _counted_kind(path: str) -> str | None:
     return next((kind for prefix, kind in _COUNTED.items() if path.startswith(prefix)), None)
 
 
-def _kink_rows(step: int, decisions: list[Comparison], floor: dict[str, int]) -> list[Comparison]:
+def _kink_rows(step: int, decisions: list[Comparison], envelope: dict[str, int],
+               floor: dict[str, int]) -> list[Comparison]:
     """One counted row per kind of kink, and the top-k row, of a later trajectory step (see
-    :meth:`Trajectory.comparisons`)."""
+    :meth:`Trajectory.comparisons`): ``envelope`` holds the replay's most flips per kind up to
+    this step, ``floor`` its flips in this step."""
     rows = []
     for kind in dict.fromkeys(_COUNTED.values()):
         mine = [d for d in decisions if _counted_kind(d.path) == kind]
@@ -193,15 +199,15 @@ def _kink_rows(step: int, decisions: list[Comparison], floor: dict[str, int]) ->
         compared = sum(d.compared or 0 for d in mine)
         flipped = sum(d.flipped or 0 for d in mine)
         factor = tolerance("noise", path).atol
-        allowed = max(tolerance("decision.forced", path).atol, factor * floor.get(kind, 0))
+        allowed = max(tolerance("decision.forced", path).atol, factor * envelope.get(kind, 0))
         c = Comparison(path, (compared,), (compared,), "bool", "bool", compared=compared,
                        flipped=flipped, forced=sum(d.forced or 0 for d in mine),
                        band=max((d.band or 0.0) for d in mine),
                        max_abs=max((d.max_abs for d in mine if d.flipped), default=0.0),
                        within=1.0 - flipped / max(compared, 1), passed=flipped <= allowed)
         c.reason = (f"{flipped} of {compared} flipped ({c.forced} forced); the float64 replay "
-                    f"{floor.get(kind, 0)}; allowed {allowed:g} ({factor:g}x the replay's, at "
-                    f"least the forced count)")
+                    f"{floor.get(kind, 0)}, at most {envelope.get(kind, 0)} in a step so far; "
+                    f"allowed {allowed:g} ({factor:g}x that, at least the forced count)")
         if allowed >= compared:
             c.reason += ("; saturated: the reference's own flips make every count noise here, "
                          "so this step cannot tell a port by its count")

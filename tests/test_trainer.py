@@ -210,7 +210,7 @@ def test_both_trainers_run_the_one_shared_loop():
         assert issubclass(trainer, BaseTrainer) and trainer.FRAMEWORK == module.FRAMEWORK
         own = set(vars(trainer)) - {"__module__", "__doc__", "__qualname__", "__firstlineno__",
                                     "__static_attributes__"}
-        assert own - hooks == {"FRAMEWORK", "CHECKPOINT_SUFFIX", "build"}, module.__name__
+        assert own - hooks == {"FRAMEWORK", "CHECKPOINT_SUFFIX", "build", "distributed"}, module.__name__
         # runtime and materialise: neutral no-ops unless the framework needs them
         assert hooks - {"runtime", "materialise"} <= own, module.__name__
     with pytest.raises(NotImplementedError):
