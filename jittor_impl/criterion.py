@@ -300,6 +300,10 @@ class SetCriterion(nn.Module):
         """Element-wise ``|src - target|``; a method so a harness can replace its gradient at ties."""
         return (src_boxes - target_boxes).abs()
 
+    def generalized_iou(self, boxes1: jt.Var, boxes2: jt.Var) -> jt.Var:
+        """Pairwise generalized IoU ``[N, M]`` of ``xyxy`` boxes; a method so a harness can choose its corners at ties."""
+        return generalized_box_iou(boxes1, boxes2)
+
     def loss_boxes(
         self,
         outputs: Dict[str, jt.Var],
@@ -316,7 +320,7 @@ class SetCriterion(nn.Module):
         target_boxes = jt.concat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)  # [num_matched, 4]
 
         loss_bbox = self.l1_distance(src_boxes, target_boxes)
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))  # [m, m]
+        giou = self.generalized_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))  # [m, m]
         loss_giou = 1 - jt.diag(giou)  # [num_matched]
         return {
             "loss_bbox": loss_bbox.sum() / num_boxes,

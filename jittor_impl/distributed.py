@@ -19,8 +19,9 @@ from rtdetr_common import distributed as common
 from .nn import BatchNorm2d, named_children, set_child
 
 
-def init() -> None:
-    """Joins the process group when launched as one of several processes."""
+def init(device: str = "cpu") -> None:
+    """Joins the process group when launched as one of several processes (Jittor joined MPI
+    at import, on either ``device``)."""
 
 
 def is_distributed() -> bool:

@@ -31,7 +31,7 @@ from rtdetr_common.weights import read_numpy_pickle
 from rtdetr_common.trainer import BaseTrainer
 from rtdetr_common.weights import WeightSet
 
-from . import build, distributed
+from . import build, devices, distributed
 from .checkpoint import load_state_dict_strict, model_state_dict, read_weightset
 from .engine import AdamW, train_step
 
@@ -100,6 +100,7 @@ class Trainer(BaseTrainer):
     CHECKPOINT_SUFFIX = CHECKPOINT_SUFFIX
     build = build
     distributed = distributed
+    devices = devices
 
     @staticmethod
     def seed(seed: int) -> None:
@@ -128,9 +129,12 @@ class Trainer(BaseTrainer):
         jt.sync(optimizer_moments(self.optimizer))
         return losses
 
-    @staticmethod
-    def as_tensor(array: np.ndarray) -> jt.Var:
+    def as_tensor(self, array: np.ndarray) -> jt.Var:
         return jt.array(array)
+
+    @staticmethod
+    def as_numpy(tensor: jt.Var) -> np.ndarray:
+        return tensor.numpy()
 
     @staticmethod
     def no_grad() -> jt.no_grad:

@@ -38,20 +38,24 @@ DEFAULT_SPECS = [
 ]
 
 
-def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
-    """Runs in the child: builds the model with seeded weights and times the task."""
+def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int, device: str = "cpu") -> dict:
+    """Runs in the child: builds the model with seeded weights on ``device`` and times the
+    task (on CUDA each timed run ends when the device has finished it)."""
     if framework == "jittor":
         import jittor_impl as impl
         import jittor as jt
-        from jittor_impl import engine
+        from jittor_impl import devices, engine
         from jittor_impl.checkpoint import load_state_dict_strict, state_dict_specs
+
+        devices.use(device)
     else:
         import torch
         import torch_ref as impl
-        from torch_ref import engine
+        from torch_ref import devices, engine
         from torch_ref.checkpoint import load_state_dict_strict, state_dict_specs
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        where = devices.use(device)
     from rtdetr_common.configs import variant_at_size
     from rtdetr_common.seeded import seeded_images, seeded_state_dict, seeded_targets
 
@@ -61,6 +65,8 @@ def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
     if framework == "torch":
         sd = {k: torch.from_numpy(v) for k, v in sd.items()}
     load_state_dict_strict(model, sd, "seeded:0")
+    if framework == "torch":
+        model.to(where)
     images = seeded_images(spec.batch, spec.size, seed=1)
     targets = seeded_targets([5] * spec.batch, 80, seed=3)
 
@@ -74,11 +80,13 @@ def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
                     out = model(x)
                     jt.sync([out["pred_logits"], out["pred_boxes"]])
         else:
-            x = torch.from_numpy(images)
+            x = torch.from_numpy(images).to(where)
 
             def step() -> None:
                 with torch.no_grad():
                     model(x)
+                if where.type == "cuda":
+                    torch.cuda.synchronize(where)
     else:
         model.train()
         criterion = impl.build_criterion(cfg)
@@ -89,8 +97,8 @@ def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
             tg = [{"labels": jt.array(t["labels"]).int64(), "boxes": jt.array(t["boxes"])}
                   for t in targets]
         else:
-            x = torch.from_numpy(images)
-            tg = [{k: torch.from_numpy(v) for k, v in t.items()} for t in targets]
+            x = torch.from_numpy(images).to(where)
+            tg = [{k: torch.from_numpy(v).to(where) for k, v in t.items()} for t in targets]
 
         def step() -> None:
             engine.train_step(model, criterion, optimizer, x, tg, clip)
@@ -102,8 +110,8 @@ def _measure(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"framework": framework, "median_s": statistics.median(times), "times_s": times,
-            "peak_rss_mb": peak_rss_mb()}
+    return {"framework": framework, "device": device, "median_s": statistics.median(times),
+            "times_s": times, "peak_rss_mb": peak_rss_mb()}
 
 
 def peak_rss_mb() -> float:
@@ -119,10 +127,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
+def run_child(framework: str, spec: BenchSpec, warmup: int, reps: int, device: str = "cpu") -> dict:
     """Measures one framework on one spec in a fresh Python process."""
     cmd = [sys.executable, "-m", "parity.bench", "--child", framework, spec.task, spec.variant,
-           str(spec.batch), str(spec.size), str(warmup), str(reps)]
+           str(spec.batch), str(spec.size), str(warmup), str(reps), device]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
@@ -131,13 +139,15 @@ def run_child(framework: str, spec: BenchSpec, warmup: int, reps: int) -> dict:
     return json.loads(lines[-1][len("BENCH "):])
 
 
-def run_bench(specs: list[BenchSpec], warmup: int = 2, reps: int = 5) -> list[dict]:
-    """Times every spec in both frameworks; returns one row per spec with both results."""
+def run_bench(specs: list[BenchSpec], warmup: int = 2, reps: int = 5,
+              device: str = "cpu") -> list[dict]:
+    """Times every spec in both frameworks on ``device``; returns one row per spec with both
+    results (peak memory is the host process's resident memory on either device)."""
     rows = []
     for spec in specs:
-        th = run_child("torch", spec, warmup, reps)
-        jt_ = run_child("jittor", spec, warmup, reps)
-        rows.append({"task": spec.task, "variant": spec.variant, "batch": spec.batch,
+        th = run_child("torch", spec, warmup, reps, device)
+        jt_ = run_child("jittor", spec, warmup, reps, device)
+        rows.append({"task": spec.task, "variant": spec.variant, "device": device, "batch": spec.batch,
                      "size": spec.size, "torch_s": th["median_s"], "jittor_s": jt_["median_s"],
                      "time_ratio": jt_["median_s"] / th["median_s"],
                      "torch_peak_mb": th["peak_rss_mb"], "jittor_peak_mb": jt_["peak_rss_mb"],
@@ -146,7 +156,8 @@ def run_bench(specs: list[BenchSpec], warmup: int = 2, reps: int = 5) -> list[di
 
 
 # Console columns of the benchmark table: (label, row key, format).
-_BENCH_COLUMNS = (("task", "task", None), ("variant", "variant", None), ("batch", "batch", "d"),
+_BENCH_COLUMNS = (("task", "task", None), ("variant", "variant", None), ("device", "device", None),
+                  ("batch", "batch", "d"),
                   ("size", "size", "d"), ("torch s", "torch_s", ".3f"),
                   ("jittor s", "jittor_s", ".3f"), ("J/T time", "time_ratio", ".2f"),
                   ("torch MB", "torch_peak_mb", ".0f"), ("jittor MB", "jittor_peak_mb", ".0f"),
@@ -203,15 +214,15 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def _child_main(argv: list[str]) -> None:
-    framework, task, variant, batch, size, warmup, reps = argv
+    framework, task, variant, batch, size, warmup, reps, device = argv
     spec = BenchSpec(task, variant, int(batch), int(size))
-    result = _measure(framework, spec, int(warmup), int(reps))
+    result = _measure(framework, spec, int(warmup), int(reps), device)
     print("BENCH " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="benchmark child process (internal)")
-    parser.add_argument("--child", nargs=7, required=True)
+    parser.add_argument("--child", nargs=8, required=True)
     _child_main(parser.parse_args().child)
 
 

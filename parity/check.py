@@ -51,6 +51,7 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     precision_floor: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
 
     @property
     def passed(self) -> bool:
@@ -135,7 +136,7 @@ class ScoreCapture:
         self._handle = torch_model.decoder.enc_score_head.register_forward_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.scores = output.detach().max(-1).values.numpy()  # [bs, candidates]
+        self.scores = to_numpy(output.max(-1).values)  # [bs, candidates]
 
     def close(self) -> None:
         """Removes the hook."""
@@ -164,7 +165,7 @@ def _compare_topk(pair: ModelPair, result: CheckResult, path: str, capture: Scor
                   images: np.ndarray, targets: list | None, out: dict,
                   rng_state: dict | None = None) -> dict:
     """Compares the top-k decision; on a difference re-runs Jittor with the reference one."""
-    ref_ind = pair.torch_model.decoder.last_topk_ind.numpy()
+    ref_ind = to_numpy(pair.torch_model.decoder.last_topk_ind)
     topk = decision_comparison(path, pair.jittor_model.decoder.last_topk_ind.numpy(), ref_ind,
                                capture.scores)
     result.add("decision", [topk])
@@ -188,7 +189,7 @@ def check_eval(pair: ModelPair, result: CheckResult, size: Size, batch: int = 1)
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            ref = pair.torch_model(torch.from_numpy(images))
+            ref = pair.torch_model(to_torch(images, pair.torch_device))
         result.seconds["torch_eval_forward"] = time.perf_counter() - start
     finally:
         capture.close()
@@ -202,7 +203,7 @@ def check_eval(pair: ModelPair, result: CheckResult, size: Size, batch: int = 1)
                                       lambda p: tolerance("output", p)))
     # (w, h) per image: the official postprocessor's order, non-square on purpose.
     sizes = np.array([[w + 37 * i + 13, h - 5 * i] for i in range(batch)], dtype=np.float32)
-    pp_ref = torch_ref.build_postprocessor(pair.cfg)(ref, torch.from_numpy(sizes))
+    pp_ref = torch_ref.build_postprocessor(pair.cfg)(ref, to_torch(sizes, pair.torch_device))
     pp_out = jittor_impl.build_postprocessor(pair.cfg)(out, jt.array(sizes))
     for i, (a, b) in enumerate(zip(to_numpy(pp_out), to_numpy(pp_ref))):
         order, moved = align_detections(a, b, tolerance("decision", "postprocess.topk").atol)
@@ -231,19 +232,21 @@ def _float64_losses(pair: ModelPair, images: np.ndarray, targets: list, topk_ind
         The float64 loss terms, and the float64 matching costs of every Hungarian decision.
     """
     model = copy.deepcopy(pair.torch_model).double().train()
-    model.decoder.forced_topk_ind = torch.from_numpy(topk_ind)
-    tg = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in to_torch(targets)]
+    model.decoder.forced_topk_ind = to_torch(topk_ind, pair.torch_device)
+    tg = [{"labels": t["labels"], "boxes": t["boxes"].double()}
+          for t in to_torch(targets, pair.torch_device)]
     criterion = torch_ref.build_criterion(pair.cfg).double()
     criterion.forced_indices = matches
     with torch.no_grad():
-        out = model(torch.from_numpy(images).double(), tg)
+        out = model(to_torch(images, pair.torch_device).double(), tg)
         losses = criterion(out, tg)
     costs = matcher_costs(criterion.matcher, out, tg, list(matches))
     return {k: float(v) for k, v in losses.items()}, costs
 
 
 def _compare_match_decisions(result: CheckResult, criteria: tuple, outputs: tuple, targets: list,
-                             losses_out: dict, float64_costs: dict) -> dict:
+                             losses_out: dict, float64_costs: dict,
+                             device: torch.device | None = None) -> dict:
     """Compares every Hungarian and denoising match; on a difference forces the reference's.
 
     Each decision key of the criterion (``final``, ``aux_{i}``, ``dn``) gets a decision row,
@@ -258,6 +261,7 @@ def _compare_match_decisions(result: CheckResult, criteria: tuple, outputs: tupl
         targets: Numpy targets.
         losses_out: The Jittor losses computed with Jittor's own matches.
         float64_costs: The reference's float64 matching costs (from :func:`_float64_losses`).
+        device: The torch outputs' device.
 
     Returns:
         The Jittor losses to compare: ``losses_out``, or the ones with the forced matches.
@@ -265,7 +269,7 @@ def _compare_match_decisions(result: CheckResult, criteria: tuple, outputs: tupl
     criterion_out, criterion_ref = criteria
     out, ref = outputs
     keys = list(criterion_ref.last_indices)
-    costs = MatchCosts(reference=matcher_costs(criterion_ref.matcher, ref, to_torch(targets), keys),
+    costs = MatchCosts(reference=matcher_costs(criterion_ref.matcher, ref, to_torch(targets, device), keys),
                        test=matcher_costs(criterion_out.matcher, out, to_jittor(targets), keys),
                        float64=float64_costs)
     result.add("decision", compare_matches(criterion_out.last_indices, criterion_ref.last_indices, costs))
@@ -309,7 +313,7 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts:
     torch_rng_state = pair.torch_model.rng.state_dict()
     capture = ScoreCapture(pair.torch_model)
     try:
-        ref = pair.torch_model(torch.from_numpy(images), to_torch(targets))
+        ref = pair.torch_model(to_torch(images, pair.torch_device), to_torch(targets, pair.torch_device))
     finally:
         capture.close()
     rng_state = pair.jittor_model.rng.state_dict()
@@ -318,9 +322,9 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts:
                         rng_state)
     criterion_ref = torch_ref.build_criterion(pair.cfg)
     criterion_out = jittor_impl.build_criterion(pair.cfg)
-    losses_ref = criterion_ref(ref, to_torch(targets))
+    losses_ref = criterion_ref(ref, to_torch(targets, pair.torch_device))
     losses_out = criterion_out(out, to_jittor(targets))
-    ref_topk = pair.torch_model.decoder.last_topk_ind.numpy()
+    ref_topk = to_numpy(pair.torch_model.decoder.last_topk_ind)
     replay_rng = pair.torch_model.rng.state_dict()
     pair.torch_model.rng.load_state_dict(torch_rng_state)
     try:
@@ -331,7 +335,7 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts:
     for kind, row in compare_denoising(pair, targets, torch_rng_state, rng_state):
         result.add(kind, [row])
     losses_out = _compare_match_decisions(result, (criterion_out, criterion_ref), (out, ref), targets,
-                                          losses_out, float64_costs)
+                                          losses_out, float64_costs, pair.torch_device)
     floors = {k: abs(float(v.detach()) - exact[k]) / max(abs(exact[k]), 1e-12)
               for k, v in losses_ref.items()}
     result.precision_floor.update(floors)
@@ -346,7 +350,7 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts:
 def run_check(pair: ModelPair, size: Size, train_size: Size = 640,
               counts: tuple[int, ...] = (4, 0)) -> CheckResult:
     """Eval parity at ``size`` and train-loss parity at ``train_size`` (each S or ``(h, w)``)."""
-    result = CheckResult(pair.cfg.name, pair.weights_source, size)
+    result = CheckResult(pair.cfg.name, pair.weights_source, size, device=pair.device)
     check_eval(pair, result, size)
     check_train_losses(pair, result, train_size, list(counts))
     return result

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from rtdetr_common.configs import VARIANTS, Size, format_size
+from rtdetr_common.devices import DEVICES, DeviceUnavailableError
 from rtdetr_common.weights import atomic_write
 
 from .commands import add_commands
@@ -39,6 +40,8 @@ from .tables import text_table, write_csv
 
 
 PARTS = ("outputs", "modules", "training")
+# The parts that run on any device (the others hook and replay tensors on the host).
+DEVICE_PARTS = ("outputs",)
 # Image sides must be multiples of the deepest feature stride (the encoder fuses levels 2x apart).
 SIZE_MULTIPLE = 32
 
@@ -63,7 +66,8 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
     variant = result.variant
     rows = [{"kind": r.kind, **r.comparison.as_row(),
              "precision_floor": result.precision_floor.get(r.comparison.path,
-                                                           r.comparison.floor)}
+                                                           r.comparison.floor),
+             "device": result.device}
             for r in result.rows]
     written = [out_dir / f"check_{variant}.csv"]
     write_csv(written[-1], rows)
@@ -74,6 +78,7 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
         written.append(out_dir / f"trajectory_{variant}.csv")
         write_csv(written[-1], trajectory.rows())
     payload = {"variant": variant, "weights": result.weights, "size": result.size,
+               "device": result.device,
                "passed": result.passed and all(m.passed for m in modules),
                "notes": result.notes, "seconds": result.seconds,
                "precision_floor": result.precision_floor,
@@ -142,7 +147,8 @@ def _worst(rows: list):
 
 # Decisions made many times over (one row per gate, cell, match or denoising quantity) are
 # summarised per family: the path up to one of these names (``train.relu_gate``).
-_DECISION_FAMILIES = ("relu_gate", "sample_cell", "l1_sign", "match", "dn_meta", "denoising")
+_DECISION_FAMILIES = ("relu_gate", "sample_cell", "l1_sign", "giou_corner", "match", "dn_meta",
+                      "denoising")
 
 
 def _decision_family(path: str) -> str:
@@ -338,7 +344,7 @@ def _state_sha256(pair) -> str:
     digest = hashlib.sha256()
     for name, value in pair.torch_model.state_dict().items():
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(value.detach().numpy()).tobytes())
+        digest.update(np.ascontiguousarray(value.detach().cpu().numpy()).tobytes())
     return digest.hexdigest()
 
 
@@ -355,12 +361,18 @@ def measure_check(args: argparse.Namespace,
     from .models import ModelPair, build_pair
     from .trajectory import run_training_checks
 
+    host_only = sorted(set(args.parts) - set(DEVICE_PARTS))
+    if args.device != "cpu" and host_only:
+        raise ValueError(f"check --device {args.device}: the {', '.join(host_only)} part(s) run on "
+                         f"the CPU only (their forcing hooks and float64 replay hold tensors on "
+                         f"the host); on {args.device} pass --parts {','.join(DEVICE_PARTS)}")
+
     def fresh_pair(size: Size) -> ModelPair:
         # Each part starts from the loaded weights: training-mode forwards of one part move
         # BatchNorm statistics (a forced re-run moves Jittor's once more) and training steps
         # move the weights. ``size`` is the eval size the part's images have.
         return build_pair(args.variant, num_classes=args.num_classes, size=size,
-                          weights=args.weights, seed=args.seed)
+                          weights=args.weights, seed=args.seed, device=args.device)
 
     def starting(part: str) -> float:
         if on_part is not None:
@@ -483,7 +495,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  batches=args.loader_batches, dataset=args.dataset)
         print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         return 0
-    rows = run_bench(DEFAULT_SPECS, warmup=args.warmup, reps=args.reps)
+    rows = run_bench(DEFAULT_SPECS, warmup=args.warmup, reps=args.reps, device=args.device)
     print(format_rows(rows))
     return 0
 
@@ -621,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--parts", type=_parts, default=list(PARTS),
                        help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--device", default="cpu", choices=DEVICES,
+                       help="cpu or cuda: torch on it against Jittor on it (default cpu; cuda "
+                            f"runs the {','.join(DEVICE_PARTS)} part)")
     check.add_argument("--out", default="reports/out", help="folder for CSV/JSON results")
     check.add_argument("--verbose", action="store_true",
                        help="show Jittor's compiler output and everything else on the screen "
@@ -641,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Jittor/PyTorch time and memory ratios, side by side")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--reps", type=int, default=5)
+    bench.add_argument("--device", default="cpu", choices=DEVICES,
+                       help="cpu or cuda: both frameworks on it (default cpu)")
     bench.add_argument("--loader-workers", type=int, nargs="+", metavar="N",
                        help="time the training loader instead (images/s with each worker count)")
     bench.add_argument("--loader-size", type=int, default=640)
@@ -788,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, DeviceUnavailableError) as exc:
         print(f"rtdetr-parity {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from rtdetr_common.coco import CategoryMap
 from rtdetr_common.configs import VARIANTS
+from rtdetr_common.devices import DEVICES
 from rtdetr_common.run_log import format_metrics
 from rtdetr_common.run_state import checkpoint_path
 from rtdetr_common.train_config import TrainConfig
@@ -62,6 +63,7 @@ _TRAIN_OPTIONS = {
     "seed": (int, "seed of initialisation, data order, augmentation and noise (default 0)"),
     "num_workers": (int, "data-loading processes (default 0; batches identical for any count)"),
     "threads": (int, "torch CPU threads (default: torch's; resume bit-exactly with the same)"),
+    "device": (str, "cpu or cuda (default cpu; under torchrun/mpirun one GPU per process)"),
     "init_weights": (str, "weights to start from (.pth, .pkl, .safetensors, .npz)"),
     "init_entry": (str, "entry of --init-weights loaded first: ema or model (default ema)"),
     "backbone_weights": (str, "ImageNet PResNet weights for the backbone alone (the published "
@@ -129,7 +131,8 @@ def _weights_config(args: argparse.Namespace, state: dict | None) -> TrainConfig
                        size=args.size or stored.get("size", 640),
                        init_weights=str(args.weights), init_entry=args.entry,
                        dataset=args.dataset, output_dir=str(args.out),
-                       eval_batch_size=args.batch_size, num_workers=args.workers)
+                       eval_batch_size=args.batch_size, num_workers=args.workers,
+                       device=args.device)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -336,6 +339,7 @@ def _add_weights_options(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="cpu or cuda (default cpu)")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

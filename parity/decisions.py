@@ -336,7 +336,8 @@ def compare_denoising(pair: Any, targets: list, torch_rng_state: dict, jittor_rn
 
     from .models import to_jittor, to_torch
 
-    ref = _replay_denoising(torch_group, pair.torch_model.decoder, to_torch(targets), torch_rng_state)
+    ref = _replay_denoising(torch_group, pair.torch_model.decoder, to_torch(targets, pair.torch_device),
+                            torch_rng_state)
     out = _replay_denoising(jittor_group, pair.jittor_model.decoder, to_jittor(targets), jittor_rng_state)
     if not ref and not out:
         return []

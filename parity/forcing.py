@@ -393,6 +393,122 @@ class L1Signs(_Kinks):
             self.name, src - target, type(criterion).l1_distance(criterion, src, target)))]
 
 
+def corner_giou(boxes1: Any, boxes2: Any, upper: Any, clamp: Callable[[Any], Any]) -> Any:
+    """Pairwise generalized IoU ``[N, M]`` of ``xyxy`` boxes with each corner's choice given:
+    ``upper`` (``[N, M, 4]``, 1 where ``boxes1``'s coordinate is the larger) picks the side of
+    every ``max`` / ``min`` of the intersection and the enclosing box, and so which box the
+    gradient reaches. The same arithmetic for torch tensors and Jittor Vars (``clamp``: the
+    framework's clamp at 0)."""
+    a, b = boxes1[:, None, :], boxes2[None, :, :]
+    high = upper * a + (1 - upper) * b  # max of each coordinate pair
+    low = (1 - upper) * a + upper * b  # min
+    inter_wh = clamp(low[:, :, 2:] - high[:, :, :2])
+    inter = inter_wh[:, :, 0] * inter_wh[:, :, 1]
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    union = area1[:, None] + area2[None, :] - inter
+    enclosing_wh = clamp(high[:, :, 2:] - low[:, :, :2])
+    enclosing = enclosing_wh[:, :, 0] * enclosing_wh[:, :, 1]
+    return inter / union - (enclosing - union) / enclosing
+
+
+class GiouCorners(_Kinks):
+    """Corners of the GIoU box loss: each ``max`` / ``min`` of a coordinate pair (intersection
+    and enclosing box) sends the gradient to one of the two boxes, decided by the sign of
+    ``boxes1 - boxes2``. Both criteria compute the GIoU matrix of the matched predictions
+    and targets through ``SetCriterion.generalized_iou`` and use its diagonal, so the
+    decisions are those of the matched pairs: the torch criterion records each call's
+    ``boxes1[i] - boxes2[i]``, the Jittor one computes its own GIoU and, where a difference
+    ties, takes the gradient of the reference's corners (:func:`corner_giou`; the other pairs
+    keep their own). A ``max`` is continuous at its kink, so the value stays the port's own
+    and forcing moves the gradient only (forcing the value as well would, within the wide
+    bands of a drifted trajectory, swap corners whole box gaps apart). The path is
+    ``train.giou_corner.loss_giou``.
+    """
+
+    prefix = "train.giou_corner"
+    what = "GIoU box loss"
+    name = "loss_giou"
+
+    def __init__(self, torch_criterion: torch.nn.Module, jittor_criterion: Any) -> None:
+        super().__init__()
+        self.criteria = (torch_criterion, jittor_criterion)
+
+    @staticmethod
+    def branch(x: np.ndarray) -> np.ndarray:
+        return x > 0
+
+    @staticmethod
+    def differences(boxes1: Any, boxes2: Any) -> Any:
+        """``boxes1[i] - boxes2[i]`` of the matched pairs, ``[N, 4]``.
+
+        Raises:
+            ValueError: If the two sets differ in size (no matched pairs).
+        """
+        if tuple(boxes1.shape) != tuple(boxes2.shape):
+            raise ValueError(f"GIoU of matched pairs needs boxes of one shape, got "
+                             f"{tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+        return boxes1 - boxes2
+
+    @classmethod
+    def corners(cls, boxes1: np.ndarray, boxes2: np.ndarray, matched: np.ndarray) -> np.ndarray:
+        """The ``upper`` of :func:`corner_giou` (bool ``[N, N, 4]``): every pair's own
+        corners, the matched pairs' (the diagonal) taken from ``matched`` (``[N, 4]`` bool),
+        except where those would leave the pair's enclosing box empty (a tie band as wide as
+        the boxes' gap): there the pair keeps its own."""
+        upper = cls.branch(boxes1[:, None, :] - boxes2[None, :, :])
+        index = np.arange(len(matched))
+        high = np.where(matched, boxes1, boxes2)
+        low = np.where(matched, boxes2, boxes1)
+        empty = np.any(high[:, 2:] - low[:, :2] <= 0, axis=1)
+        upper[index, index] = np.where(empty[:, None], upper[index, index], matched)
+        return upper
+
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def _recorders(self) -> list:
+        criterion = self.criteria[0]
+
+        def record(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+            self._record(self.name, self.differences(boxes1, boxes2).detach().numpy().copy())
+            return type(criterion).generalized_iou(criterion, boxes1, boxes2)
+        return [(criterion, "generalized_iou", record)]
+
+    def _forcers(self) -> list:
+        criterion = self.criteria[1]
+
+        def force(boxes1: jt.Var, boxes2: jt.Var) -> jt.Var:
+            own = type(criterion).generalized_iou(criterion, boxes1, boxes2)
+            d = self.differences(boxes1, boxes2)
+            reference = self._take_call(self.name, d)
+            tie = self._ties(self.name, reference)
+            if not tie.any():
+                return own
+            matched = np.where(tie, self.branch(reference), self.branch(d.numpy()))
+            upper = self.corners(boxes1.numpy(), boxes2.numpy(), matched)
+            forced = corner_giou(boxes1, boxes2, jt.array(upper.astype(np.float32)),
+                                 lambda x: x.clamp(min_v=0))
+            return own.detach() + (forced - forced.detach())  # own value, forced gradient
+        return [(criterion, "generalized_iou", force)]
+
+    @classmethod
+    def replay_giou(cls, path: str, boxes1: torch.Tensor, boxes2: torch.Tensor,
+                    reference: np.ndarray, band: float | None = None) -> torch.Tensor:
+        """A replay's GIoU: its own value, with the gradient of the fp32 reference's corners
+        within ``band`` (default the decision entry's ``atol``) and of its own elsewhere."""
+        own = cls.differences(boxes1, boxes2).detach().numpy()
+        tie = np.abs(reference) <= (tolerance("decision", path).atol if band is None else band)
+        matched = np.where(tie, cls.branch(reference), cls.branch(own))
+        a, b = boxes1.detach().numpy(), boxes2.detach().numpy()
+        clamp = lambda x: x.clamp(min=0)  # noqa: E731
+        value = corner_giou(boxes1, boxes2, torch.from_numpy(cls.corners(a, b, cls.branch(own))
+                                                             .astype(own.dtype)), clamp)
+        forced = corner_giou(boxes1, boxes2,
+                             torch.from_numpy(cls.corners(a, b, matched).astype(own.dtype)), clamp)
+        return value.detach() + (forced - forced.detach())
+
+
 def cell_offsets(locations: np.ndarray,
                  spatial_shapes: list) -> tuple[np.ndarray, np.ndarray]:
     """Where each deformable-attention sampling point lies against the nearest cell edge.
@@ -787,7 +903,7 @@ class Matches:
 
 class Forcing:
     """Every forced decision of a training pass: top-k, matches, ReLU gates, sampling cells,
-    L1 signs and the stem max-pool's argmax, recorded around the reference's forward and forced
+    L1 signs, GIoU corners and the stem max-pool's argmax, recorded around the reference's forward and forced
     around the port's.
 
     Args:
@@ -801,7 +917,7 @@ class Forcing:
         self.topk = TopkSelection(pair)
         self.matches = Matches(torch_criterion, jittor_criterion)
         self.kinks = (ReluGates(pair), SampleCells(pair), L1Signs(torch_criterion, jittor_criterion),
-                      MaxPoolArgmax(pair))
+                      GiouCorners(torch_criterion, jittor_criterion), MaxPoolArgmax(pair))
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:

@@ -18,9 +18,11 @@ import torch
 import jittor_impl.checkpoint as jt_ckpt
 import torch_ref.checkpoint as th_ckpt
 from jittor_impl import build_model as build_jittor
+from jittor_impl import devices as jittor_devices
 from rtdetr_common.configs import Size, VariantConfig, variant_at_size
 from rtdetr_common.seeded import seeded_state_dict
 from torch_ref import build_model as build_torch
+from torch_ref import devices as torch_devices
 
 from .convert import check_weightset, read_any
 
@@ -35,6 +37,8 @@ class ModelPair:
         jittor_model: jittor_impl RTDETR.
         weights_source: Where the weights came from (a path or ``seeded:<seed>``).
         entry: Which state_dict of the source was loaded (``ema``/``model``/``seeded``).
+        device: Where both compute (``cpu`` / ``cuda``, see :mod:`rtdetr_common.devices`).
+        torch_device: The torch model's device.
     """
 
     cfg: VariantConfig
@@ -42,6 +46,8 @@ class ModelPair:
     jittor_model: Any
     weights_source: str
     entry: str
+    device: str = "cpu"
+    torch_device: torch.device = torch.device("cpu")
 
     def eval(self) -> "ModelPair":
         """Both models to eval mode."""
@@ -57,7 +63,8 @@ class ModelPair:
 
 
 def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
-               weights: str | Path | None = None, seed: int = 0, prefer: str = "ema") -> ModelPair:
+               weights: str | Path | None = None, seed: int = 0, prefer: str = "ema",
+               device: str = "cpu") -> ModelPair:
     """Builds both models and loads one set of weights into both, strictly.
 
     Args:
@@ -68,7 +75,13 @@ def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
         weights: A weight file, or None for the seeded embedded default.
         seed: Seed of the default weights and of both models' shared random streams.
         prefer: Which entry of a checkpoint to load (``ema`` first, as officially).
+        device: ``cpu`` or ``cuda``: both frameworks compute there.
+
+    Raises:
+        DeviceUnavailableError: If a framework cannot use ``device``.
     """
+    torch_device = torch_devices.use(device)
+    jittor_devices.use(device)
     cfg = variant_at_size(variant, num_classes, size)
     torch_model = build_torch(cfg, multi_scale=False, seed=seed)
     jittor_model = build_jittor(cfg, multi_scale=False, seed=seed)
@@ -83,16 +96,18 @@ def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
     th_ckpt.load_state_dict_strict(
         torch_model, {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, source)
     jt_ckpt.load_state_dict_strict(jittor_model, state_dict, source)
-    return ModelPair(cfg, torch_model, jittor_model, source, entry)
+    torch_model.to(torch_device)
+    return ModelPair(cfg, torch_model, jittor_model, source, entry, device, torch_device)
 
 
-def to_torch(tree: Any) -> Any:
-    """numpy leaves -> torch tensors (nested dicts/lists)."""
+def to_torch(tree: Any, device: torch.device | None = None) -> Any:
+    """numpy leaves -> torch tensors (nested dicts/lists), on ``device`` when given."""
     if isinstance(tree, dict):
-        return {k: to_torch(v) for k, v in tree.items()}
+        return {k: to_torch(v, device) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(to_torch(v) for v in tree)
-    return torch.from_numpy(np.array(tree))
+        return type(tree)(to_torch(v, device) for v in tree)
+    tensor = torch.from_numpy(np.array(tree))
+    return tensor if device is None else tensor.to(device)
 
 
 def to_jittor(tree: Any) -> Any:

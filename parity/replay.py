@@ -20,7 +20,7 @@ import torch_ref.backbone as torch_backbone
 import torch_ref.decoder as torch_decoder
 
 from .decisions import matcher_costs
-from .forcing import (Decisions, L1Signs, Matches, MaxPoolArgmax, ReluGates, SampleCells,
+from .forcing import (Decisions, GiouCorners, L1Signs, Matches, MaxPoolArgmax, ReluGates, SampleCells,
                       TopkSelection, match_flips, override, robust_error)
 from .arrays import to_numpy
 from .models import ModelPair, to_torch
@@ -120,6 +120,13 @@ class Float64Replay:
         self.flips.setdefault(path, []).append(kind.replay_flips(x, reference))
         return kind.replay(path, x, reference, self.bands.get(path))
 
+    def _giou(self, path: str, boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+        reference = next(self._calls[path])
+        d = GiouCorners.differences(boxes1, boxes2)
+        self._note(path, robust_error(d.detach().numpy(), reference))
+        self.flips.setdefault(path, []).append(GiouCorners.replay_flips(d, reference))
+        return GiouCorners.replay_giou(path, boxes1, boxes2, reference, self.bands.get(path))
+
     def _relu(self, path: str, x: torch.Tensor) -> torch.Tensor:
         return self._forced(path, ReluGates, x)
 
@@ -154,7 +161,9 @@ class Float64Replay:
                        for name, m in model.named_modules()
                        if isinstance(m, torch_decoder.MSDeformableAttention)]
                     + [(self.criterion, "l1_distance",
-                        lambda src, target: self._forced(l1, L1Signs, src - target))]
+                        lambda src, target: self._forced(l1, L1Signs, src - target)),
+                       (self.criterion, "generalized_iou",
+                        lambda b1, b2: self._giou(GiouCorners.path(GiouCorners.name), b1, b2))]
                     + [(m, "stem_pool", lambda x, path=MaxPoolArgmax.path(name):
                         self._forced(path, MaxPoolArgmax, x))
                        for name, m in model.named_modules() if isinstance(m, torch_backbone.PResNet)])
@@ -226,7 +235,7 @@ class Float64Replay:
     def flip_counts(self) -> dict[str, int]:
         """Per kind of decision, how many of the last replayed forward's would have gone the
         other way than the fp32 reference's: per kind of kink (``relu_gate``, ``sample_cell``,
-        ``l1_sign``, ``maxpool_argmax``; :attr:`flips`), ``topk`` (:attr:`topk_flips`) and
+        ``l1_sign``, ``giou_corner``, ``maxpool_argmax``; :attr:`flips`), ``topk`` (:attr:`topk_flips`) and
         ``match`` (:attr:`match_flips`)."""
         counts: dict[str, int] = {"topk": self.topk_flips, "match": self.match_flips}
         for path, arrays in self.flips.items():

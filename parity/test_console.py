@@ -120,10 +120,10 @@ def test_trajectory_bench_and_module_tables_through_pandas() -> None:
     header, row = text.splitlines()
     assert header.split()[:3] == ["step", "torch", "loss"] and "float64 loss" in header
     assert LONG in row and row.split()[:4] == ["1", "33.77800", "33.77790", "33.77800"]
-    bench = format_rows([{"task": "eval", "variant": "r18vd", "batch": 1, "size": 640,
+    bench = format_rows([{"task": "eval", "variant": "r18vd", "device": "cpu", "batch": 1, "size": 640,
                           "torch_s": 0.5, "jittor_s": 0.7, "time_ratio": 1.4,
                           "torch_peak_mb": 900.0, "jittor_peak_mb": 1200.0, "mem_ratio": 1.33}])
-    assert bench.splitlines()[1].split() == ["eval", "r18vd", "1", "640", "0.500", "0.700",
+    assert bench.splitlines()[1].split() == ["eval", "r18vd", "cpu", "1", "640", "0.500", "0.700",
                                              "1.40", "900", "1200", "1.33"]
     report = ModuleReport("r18vd", "eval", (1, 3, 64, 64))
     report.rows.append(ModuleRow(LONG, "isolated", "module",

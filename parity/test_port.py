@@ -366,7 +366,7 @@ def test_dn_meta_and_denoising_groups_compare_exactly() -> None:
 
     decoder = SimpleNamespace(num_classes=NC, num_queries=10, num_denoising=12, label_noise_ratio=0.5,
                               box_noise_scale=1.0)
-    pair = SimpleNamespace(torch_model=SimpleNamespace(decoder=decoder),
+    pair = SimpleNamespace(torch_model=SimpleNamespace(decoder=decoder), torch_device=None,
                            jittor_model=SimpleNamespace(decoder=decoder))
     _, targets = _decision_case()
     state = SharedRandom(3).state_dict()

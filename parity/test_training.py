@@ -28,7 +28,7 @@ from parity.compare import Comparison, compare_tree
 from parity.divergences import KnownDivergence, jittor_kernels, unexpected_failures, xfail_reason
 from parity.models import ModelPair, build_pair
 from parity.tolerances import tolerance
-from parity.forcing import L1Signs, SampleCells, _Kinks, cell_offsets
+from parity.forcing import GiouCorners, L1Signs, SampleCells, _Kinks, cell_offsets
 from parity.training import (add_rows, check_gradients, check_optimizer_step, compare_gradients,
                              row_kind, train_pass)
 from parity.trajectory import Trajectory, TrajectoryStep, run_trajectory, training_batches
@@ -223,6 +223,46 @@ def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) 
     assert row.path == "train.l1_sign.loss_bbox" and row_kind(row.path) == "decision"
     assert ties.flips == {row.path: 1}
     assert row.max_abs == pytest.approx(gap, rel=5e-2)  # gap rounded at 0.5 in fp32
+    assert row.passed is forced
+
+
+@pytest.mark.parametrize("gap, forced", [(1e-6, True), (1e-3, False)])
+def test_giou_corner_ties_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
+    """One matched box whose left and right edges lie ``gap`` right of its target's in torch
+    and ``gap`` left of them in Jittor: the intersection and the enclosing box take those
+    edges from the other box. Within the ``train.giou_corner`` band the port takes the
+    reference's corners (its GIoU gradient follows torch's, the decision row passes and counts
+    the flips); beyond it the port keeps its own corners, its gradient differs and the row
+    fails."""
+    cfg = variant_at_size("r18vd", 80, 64)
+    target = np.array([[0.5, 0.5, 0.2, 0.2]], np.float32)
+    boxes = np.random.default_rng(0).uniform(0.2, 0.8, (1, 3, 4)).astype(np.float32)
+    boxes[0, 0] = target[0] + np.array([gap, 0.01, 0.0, 0.03], np.float32)
+    logits = np.random.default_rng(1).normal(size=(1, 3, 80)).astype(np.float32)
+    torch_boxes = torch.tensor(boxes, requires_grad=True)
+    jittor_boxes = boxes.copy()
+    jittor_boxes[0, 0, 0] = target[0, 0] - gap
+    jittor_boxes = jt.array(jittor_boxes)
+    labels = np.array([3], np.int64)
+    criterion_t = torch_ref.build_criterion(cfg)
+    criterion_j = jittor_impl.build_criterion(cfg)
+    ties = GiouCorners(criterion_t, criterion_j)
+    with ties.recording():
+        losses_t = criterion_t({"pred_logits": torch.tensor(logits), "pred_boxes": torch_boxes},
+                               [{"labels": torch.tensor(labels), "boxes": torch.tensor(target)}])
+    with ties.forcing():
+        criterion_j.forced_indices = dict(criterion_t.last_indices)
+        losses_j = criterion_j({"pred_logits": jt.array(logits), "pred_boxes": jittor_boxes},
+                               [{"labels": jt.array(labels), "boxes": jt.array(target)}])
+        grad_j = jt.grad(losses_j["loss_giou"], jittor_boxes).numpy()
+    losses_t["loss_giou"].backward()
+    grad_t = torch_boxes.grad.numpy()
+    close = np.allclose(grad_j[0, 0], grad_t[0, 0], rtol=1e-2, atol=1e-3)
+    assert close is forced, (grad_j[0, 0], grad_t[0, 0])
+    [row] = ties.decisions()
+    assert row.path == "train.giou_corner.loss_giou" and row_kind(row.path) == "decision"
+    assert ties.flips == {row.path: 2}  # x1 and x2 (each decides an intersection and an enclosing edge)
+    assert row.max_abs == pytest.approx(gap, rel=5e-2)
     assert row.passed is forced
 
 

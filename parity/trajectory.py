@@ -28,7 +28,8 @@ _COUNTS = (4, 0, 7, 2, 1, 5, 3, 6)
 # Decisions judged by count from a trajectory's second step: their rows' path prefixes, and
 # the kinds of the float64 replay's counts (Float64Replay.flip_counts).
 _COUNTED = {"train.relu_gate.": "relu_gate", "train.sample_cell.": "sample_cell",
-            "train.l1_sign": "l1_sign", "train.maxpool_argmax.": "maxpool_argmax",
+            "train.l1_sign": "l1_sign", "train.giou_corner": "giou_corner",
+            "train.maxpool_argmax.": "maxpool_argmax",
             "train.decoder.topk_ind": "topk", "train.match.": "match"}
 # The counted kinds that are choices among candidates rather than sides of a kink.
 _CHOICES = ("topk", "match")

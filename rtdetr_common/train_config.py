@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .coco import CategoryMap
+from .devices import DEVICES
 from .configs import VARIANTS, EMAConfig, ScheduleConfig, VariantConfig, variant_at_size
 from .pipeline.coco_dataset import CocoDetection
 from .pipeline.loader import DataLoader
@@ -51,8 +52,9 @@ SIZE_MULTIPLE = 32
 # what is computed (batches are identical for any worker count; logging and evaluation do not
 # touch the training state), or, for ``epochs``, they only extend or shorten the run.
 # ``threads`` is here too, but bit-identical results need the same thread count.
-RESUME_EXEMPT = ("output_dir", "num_workers", "threads", "log_every", "eval_every", "epochs",
-                 "eval_batch_size")
+# ``device`` likewise: a run may move to another device, which rounds differently.
+RESUME_EXEMPT = ("output_dir", "num_workers", "threads", "device", "log_every", "eval_every",
+                 "epochs", "eval_batch_size")
 
 
 @dataclass
@@ -96,6 +98,8 @@ class TrainConfig:
         num_workers: Data-loading worker processes (batches are identical for any count).
         threads: CPU threads of the framework; None leaves its default. Bit-identical resumes
             need the same count in both runs.
+        device: ``cpu`` or ``cuda`` (:mod:`rtdetr_common.devices`); a run of several processes
+            puts process ``r`` on CUDA device ``r`` of its machine (``LOCAL_RANK``).
         output_dir: Folder for ``log.jsonl``, ``last.pth`` / ``last.pkl`` and results.
         init_weights: Weights to start from (official ``.pth``, ``.pkl``, ``.safetensors``,
             ``.npz``), loaded strictly whenever a trainer is built (also before resuming, so the
@@ -137,6 +141,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     threads: int | None = None
+    device: str = "cpu"
     output_dir: str = "runs/train"
     init_weights: str | None = None
     init_entry: str = "ema"
@@ -175,6 +180,7 @@ class TrainConfig:
             (self.ema_warmups > 0, "ema_warmups must be positive"),
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.threads is None or self.threads >= 1, "threads must be at least 1"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.init_entry in ("ema", "model"), "init_entry must be 'ema' or 'model'"),
             (self.init_weights is None or self.backbone_weights is None,
              "init_weights (the whole model) and backbone_weights (the backbone alone) exclude "

@@ -64,6 +64,7 @@ class BaseTrainer:
 
     Attributes:
         cfg: The resolved configuration.
+        device: Where the framework computes (its ``devices.use`` of ``cfg.device``).
         category_map: The dataset's categories; the model predicts ``len(category_map)`` classes.
         variant: The variant config built from ``cfg`` (optimizer, schedule, EMA values).
         model: RTDETR in training mode (built without multi-scale: the loader resizes).
@@ -81,16 +82,19 @@ class BaseTrainer:
         ValueError: If the config is invalid or ``cfg.num_classes`` differs from the dataset.
         FileNotFoundError: If the dataset or the initial weights are missing.
         StateDictMismatchError: If the initial weights do not fit the variant.
+        DeviceUnavailableError: If the framework cannot use ``cfg.device``.
     """
 
     FRAMEWORK = ""  # the framework's name in checkpoints, logs and the progress bar
     CHECKPOINT_SUFFIX = ""  # the training checkpoint's file suffix
     build: Any = None  # the framework's builders: build_model, build_criterion, ...
     distributed: Any = None  # the framework's collectives: init, rank, world_size, all_reduce, ...
+    devices: Any = None  # the framework's devices: use, available (see rtdetr_common.devices)
 
     def __init__(self, cfg: TrainConfig, category_map: CategoryMap | None = None) -> None:
+        self.device = self.devices.use(cfg.device)  # before anything is generated or read
         self.cfg = cfg.resolved(data=category_map is None)
-        self.distributed.init()
+        self.distributed.init(self.cfg.device)
         self.rank, self.world_size = self.distributed.rank(), self.distributed.world_size()
         if self.cfg.batch_size % self.world_size:
             raise ValueError(f"batch_size={self.cfg.batch_size} (the global batch) must be a multiple "
@@ -106,6 +110,7 @@ class BaseTrainer:
         self.seed(self.cfg.seed)
         self.model = self.build.build_model(self.variant, multi_scale=False, seed=self.cfg.seed)
         self.materialise(self.model)
+        self.model = self.place(self.model)
         if self.cfg.init_weights is not None:
             state_dict, entry = self.read_weights(self.cfg.init_weights).preferred(self.cfg.init_entry)
             self.load_model(self.model, state_dict, f"{self.cfg.init_weights} [{entry}]")
@@ -149,6 +154,10 @@ class BaseTrainer:
         """Computes the freshly built model's initial values now (a framework that evaluates
         lazily would otherwise draw them later, after whatever else draws random numbers)."""
 
+    def place(self, model: Any) -> Any:
+        """The model on :attr:`device` (a framework whose device is process-wide returns it)."""
+        return model
+
     @staticmethod
     def weights_of(module: Any) -> dict[str, np.ndarray]:
         """A module's state_dict as numpy arrays (official layout)."""
@@ -158,9 +167,13 @@ class BaseTrainer:
         """One optimisation step of model, optimizer and EMA on a loader batch."""
         raise NotImplementedError
 
+    def as_tensor(self, array: np.ndarray) -> Any:
+        """A numpy array as the framework's tensor on :attr:`device`."""
+        raise NotImplementedError
+
     @staticmethod
-    def as_tensor(array: np.ndarray) -> Any:
-        """A numpy array as the framework's tensor."""
+    def as_numpy(tensor: Any) -> np.ndarray:
+        """A tensor's values as a numpy array (from any device)."""
         raise NotImplementedError
 
     @staticmethod
@@ -397,7 +410,7 @@ class BaseTrainer:
         """
         outputs = module(self.as_tensor(images))
         results = self.postprocessor(outputs, self.as_tensor(orig_sizes.astype(np.float32)))
-        return [{k: v.numpy() for k, v in r.items()} for r in results]
+        return [{k: self.as_numpy(v) for k, v in r.items()} for r in results]
 
     def evaluate(self, split: str = "val") -> CocoMetrics:
         """COCO bbox AP of the EMA model (else the model) on a split.

@@ -200,9 +200,9 @@ def test_both_trainers_run_the_one_shared_loop():
     import torch_ref.trainer as torch_trainer
     from rtdetr_common.trainer import BaseTrainer
 
-    hooks = {"seed", "read_weights", "load_model", "weights_of", "materialise", "optimise", "as_tensor",
-             "no_grad", "runtime", "checkpoint_contents", "write_checkpoint", "read_checkpoint",
-             "restore"}
+    hooks = {"seed", "read_weights", "load_model", "weights_of", "materialise", "place", "optimise",
+             "as_tensor", "as_numpy", "no_grad", "runtime", "checkpoint_contents", "write_checkpoint",
+             "read_checkpoint", "restore"}
     loop = {name for name, _ in inspect.getmembers(BaseTrainer, inspect.isfunction)} - hooks
     assert {"train", "step", "set_lr", "evaluate", "predict", "detect"} <= loop
     for module in (torch_trainer, jittor_trainer):
@@ -210,9 +210,10 @@ def test_both_trainers_run_the_one_shared_loop():
         assert issubclass(trainer, BaseTrainer) and trainer.FRAMEWORK == module.FRAMEWORK
         own = set(vars(trainer)) - {"__module__", "__doc__", "__qualname__", "__firstlineno__",
                                     "__static_attributes__"}
-        assert own - hooks == {"FRAMEWORK", "CHECKPOINT_SUFFIX", "build", "distributed"}, module.__name__
-        # runtime and materialise: neutral no-ops unless the framework needs them
-        assert hooks - {"runtime", "materialise"} <= own, module.__name__
+        assert own - hooks == {"FRAMEWORK", "CHECKPOINT_SUFFIX", "build", "distributed",
+                               "devices"}, module.__name__
+        # runtime, materialise and place: neutral no-ops unless the framework needs them
+        assert hooks - {"runtime", "materialise", "place"} <= own, module.__name__
     with pytest.raises(NotImplementedError):
         BaseTrainer.optimise(None, None)
 

@@ -267,6 +267,10 @@ class SetCriterion(nn.Module):
         """Element-wise ``|src - target|``; a method so a harness can replace its gradient at ties."""
         return F.l1_loss(src_boxes, target_boxes, reduction="none")
 
+    def generalized_iou(self, boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+        """Pairwise generalized IoU ``[N, M]`` of ``xyxy`` boxes; a method so a harness can choose its corners at ties."""
+        return generalized_box_iou(boxes1, boxes2)
+
     def loss_boxes(
         self,
         outputs: Dict[str, torch.Tensor],
@@ -283,7 +287,7 @@ class SetCriterion(nn.Module):
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)  # [num_matched, 4]
 
         loss_bbox = self.l1_distance(src_boxes, target_boxes)
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))  # [m, m]
+        giou = self.generalized_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))  # [m, m]
         loss_giou = 1 - torch.diag(giou)  # [num_matched]
         return {
             "loss_bbox": loss_bbox.sum() / num_boxes,

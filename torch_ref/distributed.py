@@ -21,10 +21,11 @@ from torch.distributed.nn.functional import all_reduce as _all_reduce_with_grad
 from rtdetr_common import distributed as common
 
 
-def init() -> None:
-    """Joins the process group when launched as one of several processes."""
+def init(device: str = "cpu") -> None:
+    """Joins the process group when launched as one of several processes (``device``
+    ``cuda``: the NCCL backend, else gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
 
 
 def is_distributed() -> bool:
@@ -46,8 +47,10 @@ def all_reduce(array: np.ndarray) -> np.ndarray:
     """The float64 sum over processes of ``array``."""
     total = torch.from_numpy(np.array(array, np.float64))
     if is_distributed():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            total = total.cuda()
         dist.all_reduce(total)
-    return total.numpy()
+    return total.cpu().numpy()
 
 
 def barrier() -> None:
@@ -103,4 +106,6 @@ def parallel(model: nn.Module) -> nn.Module:
     """The model as the training step calls it: gradients averaged over processes."""
     if not is_distributed():
         return model
-    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    first = next(model.parameters())
+    ids = [first.device] if first.is_cuda else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)

@@ -21,7 +21,7 @@ from rtdetr_common.trainer import BaseTrainer
 from rtdetr_common.weights import (JITTOR_SUFFIXES, NEUTRAL_SUFFIXES, WeightSet,
                                    load_jittor_pickle, load_neutral)
 
-from . import build, distributed
+from . import build, devices, distributed
 from .checkpoint import load_state_dict_strict, read_weightset
 from .engine import train_step
 
@@ -39,10 +39,12 @@ def read_weights(path: str | Path) -> WeightSet:
     return read_weightset(path)
 
 
-def to_tensors(batch: Batch) -> tuple[torch.Tensor, list[dict]]:
-    """A loader batch as model inputs: images [bs, 3, H, W] and ``labels`` / ``boxes`` targets."""
-    images = torch.from_numpy(batch.images)
-    targets = [{"labels": torch.from_numpy(t["labels"]), "boxes": torch.from_numpy(t["boxes"])}
+def to_tensors(batch: Batch, device: torch.device) -> tuple[torch.Tensor, list[dict]]:
+    """A loader batch as model inputs on ``device``: images [bs, 3, H, W] and ``labels`` /
+    ``boxes`` targets."""
+    images = torch.from_numpy(batch.images).to(device)
+    targets = [{"labels": torch.from_numpy(t["labels"]).to(device),
+                "boxes": torch.from_numpy(t["boxes"]).to(device)}
                for t in batch.targets]
     return images, targets
 
@@ -54,6 +56,7 @@ class Trainer(BaseTrainer):
     CHECKPOINT_SUFFIX = CHECKPOINT_SUFFIX
     build = build
     distributed = distributed
+    devices = devices
 
     @staticmethod
     def seed(seed: int) -> None:
@@ -68,18 +71,24 @@ class Trainer(BaseTrainer):
         load_state_dict_strict(model, {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
                                source)
 
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
     @staticmethod
     def weights_of(module: torch.nn.Module) -> dict[str, np.ndarray]:
-        return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
     def optimise(self, batch: Batch) -> dict[str, float]:
-        images, targets = to_tensors(batch)
+        images, targets = to_tensors(batch, self.device)
         return train_step(self.train_model, self.criterion, self.optimizer, images, targets,
                           self.cfg.clip_max_norm, self.ema)
 
+    def as_tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
+
     @staticmethod
-    def as_tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array)
+    def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().cpu().numpy()
 
     @staticmethod
     def no_grad() -> torch.no_grad:
@@ -87,16 +96,19 @@ class Trainer(BaseTrainer):
 
     @contextlib.contextmanager
     def runtime(self) -> Iterator[None]:
-        """Deterministic algorithms and the configured thread count, restored afterwards."""
+        """Deterministic algorithms and the configured thread count, restored afterwards. On
+        CUDA an operator without a deterministic kernel (``grid_sample``'s backward) warns
+        instead of stopping the run."""
         deterministic = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
         threads = torch.get_num_threads()
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         if self.cfg.threads is not None:
             torch.set_num_threads(self.cfg.threads)
         try:
             yield
         finally:
-            torch.use_deterministic_algorithms(deterministic)
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
             torch.set_num_threads(threads)
 
     def checkpoint_contents(self) -> dict:
