@@ -39,7 +39,7 @@ def read_weights(path: str | Path) -> WeightSet:
     return read_weightset(path)
 
 
-def to_tensors(batch: Batch, device: torch.device) -> tuple[torch.Tensor, list[dict]]:
+def to_tensors(batch: Batch, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[dict]]:
     """A loader batch as model inputs on ``device``: images [bs, 3, H, W] and ``labels`` /
     ``boxes`` targets."""
     images = torch.from_numpy(batch.images).to(device)
