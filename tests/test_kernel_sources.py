@@ -63,15 +63,19 @@ def test_headers_put_the_defines_first() -> None:
 
 
 def test_every_operator_of_the_table_is_decided_by_it_and_nothing_else_decides() -> None:
-    asked, deciders = set(), set()
+    """Only ``uses_kernel`` reads ``use_cuda`` to choose; ``devices.use`` alone sets it."""
+    asked, deciders, setters = set(), set(), set()
     for path in (ROOT / "jittor_impl").glob("*.py"):
         asked.update(re.findall(r'uses_kernel\("(\w+)"\)', path.read_text()))
         for func in ast.walk(ast.parse(path.read_text())):
-            if isinstance(func, ast.FunctionDef) and any(
-                    isinstance(n, ast.Attribute) and n.attr == "use_cuda" for n in ast.walk(func)):
-                deciders.add(f"{path.stem}.{func.name}")
+            if not isinstance(func, ast.FunctionDef):
+                continue
+            for n in ast.walk(func):
+                if isinstance(n, ast.Attribute) and n.attr == "use_cuda":
+                    (setters if isinstance(n.ctx, ast.Store) else deciders).add(f"{path.stem}.{func.name}")
     assert asked == set(kernels.OPERATORS)
     assert deciders == {"_kernels.uses_kernel"}
+    assert setters == {"devices.use"}
 
 
 def test_readme_is_the_rendered_table() -> None:
