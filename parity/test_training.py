@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jittor as jt
 import numpy as np
@@ -186,16 +186,15 @@ def test_missing_detach_is_caught_by_gradients_not_by_forward() -> None:
     assert not any(f.startswith("grad grad.decoder.enc_") for f in failures), failures
 
 
-@pytest.mark.parametrize("gap, forced", [(1e-6, True), (1e-3, False)])
-def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
-    """One matched box whose cx lies ``gap`` right of its target in torch and ``gap`` left of
-    it in Jittor: within the ``train.l1_sign`` band the port takes the reference's sign (same
-    gradient, the decision row passes and counts the flip); beyond it the port keeps its own
-    sign (the gradient differs by 2 * weight / num_boxes) and the row fails."""
-    cfg = variant_at_size("r18vd", 80, 64)
+def _one_box_across_its_target(kink: type, loss: str, gap: float, w_delta: float,
+                               cfg) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Both criteria on one matched box whose cx lies ``gap`` right of its target's in torch
+    and ``gap`` left of it in Jittor (``w_delta`` added to its width), ``kink`` recording
+    torch's side and forcing Jittor's. Returns the gradients of ``loss`` on the predicted
+    boxes (Jittor, torch) and the kink."""
     target = np.array([[0.5, 0.5, 0.2, 0.2]], np.float32)
     boxes = np.random.default_rng(0).uniform(0.2, 0.8, (1, 3, 4)).astype(np.float32)
-    boxes[0, 0] = target[0] + np.array([gap, 0.01, -0.02, 0.03], np.float32)
+    boxes[0, 0] = target[0] + np.array([gap, 0.01, w_delta, 0.03], np.float32)
     logits = np.random.default_rng(1).normal(size=(1, 3, 80)).astype(np.float32)
     torch_boxes = torch.tensor(boxes, requires_grad=True)
     jittor_boxes = boxes.copy()
@@ -204,7 +203,7 @@ def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) 
     labels = np.array([3], np.int64)
     criterion_t = torch_ref.build_criterion(cfg)
     criterion_j = jittor_impl.build_criterion(cfg)
-    ties = L1Signs(criterion_t, criterion_j)
+    ties = kink(criterion_t, criterion_j)
     with ties.recording():
         losses_t = criterion_t({"pred_logits": torch.tensor(logits), "pred_boxes": torch_boxes},
                                [{"labels": torch.tensor(labels), "boxes": torch.tensor(target)}])
@@ -212,9 +211,19 @@ def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) 
         criterion_j.forced_indices = dict(criterion_t.last_indices)
         losses_j = criterion_j({"pred_logits": jt.array(logits), "pred_boxes": jittor_boxes},
                                [{"labels": jt.array(labels), "boxes": jt.array(target)}])
-        grad_j = jt.grad(losses_j["loss_bbox"], jittor_boxes).numpy()
-    losses_t["loss_bbox"].backward()
-    grad_t = torch_boxes.grad.numpy()
+        grad_j = jt.grad(losses_j[loss], jittor_boxes).numpy()
+    losses_t[loss].backward()
+    return grad_j, torch_boxes.grad.numpy(), ties
+
+
+@pytest.mark.parametrize("gap, forced", [(1e-6, True), (1e-3, False)])
+def test_l1_sign_ties_are_forced_within_the_band_only(gap: float, forced: bool) -> None:
+    """One matched box whose cx lies ``gap`` right of its target in torch and ``gap`` left of
+    it in Jittor: within the ``train.l1_sign`` band the port takes the reference's sign (same
+    gradient, the decision row passes and counts the flip); beyond it the port keeps its own
+    sign (the gradient differs by 2 * weight / num_boxes) and the row fails."""
+    cfg = variant_at_size("r18vd", 80, 64)
+    grad_j, grad_t, ties = _one_box_across_its_target(L1Signs, "loss_bbox", gap, -0.02, cfg)
     weight = cfg.criterion.weight_dict["loss_bbox"]
     assert grad_t[0, 0, 0] == pytest.approx(weight)
     assert grad_j[0, 0, 0] == pytest.approx(weight if forced else -weight)
@@ -235,28 +244,7 @@ def test_giou_corner_ties_are_forced_within_the_band_only(gap: float, forced: bo
     the flips); beyond it the port keeps its own corners, its gradient differs and the row
     fails."""
     cfg = variant_at_size("r18vd", 80, 64)
-    target = np.array([[0.5, 0.5, 0.2, 0.2]], np.float32)
-    boxes = np.random.default_rng(0).uniform(0.2, 0.8, (1, 3, 4)).astype(np.float32)
-    boxes[0, 0] = target[0] + np.array([gap, 0.01, 0.0, 0.03], np.float32)
-    logits = np.random.default_rng(1).normal(size=(1, 3, 80)).astype(np.float32)
-    torch_boxes = torch.tensor(boxes, requires_grad=True)
-    jittor_boxes = boxes.copy()
-    jittor_boxes[0, 0, 0] = target[0, 0] - gap
-    jittor_boxes = jt.array(jittor_boxes)
-    labels = np.array([3], np.int64)
-    criterion_t = torch_ref.build_criterion(cfg)
-    criterion_j = jittor_impl.build_criterion(cfg)
-    ties = GiouCorners(criterion_t, criterion_j)
-    with ties.recording():
-        losses_t = criterion_t({"pred_logits": torch.tensor(logits), "pred_boxes": torch_boxes},
-                               [{"labels": torch.tensor(labels), "boxes": torch.tensor(target)}])
-    with ties.forcing():
-        criterion_j.forced_indices = dict(criterion_t.last_indices)
-        losses_j = criterion_j({"pred_logits": jt.array(logits), "pred_boxes": jittor_boxes},
-                               [{"labels": jt.array(labels), "boxes": jt.array(target)}])
-        grad_j = jt.grad(losses_j["loss_giou"], jittor_boxes).numpy()
-    losses_t["loss_giou"].backward()
-    grad_t = torch_boxes.grad.numpy()
+    grad_j, grad_t, ties = _one_box_across_its_target(GiouCorners, "loss_giou", gap, 0.0, cfg)
     close = np.allclose(grad_j[0, 0], grad_t[0, 0], rtol=1e-2, atol=1e-3)
     assert close is forced, (grad_j[0, 0], grad_t[0, 0])
     [row] = ties.decisions()
