@@ -16,6 +16,7 @@ _PUBLIC = {
     "build_postprocessor": "build",
     "build_optimizer": "build",
     "build_ema": "build",
+    "build_port": "build",
     "load_checkpoint": "checkpoint",
     "load_state_dict_strict": "checkpoint",
     "read_checkpoint": "checkpoint",

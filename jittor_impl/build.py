@@ -1,4 +1,4 @@
-"""Public builders: model, matcher, criterion, postprocessor, optimizer and EMA of a variant.
+"""Public builders: model, matcher, criterion, postprocessor, optimizer, EMA and the port parts of a variant.
 
 Differences from torch_ref/build.py:
 - Trainable parameters come from ``jittor_impl.nn.trainable_parameters`` (Jittor's ``named_parameters`` also lists buffers).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jittor import nn
 
-from rtdetr_common.configs import VariantConfig, get_variant
+from rtdetr_common.configs import VariantConfig, get_variant, variant_at_size
 from rtdetr_common.random import SharedRandom
 from rtdetr_common.state_dicts import assign_param_groups
 
@@ -83,3 +83,14 @@ def build_optimizer(model: nn.Module, variant: str | VariantConfig,
 def build_ema(model: nn.Module, variant: str | VariantConfig, num_classes: int = 80) -> ModelEMA:
     """The variant's ModelEMA of ``model``."""
     return ModelEMA(model, **_config(variant, num_classes).ema.kwargs())
+
+
+def build_port(variant: str, num_classes: int = 80, *, size: tuple[int, int] | None = None,
+               seed: int = 0, config: VariantConfig | None = None) -> dict:
+    """The parity harness's port factory: model (eval tables for ``size``), criterion and postprocessor.
+
+    ``config``, when given, is built instead of ``variant`` at ``size``.
+    """
+    cfg = config if config is not None else variant_at_size(variant, num_classes, size)
+    return {"model": build_model(cfg, multi_scale=False, seed=seed),
+            "criterion": build_criterion(cfg), "postprocessor": build_postprocessor(cfg)}

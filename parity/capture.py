@@ -376,13 +376,21 @@ class JittorCapture(Capture):
         select: Which modules to record (default: all).
         inputs: Record inputs.
         outputs: Record outputs.
+        named: ``(name, module)`` to record under (default the model's own names; another
+            port's modules under the reference's names, :func:`parity.ports.pair_modules`).
     """
 
     _tensor_type = jt.Var
     _module_type = jt.Module
 
+    def __init__(self, model: Any, select: Callable[[str, Any], bool] | None = None,
+                 inputs: bool = True, outputs: bool = True,
+                 named: list[tuple[str, Any]] | None = None) -> None:
+        self._named = named
+        super().__init__(model, select, inputs, outputs)
+
     def named_modules(self) -> list[tuple[str, Any]]:
-        return jittor_named_modules(self.model)
+        return self._named if self._named is not None else jittor_named_modules(self.model)
 
     def _hold_tensor(self, tensor: jt.Var) -> jt.Var:
         return tensor

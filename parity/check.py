@@ -15,7 +15,6 @@ import jittor as jt
 import numpy as np
 import torch
 
-import jittor_impl
 import torch_ref
 from rtdetr_common.configs import Size, spatial_size
 from rtdetr_common.seeded import seeded_images, seeded_targets
@@ -24,6 +23,7 @@ from .compare import Comparison, Tolerance, compare_arrays, compare_tree
 from .decisions import (MatchCosts, compare_denoising, compare_dn_meta, compare_matches,
                         match_differences, matcher_costs)
 from .arrays import to_numpy
+from .capture import torch_to_jittor_tree
 from .models import ModelPair, to_jittor, to_torch
 from .tolerances import loss_tolerance, tolerance
 
@@ -52,6 +52,7 @@ class CheckResult:
     seconds: dict[str, float] = field(default_factory=dict)
     precision_floor: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    not_run: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -148,8 +149,12 @@ def _jittor_forward(pair: ModelPair, images: np.ndarray, targets: list | None,
     """Runs the Jittor model, optionally with the reference top-k decision forced in.
 
     ``rng_state`` rewinds the model's shared stream first, so a re-run draws the same
-    denoising noise as the run it repeats.
+    denoising noise as the run it repeats. Another port runs as it is (it has no forcing
+    hook), its outputs adapted to the official convention.
     """
+    if pair.external:
+        args = (jt.array(images),) if targets is None else (jt.array(images), to_jittor(targets))
+        return pair.port_parts.options.outputs(pair.jittor_model(*args))
     if rng_state is not None:
         pair.jittor_model.rng.load_state_dict(rng_state)
     decoder = pair.jittor_model.decoder
@@ -165,6 +170,11 @@ def _compare_topk(pair: ModelPair, result: CheckResult, path: str, capture: Scor
                   images: np.ndarray, targets: list | None, out: dict,
                   rng_state: dict | None = None) -> dict:
     """Compares the top-k decision; on a difference re-runs Jittor with the reference one."""
+    if not _has_topk_hook(pair):
+        result.notes.append(f"{path}: not compared: the port's decoder does not expose its top-k "
+                            "selection (decoder.last_topk_ind / forced_topk_ind); its outputs are "
+                            "compared as they come")
+        return out
     ref_ind = to_numpy(pair.torch_model.decoder.last_topk_ind)
     topk = decision_comparison(path, pair.jittor_model.decoder.last_topk_ind.numpy(), ref_ind,
                                capture.scores)
@@ -174,6 +184,11 @@ def _compare_topk(pair: ModelPair, result: CheckResult, path: str, capture: Scor
     result.notes.append(f"{path}: {topk.reason}; reference decision forced into Jittor "
                         "for the comparisons downstream")
     return _jittor_forward(pair, images, targets, ref_ind, rng_state)
+
+
+def _has_topk_hook(pair: ModelPair) -> bool:
+    decoder = getattr(pair.jittor_model, "decoder", None)
+    return hasattr(type(decoder), "forced_topk_ind") and hasattr(decoder, "last_topk_ind")
 
 
 def check_eval(pair: ModelPair, result: CheckResult, size: Size, batch: int = 1) -> None:
@@ -203,8 +218,13 @@ def check_eval(pair: ModelPair, result: CheckResult, size: Size, batch: int = 1)
                                       lambda p: tolerance("output", p)))
     # (w, h) per image: the official postprocessor's order, non-square on purpose.
     sizes = np.array([[w + 37 * i + 13, h - 5 * i] for i in range(batch)], dtype=np.float32)
+    postprocessor = pair.port_parts.postprocessor
+    if postprocessor is None:
+        result.notes.append("detections: not compared: the port has no postprocessor")
+        return
     pp_ref = torch_ref.build_postprocessor(pair.cfg)(ref, to_torch(sizes, pair.torch_device))
-    pp_out = jittor_impl.build_postprocessor(pair.cfg)(out, jt.array(sizes))
+    pp_out = postprocessor(pair.port_parts.options.to_port(out),
+                           jt.array(pair.port_parts.options.orig_sizes(sizes)))
     for i, (a, b) in enumerate(zip(to_numpy(pp_out), to_numpy(pp_ref))):
         order, moved = align_detections(a, b, tolerance("decision", "postprocess.topk").atol)
         a = {k: v[order] for k, v in a.items()}
@@ -290,6 +310,54 @@ def _compare_match_decisions(result: CheckResult, criteria: tuple, outputs: tupl
     return forced
 
 
+def check_port_criterion(pair: ModelPair, result: CheckResult, size: Size,
+                         counts: list[int]) -> None:
+    """Another port's criterion on the reference's train-mode outputs, every loss term.
+
+    The port's own forward draws its own denoising noise, so its criterion is compared in
+    isolation: both criteria take the torch model's outputs (with its denoising groups) and
+    the same targets. Each term's fp32 floor comes from the reference's float64 replay, as in
+    :func:`check_train_losses`.
+    """
+    images = seeded_images(len(counts), size, seed=2)
+    targets = seeded_targets(counts, pair.cfg.num_classes, seed=3)
+    pair.train()
+    torch_rng_state = pair.torch_model.rng.state_dict()
+    ref = pair.torch_model(to_torch(images, pair.torch_device), to_torch(targets, pair.torch_device))
+    criterion_ref = torch_ref.build_criterion(pair.cfg)
+    losses_ref = criterion_ref(ref, to_torch(targets, pair.torch_device))
+    exact, _ = _replayed_losses(pair, images, targets, criterion_ref, torch_rng_state)
+    outputs = pair.port_parts.options.to_port(torch_to_jittor_tree(ref, {}))
+    losses_out = pair.port_parts.criterion(outputs, to_jittor(targets))
+    result.notes.append("train losses: the port's criterion was given the reference's outputs "
+                        "(its forward draws its own denoising noise); its matching is its own")
+    _add_losses(result, losses_out, losses_ref, exact)
+
+
+def _replayed_losses(pair: ModelPair, images: np.ndarray, targets: list,
+                     criterion_ref: torch.nn.Module, rng_state: dict) -> tuple[dict, dict]:
+    """:func:`_float64_losses` of the fp32 train forward just run, its stream rewound to
+    ``rng_state`` (where that forward started) and left where the forward left it."""
+    ref_topk = to_numpy(pair.torch_model.decoder.last_topk_ind)
+    replay_rng = pair.torch_model.rng.state_dict()
+    pair.torch_model.rng.load_state_dict(rng_state)
+    try:
+        return _float64_losses(pair, images, targets, ref_topk, criterion_ref.last_indices)
+    finally:
+        pair.torch_model.rng.load_state_dict(replay_rng)
+
+
+def _add_losses(result: CheckResult, losses_out: dict, losses_ref: dict,
+                exact: dict[str, float]) -> None:
+    """Loss rows, each term judged with the forward's noise: the largest fp32 floor."""
+    floors = {k: abs(float(v.detach()) - exact[k]) / max(abs(exact[k]), 1e-12)
+              for k, v in losses_ref.items()}
+    result.precision_floor.update(floors)
+    noise = max(floors.values())
+    result.add("loss", compare_tree(to_numpy(losses_out), to_numpy(losses_ref),
+                                    lambda p: loss_tolerance(p, noise)))
+
+
 def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts: list[int]) -> None:
     """Train-mode forward with the same targets and denoising noise, then every loss term.
 
@@ -321,27 +389,16 @@ def check_train_losses(pair: ModelPair, result: CheckResult, size: Size, counts:
     out = _compare_topk(pair, result, "train.decoder.topk_ind", capture, images, targets, out,
                         rng_state)
     criterion_ref = torch_ref.build_criterion(pair.cfg)
-    criterion_out = jittor_impl.build_criterion(pair.cfg)
+    criterion_out = pair.port_parts.criterion
     losses_ref = criterion_ref(ref, to_torch(targets, pair.torch_device))
     losses_out = criterion_out(out, to_jittor(targets))
-    ref_topk = to_numpy(pair.torch_model.decoder.last_topk_ind)
-    replay_rng = pair.torch_model.rng.state_dict()
-    pair.torch_model.rng.load_state_dict(torch_rng_state)
-    try:
-        exact, float64_costs = _float64_losses(pair, images, targets, ref_topk, criterion_ref.last_indices)
-    finally:
-        pair.torch_model.rng.load_state_dict(replay_rng)
+    exact, float64_costs = _replayed_losses(pair, images, targets, criterion_ref, torch_rng_state)
     result.add("decision", compare_dn_meta(out.get("dn_meta"), ref.get("dn_meta")))
     for kind, row in compare_denoising(pair, targets, torch_rng_state, rng_state):
         result.add(kind, [row])
     losses_out = _compare_match_decisions(result, (criterion_out, criterion_ref), (out, ref), targets,
                                           losses_out, float64_costs, pair.torch_device)
-    floors = {k: abs(float(v.detach()) - exact[k]) / max(abs(exact[k]), 1e-12)
-              for k, v in losses_ref.items()}
-    result.precision_floor.update(floors)
-    noise = max(floors.values())
-    result.add("loss", compare_tree(to_numpy(losses_out), to_numpy(losses_ref),
-                                    lambda p: loss_tolerance(p, noise)))
+    _add_losses(result, losses_out, losses_ref, exact)
     total_ref = float(sum(v.item() for v in losses_ref.values()))
     if not math.isfinite(total_ref):
         result.notes.append(f"reference total loss is not finite: {total_ref}")
@@ -352,5 +409,10 @@ def run_check(pair: ModelPair, size: Size, train_size: Size = 640,
     """Eval parity at ``size`` and train-loss parity at ``train_size`` (each S or ``(h, w)``)."""
     result = CheckResult(pair.cfg.name, pair.weights_source, size, device=pair.device)
     check_eval(pair, result, size)
-    check_train_losses(pair, result, train_size, list(counts))
+    if pair.port_parts.criterion is None:
+        result.not_run["losses"] = "the port has no criterion"
+    elif not pair.external:
+        check_train_losses(pair, result, train_size, list(counts))
+    else:
+        check_port_criterion(pair, result, train_size, list(counts))
     return result

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +47,8 @@ DEVICE_PARTS = ("outputs",)
 SIZE_MULTIPLE = 32
 
 
-def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Path]:
+def _write_results(result, modules: list, trajectory, out_dir: Path,
+                   measured: "CheckMeasurement | None" = None) -> list[Path]:
     """Writes every measurement of a check as CSV files and one JSON file, atomically.
 
     Args:
@@ -54,10 +56,13 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
         modules: :class:`~parity.modules.ModuleReport` per mode that ran.
         trajectory: The :class:`~parity.training.Trajectory`, or None.
         out_dir: Folder of the files (created).
+        measured: The whole measurement, for the port's identity, findings and the parts not
+            run.
 
     Returns:
         The paths written: ``check_<variant>.csv``, ``modules_<variant>_<mode>.csv`` per mode,
-        ``trajectory_<variant>.csv`` and ``check_<variant>.json``.
+        ``trajectory_<variant>.csv``, ``check_<variant>.json`` and, for a port whose names
+        depart from the official layout, ``suggested_key_map_<variant>.json``.
     """
     from .divergences import report_entries
     from .tolerances import table_rows
@@ -90,6 +95,18 @@ def _write_results(result, modules: list, trajectory, out_dir: Path) -> list[Pat
                "trajectory": None if trajectory is None else {
                    "size": trajectory.size, "batch": trajectory.batch, "steps": trajectory.rows()},
                "tolerances": table_rows(), "rows": rows}
+    if measured is not None:
+        findings = measured.findings
+        payload.update({"passed": measured.passed, "port": measured.port,
+                        "not_run": measured.not_run,
+                        "findings": None if findings is None else dataclasses.asdict(findings),
+                        "module_pairing": [{"mode": m.mode, **m.pairing.counts()}
+                                           for m in modules if m.pairing is not None]})
+        if findings is not None and findings.suggested:
+            from .ports import write_key_map
+
+            written.append(write_key_map(findings.suggested,
+                                         out_dir / f"suggested_key_map_{variant}.json"))
     written.append(out_dir / f"check_{variant}.json")
     atomic_write(written[-1], lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
     return written
@@ -274,8 +291,10 @@ def format_trajectory(trajectory) -> str:
 
 
 def _module_reports(pair, args: argparse.Namespace,
-                    on_step: Callable[[int, int], None] | None = None) -> list:
-    """Per-module accumulated and isolated comparison, in eval and in training (denoising on).
+                    on_step: Callable[[int, int], None] | None = None,
+                    modes: tuple[str, ...] = ("eval", "train")) -> list:
+    """Per-module accumulated and isolated comparison, in eval and in training (denoising on),
+    or in ``modes`` only.
 
     ``on_step(done, total)`` counts compared calls over both modes (the training pass's count
     taken as the eval pass's until it is known).
@@ -297,9 +316,11 @@ def _module_reports(pair, args: argparse.Namespace,
         if on_step is not None:
             on_step(first[0] + done, first[0] + total)
 
-    return [run_module_check(pair, mode="eval", images=images, on_step=eval_step),
-            run_module_check(pair, mode="train", images=images, targets=targets,
-                             on_step=train_step)]
+    reports = [run_module_check(pair, mode="eval", images=images, on_step=eval_step)]
+    if "train" in modes:
+        reports.append(run_module_check(pair, mode="train", images=images, targets=targets,
+                                        on_step=train_step))
+    return reports
 
 
 @dataclass
@@ -314,6 +335,9 @@ class CheckMeasurement:
             (``torch``, ``jittor``; 0 where a side lacks it) and whether each side trains it.
         weights_sha256: SHA-256 of the loaded reference state dict (names and bytes, in order).
         seconds: Wall time of each part.
+        port: The port's identity (:meth:`parity.ports.Port.identity`).
+        findings: Another port's state-dict names against the official layout, or None.
+        not_run: Part (or sub-part) -> why it did not run for this port.
     """
 
     result: Any
@@ -322,15 +346,33 @@ class CheckMeasurement:
     parameters: list[dict]
     weights_sha256: str
     seconds: dict[str, float]
+    port: dict = field(default_factory=dict)
+    findings: Any = None
+    not_run: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Every row and module row passed, and another port's weights all found their place."""
+        return (self.result.passed and all(m.passed for m in self.modules)
+                and (self.findings is None or self.findings.complete))
 
 
 def _parameter_table(pair) -> list[dict]:
-    """Per parameter name: element counts and trainability in both frameworks."""
+    """Per parameter name: element counts and trainability in both frameworks (another port's
+    names through its key map)."""
     from jittor_impl.nn import named_parameters, trainable_parameters
+
+    from .ports import is_statistic
 
     torch_all = dict(pair.torch_model.named_parameters())
     jittor_all = dict(named_parameters(pair.jittor_model))
     jittor_trained = {name for name, _ in trainable_parameters(pair.jittor_model)}
+    if pair.external:
+        official = {pair.port.key_map.get(k, k): k for k in pair.torch_model.state_dict()}
+        buffers = {k for k, _ in pair.torch_model.named_buffers()}
+        jittor_all = {official.get(k, k): v for k, v in jittor_all.items()
+                      if official.get(k, k) not in buffers and not is_statistic(k)}
+        jittor_trained = {official.get(k, k) for k in jittor_trained}
     names = list(torch_all) + [n for n in jittor_all if n not in torch_all]
     return [{"name": n,
              "torch": int(torch_all[n].numel()) if n in torch_all else 0,
@@ -359,6 +401,7 @@ def measure_check(args: argparse.Namespace,
     """
     from .check import CheckResult, run_check
     from .models import ModelPair, build_pair
+    from .ports import load_port
     from .trajectory import run_training_checks
 
     host_only = sorted(set(args.parts) - set(DEVICE_PARTS))
@@ -367,12 +410,15 @@ def measure_check(args: argparse.Namespace,
                          f"the CPU only (their forcing hooks and float64 replay hold tensors on "
                          f"the host); on {args.device} pass --parts {','.join(DEVICE_PARTS)}")
 
+    port = load_port(getattr(args, "port", None), getattr(args, "port_path", None),
+                     getattr(args, "key_map", None))
+
     def fresh_pair(size: Size) -> ModelPair:
         # Each part starts from the loaded weights: training-mode forwards of one part move
         # BatchNorm statistics (a forced re-run moves Jittor's once more) and training steps
         # move the weights. ``size`` is the eval size the part's images have.
         return build_pair(args.variant, num_classes=args.num_classes, size=size,
-                          weights=args.weights, seed=args.seed, device=args.device)
+                          weights=args.weights, seed=args.seed, device=args.device, port=port)
 
     def starting(part: str) -> float:
         if on_part is not None:
@@ -384,17 +430,34 @@ def measure_check(args: argparse.Namespace,
     start = starting("outputs") if "outputs" in parts else time.perf_counter()
     pair = fresh_pair(args.size)
     parameters, sha = _parameter_table(pair), _state_sha256(pair)
+    findings, external = pair.findings, pair.external
     result = (run_check(pair, args.size, train_size=args.train_size) if "outputs" in parts
               else CheckResult(pair.cfg.name, pair.weights_source, args.size))
+    not_run = {f"outputs.{k}": v for k, v in result.not_run.items()}
+    if external and "outputs" in parts and not any(r.kind == "decision" for r in result.rows):
+        not_run["decisions"] = ("the port exposes no decision hooks (decoder.last_topk_ind / "
+                                "forced_topk_ind, criterion.last_indices); its outputs and losses "
+                                "are compared as they come")
     seconds["outputs"] = time.perf_counter() - start
     del pair
     modules = []
     if "modules" in parts:
         start = starting("modules")
-        modules = _module_reports(fresh_pair(args.module_size), args, on_step)
+        module_pair = fresh_pair(args.module_size)
+        if hasattr(module_pair.jittor_model, "rng"):
+            modules = _module_reports(module_pair, args, on_step)
+        else:
+            modules = _module_reports(module_pair, args, on_step, modes=("eval",))
+            not_run["modules.train"] = ("the port's model has no shared random stream (model.rng) "
+                                        "to draw the reference's denoising noise")
         seconds["modules"] = time.perf_counter() - start
     trajectory = None
-    if "training" in parts:
+    if "training" in parts and external:
+        not_run["training"] = (
+            "the training part forces the reference's decisions (top-k, matches, ReLU gates, "
+            "sampling cells, L1 signs, GIoU corners) through jittor_impl's hooks and steps "
+            "jittor_impl's optimizer; this port is not built from them")
+    elif "training" in parts:
         start = starting("training")
         training, trajectory = run_training_checks(fresh_pair(args.training_size),
                                                    args.training_size, steps=args.steps,
@@ -403,7 +466,8 @@ def measure_check(args: argparse.Namespace,
         result.notes.extend(training.notes)
         result.seconds.update(training.seconds)
         seconds["training"] = time.perf_counter() - start
-    return CheckMeasurement(result, modules, trajectory, parameters, sha, seconds)
+    return CheckMeasurement(result, modules, trajectory, parameters, sha, seconds,
+                            port.identity(), findings, not_run)
 
 
 # Screen labels of the check's parts (the phases of ``check``'s progress display).
@@ -445,9 +509,19 @@ def cmd_check(args: argparse.Namespace) -> int:
         measured = measure_check(args, on_part=lambda part: progress.phase(_PART_LABELS[part]),
                                  on_step=progress.update)
     result, modules, trajectory = measured.result, measured.modules, measured.trajectory
+    if measured.findings is not None:
+        print(measured.findings.format())
     print(format_check(result))
     for report in modules:
         print(f"\nmodules: {report.summary()}")
+        first = report.first_failure
+        if report.pairing is not None:
+            print(report.pairing.describe())
+            if first is not None and first.module.split("#")[0] in report.pairing.port_names:
+                name = first.module.split("#")[0]
+                print(f"first failure in the port: {report.pairing.port_names[name] or '(model)'} "
+                      f"(the reference's {name or '(model)'}, paired by "
+                      f"{report.pairing.how[name]})")
         if not report.passed:
             print(report.format_table(only_failures=True, limit=30))
     if trajectory is not None:
@@ -455,15 +529,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(format_trajectory(trajectory))
     for note in result.notes:
         print(f"note: {note}")
+    for part, why in measured.not_run.items():
+        print(f"not run: {part}: {why}")
     known = format_report(result)
     if known:
         print(known)
-    written = _write_results(result, modules, trajectory, Path(args.out))
+    written = _write_results(result, modules, trajectory, Path(args.out), measured)
     failed = sum(not r.passed for r in result.rows)
     failed_modules = sum(len(m.failures()) for m in modules)
-    verdict = "PASS" if failed == 0 and failed_modules == 0 else "FAIL"
+    verdict = "PASS" if measured.passed else "FAIL"
+    not_run = f"; not run: {', '.join(measured.not_run)}" if measured.not_run else ""
     print(f"\n{verdict}: {len(result.rows) - failed} passed, {failed} failed; module rows failed: "
-          f"{failed_modules}  (in {format_seconds(progress.elapsed)})")
+          f"{failed_modules}{not_run}  (in {format_seconds(progress.elapsed)})")
     print(f"results: {', '.join(map(str, written))}")
     if progress.quiet:
         print(f"log (compiler and library output): {progress.log}")
@@ -547,6 +624,18 @@ class _SizeAction(argparse.Action):
             raise argparse.ArgumentError(
                 self, f"expected one size S (S x S) or two sides H W, got {len(values)} values")
         setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
+
+
+def _add_port(parser: argparse.ArgumentParser) -> None:
+    """``--port``, ``--port-path``, ``--key-map``: the Jittor port under test."""
+    parser.add_argument("--port", default=None, metavar="MODULE:FACTORY",
+                        help="the Jittor port to check (default jittor_impl:build_port); FACTORY"
+                             "(variant, num_classes) returns the model or a dict of model, "
+                             "criterion, postprocessor, options")
+    parser.add_argument("--port-path", default=None, metavar="DIR",
+                        help="folder to import the port's module from")
+    parser.add_argument("--key-map", default=None, metavar="FILE",
+                        help="JSON object: official state-dict name -> the port's name")
 
 
 def _add_size(parser: argparse.ArgumentParser, flag: str, default: int, help: str) -> None:
@@ -636,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", default="cpu", choices=DEVICES,
                        help="cpu or cuda: torch on it against Jittor on it (default cpu; cuda "
                             f"runs the {','.join(DEVICE_PARTS)} part)")
+    _add_port(check)
     check.add_argument("--out", default="reports/out", help="folder for CSV/JSON results")
     check.add_argument("--verbose", action="store_true",
                        help="show Jittor's compiler output and everything else on the screen "
@@ -784,6 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--steps", type=int, default=None,
                         help="trajectory length (default: the check's)")
     report.add_argument("--seed", type=int, default=0)
+    _add_port(report)
     report.add_argument("--bench", choices=("quick", "default", "none"), default="quick",
                         help="quick: eval at 320 and a training step at 256 of the variant; "
                              "default: `rtdetr-parity bench`'s tasks (default quick)")

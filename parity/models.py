@@ -17,14 +17,14 @@ import torch
 
 import jittor_impl.checkpoint as jt_ckpt
 import torch_ref.checkpoint as th_ckpt
-from jittor_impl import build_model as build_jittor
 from jittor_impl import devices as jittor_devices
-from rtdetr_common.configs import Size, VariantConfig, variant_at_size
+from rtdetr_common.configs import Size, VariantConfig, spatial_size, variant_at_size
 from rtdetr_common.seeded import seeded_state_dict
 from torch_ref import build_model as build_torch
 from torch_ref import devices as torch_devices
 
 from .convert import check_weightset, read_any
+from .ports import KeyFindings, Port, PortParts, key_findings, load_port, load_port_weights
 
 
 @dataclass
@@ -34,11 +34,14 @@ class ModelPair:
     Attributes:
         cfg: The variant config both were built from.
         torch_model: torch_ref RTDETR.
-        jittor_model: jittor_impl RTDETR.
+        jittor_model: The port's model (jittor_impl's RTDETR by default).
         weights_source: Where the weights came from (a path or ``seeded:<seed>``).
         entry: Which state_dict of the source was loaded (``ema``/``model``/``seeded``).
         device: Where both compute (``cpu`` / ``cuda``, see :mod:`rtdetr_common.devices`).
         torch_device: The torch model's device.
+        port: The port under test (:mod:`parity.ports`); jittor_impl by default.
+        port_parts: What the port's factory built (criterion, postprocessor, output options).
+        findings: The port's state-dict names against the official layout (external ports).
     """
 
     cfg: VariantConfig
@@ -48,6 +51,14 @@ class ModelPair:
     entry: str
     device: str = "cpu"
     torch_device: torch.device = torch.device("cpu")
+    port: Port | None = None
+    port_parts: PortParts | None = None
+    findings: KeyFindings | None = None
+
+    @property
+    def external(self) -> bool:
+        """Whether the port under test is another than jittor_impl (its hooks are then absent)."""
+        return self.port is not None and not self.port.is_default
 
     def eval(self) -> "ModelPair":
         """Both models to eval mode."""
@@ -64,7 +75,7 @@ class ModelPair:
 
 def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
                weights: str | Path | None = None, seed: int = 0, prefer: str = "ema",
-               device: str = "cpu") -> ModelPair:
+               device: str = "cpu", port: Port | None = None) -> ModelPair:
     """Builds both models and loads one set of weights into both, strictly.
 
     Args:
@@ -76,15 +87,22 @@ def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
         seed: Seed of the default weights and of both models' shared random streams.
         prefer: Which entry of a checkpoint to load (``ema`` first, as officially).
         device: ``cpu`` or ``cuda``: both frameworks compute there.
+        port: The Jittor port (default jittor_impl, loaded strictly). Another port is loaded
+            through its key map with every tensor that has a same-shaped place, and the
+            findings on its names are kept in :attr:`ModelPair.findings`.
 
     Raises:
         DeviceUnavailableError: If a framework cannot use ``device``.
+        PortError: If the port's factory fails.
     """
     torch_device = torch_devices.use(device)
     jittor_devices.use(device)
     cfg = variant_at_size(variant, num_classes, size)
     torch_model = build_torch(cfg, multi_scale=False, seed=seed)
-    jittor_model = build_jittor(cfg, multi_scale=False, seed=seed)
+    port = port or load_port()
+    parts = port.build(variant, num_classes, None if size is None else spatial_size(size), seed,
+                       config=cfg)
+    jittor_model = parts.model
     if weights is None:
         state_dict = seeded_state_dict(th_ckpt.state_dict_specs(torch_model.state_dict()), seed)
         source, entry = f"seeded:{seed}", "seeded"
@@ -95,9 +113,18 @@ def build_pair(variant: str, *, num_classes: int = 80, size: Size | None = 640,
         source = str(weights)
     th_ckpt.load_state_dict_strict(
         torch_model, {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, source)
-    jt_ckpt.load_state_dict_strict(jittor_model, state_dict, source)
+    findings = None
+    if port.is_default:
+        jt_ckpt.load_state_dict_strict(jittor_model, state_dict, source)
+    else:
+        findings = key_findings(
+            {k: tuple(v.shape) for k, v in torch_model.state_dict().items()},
+            {k: tuple(v.shape) for k, v in jittor_model.state_dict().items()}, port.key_map,
+            {k for k, _ in torch_model.named_buffers()})
+        findings.loaded = load_port_weights(jittor_model, state_dict, port.key_map)
     torch_model.to(torch_device)
-    return ModelPair(cfg, torch_model, jittor_model, source, entry, device, torch_device)
+    return ModelPair(cfg, torch_model, jittor_model, source, entry, device, torch_device, port,
+                     parts, findings)
 
 
 def to_torch(tree: Any, device: torch.device | None = None) -> Any:

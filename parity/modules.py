@@ -61,6 +61,7 @@ from .capture import (NOT_RECORDED, Call, JittorCapture, ModuleFilter, ModuleRef
 from .check import ScoreCapture, decision_comparison
 from .compare import Comparison, Tolerance, compare_arrays, iter_leaves
 from .models import ModelPair, to_jittor, to_torch
+from .ports import ModulePairing, pair_modules, record_calls
 from .tolerances import tolerance
 
 __all__ = ["ModuleRow", "ModuleReport", "run_module_check", "coarse_filter", "compare_outputs",
@@ -124,6 +125,8 @@ class ModuleReport:
         notes: What the reader should know (skipped leaves, forced decisions, internals).
         seconds: Wall time of each phase.
         memory_mb: Held activations of each capture and the process's peak RSS.
+        pairing: How another port's modules were paired with the reference's (None for
+            jittor_impl, whose names are the reference's).
     """
 
     variant: str
@@ -135,6 +138,7 @@ class ModuleReport:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     memory_mb: dict[str, float] = field(default_factory=dict)
+    pairing: ModulePairing | None = None
 
     @property
     def passed(self) -> bool:
@@ -167,8 +171,15 @@ class ModuleReport:
                    else r.comparison.rel_l2)
 
     def as_dicts(self) -> list[dict]:
-        """Every row as a flat dict (see :meth:`ModuleRow.as_dict`)."""
-        return [r.as_dict() for r in self.rows]
+        """Every row as a flat dict (see :meth:`ModuleRow.as_dict`); for another port also its
+        module's own name (``port_module``) and how it was paired (``paired_by``)."""
+        rows = [r.as_dict() for r in self.rows]
+        if self.pairing is not None:
+            for row in rows:
+                name = row["module"].split("#")[0]
+                row["port_module"] = self.pairing.port_names.get(name)
+                row["paired_by"] = self.pairing.how.get(name)
+        return rows
 
     def format_table(self, only_failures: bool = False, limit: int | None = None) -> str:
         """A console table (pandas): module -> leaf in full, mode, kind, max abs, rel L2,
@@ -346,13 +357,24 @@ def _as_var(arr: np.ndarray, like: jt.Var) -> jt.Var:
     return var.int64() if arr.dtype == np.int64 else var.cast(like.dtype)
 
 
+# The buffers of another port's modules that do not list theirs (``_buffer_names``): Jittor's
+# BatchNorm statistics.
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _buffer_names(module: Any) -> tuple[str, ...]:
+    listed = getattr(module, "_buffer_names", None)
+    if listed is not None:
+        return tuple(listed)
+    return tuple(a for a in _STATISTICS if isinstance(vars(module).get(a), jt.Var))
+
+
 class _JittorBuffers:
     """The Jittor model's buffers by ``(module name, attribute)``, to snapshot and restore."""
 
-    def __init__(self, model: Any) -> None:
-        self.modules = dict(jittor_named_modules(model))
-        self.owners = {n: tuple(getattr(m, "_buffer_names", ())) for n, m in self.modules.items()
-                       if getattr(m, "_buffer_names", ())}
+    def __init__(self, named: list[tuple[str, Any]]) -> None:
+        self.modules = dict(named)
+        self.owners = {n: _buffer_names(m) for n, m in self.modules.items() if _buffer_names(m)}
 
     def snapshot(self) -> dict[tuple[str, str], np.ndarray]:
         """Numpy copies of every buffer."""
@@ -383,10 +405,13 @@ class _JittorBuffers:
             var.update(_as_var(v, var))
 
 
-def module_name_rows(pair: ModelPair) -> tuple[list[ModuleRow], set[str]]:
+def module_name_rows(pair: ModelPair, pairing: ModulePairing | None = None
+                     ) -> tuple[list[ModuleRow], set[str]]:
     """Compares the module names of the two models.
 
-    Every name on one side only gets a failing ``names`` row.
+    Every name on one side only gets a failing ``names`` row. For another port, ``pairing``
+    gives its modules the reference's names; a reference module holding weights that no port
+    module holds fails, modules without weights that pair with nothing are reported in notes.
 
     Returns:
         ``(rows, names)``: the rows, and the Jittor names whose calls have no torch
@@ -394,6 +419,20 @@ def module_name_rows(pair: ModelPair) -> tuple[list[ModuleRow], set[str]]:
         torch uses functionally and the port calls).
     """
     torch_mods = dict(pair.torch_model.named_modules())
+    internal = {f"{name}.{child}" for name, module in torch_mods.items()
+                if isinstance(module, torch.nn.MultiheadAttention)
+                for child, _ in module.named_children()}  # used functionally by torch
+    if pairing is not None:
+        rows = [ModuleRow(name, "structure", "names", Comparison(
+                    name, (), (), "", "", reason="holds weights; no port module pairs with it"),
+                    -1, -1)
+                for name in pairing.unpaired_reference
+                if any(True for _ in torch_mods[name].parameters(recurse=False))]
+        rows += [ModuleRow(name, "structure", "names", Comparison(
+                     name, (), (), "", "", reason=f"{count} of its tensors were not loaded into "
+                                                  "the port; not compared"), -1, -1)
+                 for name, count in pairing.not_loaded.items()]
+        return rows, internal
     jittor_names = [n for n, _ in jittor_named_modules(pair.jittor_model)]
     rows = [ModuleRow(name, "structure", "names",
                       Comparison(name, (), (), "", "", reason="module only in Jittor"), -1, -1)
@@ -402,15 +441,63 @@ def module_name_rows(pair: ModelPair) -> tuple[list[ModuleRow], set[str]]:
     rows += [ModuleRow(name, "structure", "names",
                        Comparison(name, (), (), "", "", reason="module only in torch"), -1, -1)
              for name in torch_mods if name not in jittor_set]
-    internal = {f"{name}.{child}" for name, module in torch_mods.items()
-                if isinstance(module, torch.nn.MultiheadAttention)
-                for child, _ in module.named_children()}  # used functionally by torch
     return rows, internal
 
 
 def _topk_owner(named: Iterable[tuple[str, Any]]) -> str | None:
     """Name of the module making the top-k query selection (has ``forced_topk_ind``), or None."""
     return next((n for n, m in named if hasattr(type(m), "forced_topk_ind")), None)
+
+
+def _without_defaults(call: dict) -> dict:
+    """Call arguments without trailing ``None`` positionals and ``None`` keywords: another
+    port may leave out what the reference passes as its default."""
+    args = list(call["args"])
+    while args and args[-1] is None:
+        args.pop()
+    return {"args": args, "kwargs": {k: v for k, v in call["kwargs"].items() if v is not None}}
+
+
+def _official(ctx: "_Context", name: str, output: Any) -> Any:
+    """The whole model's output in the official convention (another port's declared options)."""
+    if name or not ctx.pair.external:
+        return output
+    return ctx.pair.port_parts.options.outputs(output)
+
+
+def _rng_state(model: Any) -> dict | None:
+    rng = getattr(model, "rng", None)
+    return None if rng is None else rng.state_dict()
+
+
+def _load_rng(model: Any, state: dict | None) -> None:
+    if state is not None and getattr(model, "rng", None) is not None:
+        model.rng.load_state_dict(state)
+
+
+def port_pairing(pair: ModelPair, images: np.ndarray) -> ModulePairing:
+    """Another port's modules under the reference's names (:func:`parity.ports.pair_modules`),
+    with one eval forward of each model recording call order and output shapes."""
+    was_training = pair.torch_model.training
+    pair.eval()
+    try:
+        with torch.no_grad():
+            ref_calls = record_calls(pair.torch_model,
+                                     lambda: pair.torch_model(torch.from_numpy(images)), "torch")
+        with jt.no_grad():
+            port_calls = record_calls(pair.jittor_model,
+                                      lambda: jt.sync_all() or pair.jittor_model(jt.array(images)),
+                                      "jittor")
+    finally:
+        if was_training:
+            pair.train()
+    findings = pair.findings
+    structure = {**(findings.suggested if findings is not None else {}), **pair.port.key_map}
+    port_keys = set(pair.jittor_model.state_dict())
+    present = [k for k in pair.torch_model.state_dict() if structure.get(k, k) in port_keys]
+    return pair_modules(pair.torch_model, pair.jittor_model, structure,
+                        findings.loaded if findings is not None else [], (ref_calls, port_calls),
+                        present)
 
 
 def _peak_rss_mb() -> float:
@@ -473,21 +560,28 @@ def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
                          f"{list(images.shape)}")
     select = _selector(pair, modules)
     report = ModuleReport(pair.cfg.name, mode, tuple(images.shape), isolation)
-    structure, internal = module_name_rows(pair)
-    report.rows.extend(structure)
-
     tm, jm = pair.torch_model, pair.jittor_model
+    if mode == "train" and not hasattr(jm, "rng"):
+        raise ValueError("train-mode module comparison needs the port's shared random stream "
+                         "(model.rng), to draw the reference's denoising noise")
+    pairing = port_pairing(pair, images) if pair.external else None
+    structure, internal = module_name_rows(pair, pairing)
+    report.rows.extend(structure)
+    if pairing is not None:
+        report.pairing = pairing
+        report.notes.append(pairing.describe())
+
     if mode == "eval":
         pair.eval()
     else:
         pair.train()
-    jit_named = jittor_named_modules(jm)
+    jit_named = pairing.named if pairing is not None else jittor_named_modules(jm)
     jit_modules = dict(jit_named)
     topk_name = _topk_owner(jit_named)
-    jbuf = _JittorBuffers(jm)
+    jbuf = _JittorBuffers(jit_named)
     torch_state0 = {k: v.detach().clone() for k, v in tm.named_buffers()}
     jit_state0 = jbuf.snapshot()
-    torch_rng0, jit_rng0 = tm.rng.state_dict(), jm.rng.state_dict()
+    torch_rng0, jit_rng0 = tm.rng.state_dict(), _rng_state(jm)
     try:
         timer = time.perf_counter()
         scores = ScoreCapture(tm) if topk_name is not None else None
@@ -507,11 +601,11 @@ def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
 
         # Jittor end to end: the same noise stream, the reference top-k forced in.
         timer = time.perf_counter()
-        jm.rng.load_state_dict(torch_rng0)
+        _load_rng(jm, torch_rng0)
         if forced is not None:
             jit_modules[topk_name].forced_topk_ind = jt.array(forced).int64()
         try:
-            with JittorCapture(jm, select, inputs=False) as jcap, jt.no_grad():
+            with JittorCapture(jm, select, inputs=False, named=jit_named) as jcap, jt.no_grad():
                 args = (jt.array(images),)
                 if targets is not None:
                     args += (to_jittor(targets),)
@@ -538,7 +632,7 @@ def run_module_check(pair: ModelPair, *, mode: str = "eval", images: np.ndarray,
                 named[k].copy_(v)
         jbuf.load(jit_state0)
         tm.rng.load_state_dict(torch_rng0)
-        jm.rng.load_state_dict(jit_rng0)
+        _load_rng(jm, jit_rng0)
         if topk_name is not None:
             jit_modules[topk_name].forced_topk_ind = None
     report.memory_mb["peak_rss"] = _peak_rss_mb()
@@ -569,6 +663,10 @@ def _compare_calls(report: ModuleReport, tcalls: list[Call], jcalls: dict[str, C
             report.rows.extend(ModuleRow(key, row_mode, kind, c, call.start, call.end)
                                for c in comparisons)
 
+        if ctx.pair.external and (call.name not in ctx.jit_modules
+                                  or call.name in report.pairing.not_loaded):
+            call.release()  # paired with no port module, or not loaded: structure rows
+            continue
         if call.name not in ctx.jit_modules:
             add("calls", "isolated", [Comparison(key, (), (), "", "",
                                                  reason="no Jittor module of this name")])
@@ -580,7 +678,8 @@ def _compare_calls(report: ModuleReport, tcalls: list[Call], jcalls: dict[str, C
             add("calls", "isolated", [Comparison(key, (), (), "", "",
                                                  reason="called by torch, not by Jittor")])
         else:
-            rows, skipped = compare_outputs(jcall.output, call.output, "module.accumulated",
+            rows, skipped = compare_outputs(_official(ctx, call.name, jcall.output), call.output,
+                                            "module.accumulated",
                                             key, cache=cache, mode=ctx.mode)
             add("module.accumulated", "accumulated", rows)
             report.notes.extend(f"{p}: not recorded on the Jittor side (discarded by the "
@@ -620,7 +719,8 @@ class _Stubs:
         self.jit_modules = jit_modules
         self.queues: dict[str, list[Call]] = {}
         for kid in kids:
-            self.queues.setdefault(kid.name, []).append(kid)
+            if kid.name in jit_modules:  # another port's unpaired module computes for real
+                self.queues.setdefault(kid.name, []).append(kid)
         self.seen: list[tuple[Call, tuple, dict]] = []
 
     def _stub(self, name: str) -> Callable:
@@ -686,12 +786,12 @@ def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str
     holds_topk = owner is not None and (call.name == ctx.topk_name or (
         ctx.isolation == "subtree" and _contains(call.name, ctx.topk_name)))
     train = ctx.mode == "train"
-    rng_before = jm.rng.state_dict()
+    rng_before = _rng_state(jm)
     result: dict[str, list[Comparison]] = {}
 
     def run(force: bool) -> tuple[Any, _Stubs]:
         if call.rng_state is not None:
-            jm.rng.load_state_dict(call.rng_state)
+            _load_rng(jm, call.rng_state)
         if train:
             ctx.jbuf.load(ctx.jit_after, within=call.name)
             ctx.jbuf.load_own(call.name, call.buffers_before)
@@ -702,7 +802,7 @@ def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str
             with jt.no_grad(), stubs:
                 args = torch_to_jittor_tree(call.args, ctx.jit_modules)
                 kwargs = torch_to_jittor_tree(call.kwargs, ctx.jit_modules)
-                return to_numpy(module(*args, **kwargs)), stubs
+                return to_numpy(_official(ctx, call.name, module(*args, **kwargs))), stubs
         finally:
             if holds_topk:
                 owner.forced_topk_ind = None
@@ -721,9 +821,12 @@ def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str
                 out, stubs = run(force=True)
         result["module"], _ = compare_outputs(out, ref, "module", call.key, mode=ctx.mode)
         for kid, args, kwargs in stubs.seen:
+            test, ref_args = (_jittor_refs({"args": args, "kwargs": kwargs}, ctx.jit_names),
+                              to_numpy({"args": kid.args, "kwargs": kid.kwargs}))
+            if ctx.pair.external:
+                test, ref_args = _without_defaults(test), _without_defaults(ref_args)
             rows, _ = compare_outputs(
-                _jittor_refs({"args": args, "kwargs": kwargs}, ctx.jit_names),
-                to_numpy({"args": kid.args, "kwargs": kid.kwargs}), "module",
+                test, ref_args, "module",
                 f"{call.key} -> input of {kid.key}", sep=": ", mode=ctx.mode)
             result["module"] += rows
         result["calls"] = [Comparison(f"{call.key} -> {kid.key}", (), (), "", "",
@@ -733,12 +836,19 @@ def _isolated(call: Call, ref: Any, kids: list[Call], ctx: _Context) -> dict[str
             own = ctx.jbuf.own(call.name)
             result["buffer"] = [_leaf_comparison(own[a], v, "buffer", f"{call.key} -> {a}",
                                                  ctx.mode) for a, v in call.buffers_after.items()]
-    except _ExtraCall as exc:
-        result["calls"] = [Comparison(f"{call.key} -> {exc.args[0]}", (), (), "", "",
-                                      reason="called by Jittor inside this call more often "
-                                             "than by torch")]
+    except Exception as exc:
+        if isinstance(exc, _ExtraCall):
+            result["calls"] = [Comparison(f"{call.key} -> {exc.args[0]}", (), (), "", "",
+                                          reason="called by Jittor inside this call more often "
+                                                 "than by torch")]
+        elif ctx.pair.external:
+            ctx.notes.append(f"{call.key}: not compared in isolation: the port's module does "
+                             f"not take the reference's inputs ({type(exc).__name__}: {exc}); "
+                             "its accumulated comparison stands")
+        else:
+            raise
     finally:
         if train:
             ctx.jbuf.load(ctx.jit_after, within=call.name)
-        jm.rng.load_state_dict(rng_before)
+        _load_rng(jm, rng_before)
     return result

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -400,11 +401,18 @@ def _copy_nightly(source: Path, data: Path, variant: str) -> dict:
 FAULT_OWN_SHARE = 1 / 3
 
 
+def _external(settings: ReportSettings) -> bool:
+    """Whether the report is of a port other than jittor_impl."""
+    from .ports import DEFAULT_PORT
+
+    return getattr(settings.check, "port", None) not in (None, DEFAULT_PORT)
+
+
 def _start_faults(settings: ReportSettings) -> Any:
     """The fault catalogue's run, its spawned worker started now (None unless ``run``)."""
     from .faults import CATALOGUE_SIZE, CatalogueRun
 
-    if settings.faults != "run":
+    if settings.faults != "run" or _external(settings):
         return None
     workers = min(2, os.cpu_count() or 1)
     return CatalogueRun(settings.variant, CATALOGUE_SIZE, "fast", weights=settings.check.weights,
@@ -418,6 +426,9 @@ def _faults(settings: ReportSettings, data: Path, on_phase: Callable[[str], None
     read, or not run."""
     if settings.faults == "none":
         return {"state": "not run", "why": "not requested (--faults none)"}
+    if _external(settings):
+        return {"state": "not run", "why": "the catalogue injects its faults into jittor_impl, "
+                                           "not into the port named with --port"}
     if settings.faults == "stored":
         stored = STORED_FAULTS / f"faults_{settings.variant}_fast.csv"
         if not stored.is_file():
@@ -473,7 +484,8 @@ def collect(settings: ReportSettings, data: Path,
     write_table(data, "module_runs", module_runs, columns=["pass", "input_shape", "isolation"])
     write_table(data, "parameters", measured.parameters)
     trajectory = measured.trajectory
-    write_table(data, "trajectory", trajectory.rows() if trajectory else [])
+    write_table(data, "trajectory", trajectory.rows() if trajectory else [],
+                columns=None if trajectory else ["step"])
     write_table(data, "drift", _drift_rows(trajectory) if trajectory else [],
                 columns=["step", "parameter", "drift", "floor"])
     write_table(data, "known_divergences", _divergence_rows(result), columns=["id"])
@@ -487,8 +499,10 @@ def collect(settings: ReportSettings, data: Path,
     if faults_info["state"] == "run":
         seconds["faults"] = time.perf_counter() - start
         seconds["faults_since_start"] = time.perf_counter() - fault_start
-    plan = bench_plan(settings.bench, settings.variant)
-    bench_info: dict = {"state": "not run", "why": "not requested (--bench none)"}
+    plan = None if _external(settings) else bench_plan(settings.bench, settings.variant)
+    bench_info: dict = {"state": "not run", "why": "not requested (--bench none)"
+                        if not _external(settings) else "the benchmark times jittor_impl, not "
+                                                        "the port named with --port"}
     if plan is not None:
         on_phase("bench")
         start = time.perf_counter()
@@ -500,9 +514,13 @@ def collect(settings: ReportSettings, data: Path,
         bench_info = {"state": "run", "plan": plan.name, "warmup": plan.warmup, "reps": plan.reps,
                       "load_average_before": round(load_before, 2),
                       "load_average_after": round(os.getloadavg()[0], 2)}
-    nightly_info = ({"state": "not run", "why": "not requested (--nightly none)"}
-                    if settings.nightly is None else _copy_nightly(settings.nightly, data,
-                                                                   settings.variant))
+    if _external(settings):
+        nightly_info = {"state": "not run", "why": "the nightly comparison trains jittor_impl, "
+                                                   "not the port named with --port"}
+    else:
+        nightly_info = ({"state": "not run", "why": "not requested (--nightly none)"}
+                        if settings.nightly is None else _copy_nightly(settings.nightly, data,
+                                                                       settings.variant))
     check = settings.check
     meta = {
         "format": REPORT_FORMAT,
@@ -520,7 +538,14 @@ def collect(settings: ReportSettings, data: Path,
         "nightly": nightly_info,
         "noise_derivation": noise_about,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "provenance": provenance(settings, result.weights, measured.weights_sha256),
+        "provenance": {**provenance(settings, result.weights, measured.weights_sha256),
+                       "port": measured.port},
+        "not_run": measured.not_run,
+        "findings": None if measured.findings is None else dataclasses.asdict(measured.findings),
+        "module_pairing": [{"mode": m.mode, **m.pairing.counts(),
+                            "unpaired_reference": len(m.pairing.unpaired_reference),
+                            "unpaired_port": len(m.pairing.unpaired_port)}
+                           for m in measured.modules if m.pairing is not None],
     }
     write_json(data / "meta.json", meta)
 
@@ -584,12 +609,17 @@ def _copy_data(source: Path, target: Path) -> None:
 
 
 def check_namespace(variant: str, weights: str | None, num_classes: int, sizes: dict[str, Any],
-                    steps: int | None, seed: int) -> argparse.Namespace:
+                    steps: int | None, seed: int,
+                    port: dict[str, str | None] | None = None) -> argparse.Namespace:
     """The ``rtdetr-parity check`` options of a report: the check's defaults, then the given
-    weights, sizes (``None`` keeps the check's) and trajectory length."""
+    weights, sizes (``None`` keeps the check's), trajectory length and port options
+    (``{"--port": ..., "--port-path": ..., "--key-map": ...}``, None values left out)."""
     from .cli import build_parser
 
     argv = ["check", "--variant", variant, "--num-classes", str(num_classes), "--seed", str(seed)]
+    for flag, value in (port or {}).items():
+        if value is not None:
+            argv += [flag, str(value)]
     if weights is not None:
         argv += ["--weights", weights]
     for flag, size in sizes.items():
@@ -677,7 +707,9 @@ def _report(args: argparse.Namespace) -> int:
         check = check_namespace(variant, args.weights, args.num_classes,
                                 {"--size": args.size, "--train-size": args.train_size,
                                  "--module-size": args.module_size,
-                                 "--training-size": args.training_size}, args.steps, args.seed)
+                                 "--training-size": args.training_size}, args.steps, args.seed,
+                                {"--port": args.port, "--port-path": args.port_path,
+                                 "--key-map": args.key_map})
         settings = ReportSettings(variant, check, bench=args.bench, faults=args.faults,
                                   nightly=nightly, command=command)
         progress = _progress(settings, args)

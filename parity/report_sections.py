@@ -41,6 +41,57 @@ def _check_rows(d: Data, kinds: tuple[str, ...]) -> pd.DataFrame:
     return checks[checks["kind"].isin(kinds)]
 
 
+def _why(d: Data, part: str, default: str) -> str:
+    """Why a part did not run for this port (``meta.not_run``), else ``default``."""
+    why = (d.meta.get("not_run") or {}).get(part)
+    return f"{default.split(' did not run')[0]} did not run: {why}" if why else default
+
+
+def section_port(d: Data) -> Section:
+    """Another port's weights against the official layout, and how its modules were paired."""
+    s = Section("port", "Port under test")
+    port = d.meta.get("provenance", {}).get("port") or {}
+    findings = d.meta.get("findings")
+    if findings is None:
+        s.verdict = PASS
+        s.compared = f"{port.get('spec', 'jittor_impl')}: the official names, loaded strictly"
+        return s
+    problems = len(findings["missing"]) + len(findings["unexpected"]) + len(findings["misshaped"])
+    same_count = findings["official_parameters"] == findings["port_parameters"]
+    s.verdict = PASS if problems == 0 and same_count else FAIL
+    s.compared = (f"{port.get('spec')}: {len(findings['loaded'])} official tensors loaded by name; "
+                  f"{len(findings['missing'])} missing, {len(findings['unexpected'])} unexpected, "
+                  f"{len(findings['misshaped'])} mis-shaped; parameters {findings['port_parameters']:,}"
+                  f" (official {findings['official_parameters']:,})")
+    first = (findings["missing"] or findings["unexpected"]
+             or [m[0] for m in findings["misshaped"]] or [])
+    s.first_failure = (first[0] if first else "" if same_count else "parameter count")
+    rows = ([{"finding": "missing", "official": k, "port": "", "shapes": ""}
+             for k in findings["missing"][:20]]
+            + [{"finding": "unexpected", "official": "", "port": k, "shapes": ""}
+               for k in findings["unexpected"][:20]]
+            + [{"finding": "mis-shaped", "official": a, "port": b, "shapes": f"{list(x)} vs {list(y)}"}
+               for a, b, x, y in findings["misshaped"][:20]])
+    s.blocks.append([f"Port: `{port.get('spec')}` from `{port.get('file')}`"
+                     + (f", commit `{port.get('commit')}`" + (" (dirty)" if port.get("dirty") else "")
+                        if port.get("commit") else ""),
+                     f"Key map: `{port.get('key_map')}` ({port.get('renamed_keys')} names)"])
+    if rows:
+        s.blocks.append(Table(frame(rows), "State-dict findings (up to 20 of each):"))
+    if findings.get("suggested"):
+        s.blocks.append(f"A key map pairing {len(findings['suggested'])} names by module tree, "
+                        "order and shape was suggested (`suggested_key_map_<variant>.json` of "
+                        "`rtdetr-parity check --port ...`): review it, then pass it with --key-map.")
+    pairing = d.meta.get("module_pairing") or []
+    if pairing:
+        s.blocks.append(Table(frame([{k: str(v) for k, v in p.items()} for p in pairing]),
+                              "Modules paired with the reference's, by method:"))
+    not_run = d.meta.get("not_run") or {}
+    if not_run:
+        s.blocks.append([f"Not run: {k}: {v}" for k, v in not_run.items()])
+    return s
+
+
 def section_outputs(d: Data) -> Section:
     s = Section("outputs", "Outputs and detections")
     rows = _check_rows(d, ("output", "detection"))
@@ -125,7 +176,7 @@ def section_modules(d: Data) -> Section:
     s.thresholds = d.tols.rows(MODULE_KINDS)
     rows = judged_modules(d)
     if rows.empty:
-        s.verdict, s.compared = NOT_RUN, "the modules part did not run"
+        s.verdict, s.compared = NOT_RUN, _why(d, "modules", "the modules part did not run")
         return s
     passes = list(dict.fromkeys(rows["pass"]))
     failed = rows[~rows["ok"]]
@@ -211,7 +262,9 @@ def section_decisions(d: Data) -> Section:
     labels = _check_rows(d, ("detection",))
     labels = labels[labels["path"].str.endswith(".labels")] if not labels.empty else labels
     if rows.empty:
-        s.verdict, s.compared = NOT_RUN, "no decision was compared (the outputs part did not run)"
+        why = (d.meta.get("not_run") or {}).get("decisions")
+        s.verdict, s.compared = NOT_RUN, (f"no decision was compared: {why}" if why else
+                                          "no decision was compared (the outputs part did not run)")
         return s
     failed = rows[~is_true(rows["passed"])]
     s.verdict = PASS if failed.empty else FAIL
@@ -248,7 +301,8 @@ def section_training(d: Data) -> Section:
                                                   "grad.zero64", "update.rounding"))
     rows = _check_rows(d, TRAINING_KINDS)
     if rows.empty:
-        s.verdict, s.compared = NOT_RUN, "the outputs and training parts did not run"
+        s.verdict, s.compared = NOT_RUN, _why(d, "training", "the outputs and training parts "
+                                                             "did not run")
         return s
     failed = rows[~is_true(rows["passed"])]
     s.verdict = PASS if failed.empty else FAIL
@@ -323,7 +377,7 @@ def section_trajectory(d: Data) -> Section:
     steps = d.table("trajectory")
     rows = _check_rows(d, ("trajectory",))
     if steps is None or steps.empty:
-        s.verdict, s.compared = NOT_RUN, "the training part did not run"
+        s.verdict, s.compared = NOT_RUN, _why(d, "training", "the training part did not run")
         return s
     failed = rows[~is_true(rows["passed"])]
     s.verdict = PASS if failed.empty else FAIL
@@ -560,11 +614,16 @@ def section_provenance(d: Data) -> Section:
              "Machine: " + ", ".join(f"{k} {v}" for k, v in p.get("machine", {}).items()),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items()),
              "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in m.get("seconds", {}).items())]
+    port = p.get("port")
+    if port:
+        items.append(f"Port: `{port.get('spec')}` ({port.get('file')}"
+                     + (f", commit `{port.get('commit')}`{' dirty' if port.get('dirty') else ''}"
+                        if port.get("commit") else "") + ")")
     s.blocks += [items, "Regenerate this report from its data (no model runs): "
                  "`rtdetr-parity report --from <this folder> --force`."]
     return s
 
 
-SECTIONS = (section_outputs, section_modules, section_decisions, section_training,
+SECTIONS = (section_port, section_outputs, section_modules, section_decisions, section_training,
             section_trajectory, section_nightly, section_bench, section_faults, section_divergences)
 REFERENCE_SECTIONS = (section_tolerances, section_provenance)

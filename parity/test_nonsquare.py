@@ -1,7 +1,7 @@
 """Height/width swaps in the port: caught on a non-square input, invisible on a square one.
 
 Each fault swaps height and width in one place of the Jittor side only (patched on the
-instance, or on the build function the check calls, and undone after the test): the hybrid
+instance the check uses, and undone after the test): the hybrid
 encoder's 2-D sin-cos position embedding, the decoder's anchors (``_generate_anchors``) and
 the postprocessor's (w, h) original sizes. The check at a non-square size must fail and name
 the fault (the module check its module, the eval check its rows). On a square input the
@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 
-import jittor_impl
 from parity.check import CheckResult, check_eval
 from parity.arrays import to_numpy
 from parity.models import ModelPair, build_pair
@@ -75,15 +74,10 @@ def _swap_anchors(pair: ModelPair, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _swap_original_sizes(pair: ModelPair, monkeypatch: pytest.MonkeyPatch) -> None:
     """The postprocessor scales boxes by (h, w) instead of the (w, h) it is given."""
-    build = jittor_impl.build_postprocessor
-
-    def build_swapped(*args: Any, **kwargs: Any) -> Any:
-        postprocessor = build(*args, **kwargs)
-        execute = postprocessor.execute
-        postprocessor.execute = lambda outputs, sizes: execute(outputs, sizes.flip(1))
-        return postprocessor
-
-    monkeypatch.setattr(jittor_impl, "build_postprocessor", build_swapped)
+    postprocessor = pair.port_parts.postprocessor
+    execute = postprocessor.execute
+    monkeypatch.setattr(postprocessor, "execute",
+                        lambda outputs, sizes: execute(outputs, sizes.flip(1)))
 
 
 def _module_failures(pair: ModelPair, size: Size) -> tuple[str | None, list[str]]:

@@ -73,7 +73,7 @@ def test_report_shows_every_section_with_its_verdict(regenerated: Path) -> None:
     md = (regenerated / "report.md").read_text()
     summary = json.loads((regenerated / "summary.json").read_text())
     titles = [s["title"] for s in summary["sections"]]
-    assert titles == ["Outputs and detections", "Module map", "Decisions",
+    assert titles == ["Port under test", "Outputs and detections", "Module map", "Decisions",
                       "Losses, gradients, optimizer step, EMA, BatchNorm buffers", "Trajectory",
                       "Training comparison", "Speed and memory", "Fault catalogue",
                       "Known divergences and framework differences"]

@@ -4,7 +4,7 @@
 """
 
 from .build import (build_criterion, build_ema, build_matcher, build_model, build_optimizer,
-                    build_postprocessor)
+                    build_port, build_postprocessor)
 from .checkpoint import load_checkpoint, load_state_dict_strict, read_checkpoint
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "build_postprocessor",
     "build_optimizer",
     "build_ema",
+    "build_port",
     "load_checkpoint",
     "load_state_dict_strict",
     "read_checkpoint",
