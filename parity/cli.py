@@ -453,10 +453,9 @@ def measure_check(args: argparse.Namespace,
         seconds["modules"] = time.perf_counter() - start
     trajectory = None
     if "training" in parts and external:
-        not_run["training"] = (
-            "the training part forces the reference's decisions (top-k, matches, ReLU gates, "
-            "sampling cells, L1 signs, GIoU corners) through jittor_impl's hooks and steps "
-            "jittor_impl's optimizer; this port is not built from them")
+        start = starting("training")
+        port_gradients(fresh_pair(args.training_size), args.training_size, result, not_run)
+        seconds["training"] = time.perf_counter() - start
     elif "training" in parts:
         start = starting("training")
         training, trajectory = run_training_checks(fresh_pair(args.training_size),
@@ -468,6 +467,38 @@ def measure_check(args: argparse.Namespace,
         seconds["training"] = time.perf_counter() - start
     return CheckMeasurement(result, modules, trajectory, parameters, sha, seconds,
                             port.identity(), findings, not_run)
+
+
+# Why another port's optimizer step and trajectory are not run.
+_PORT_STEP_GAP = ("the optimizer step and the trajectory force the reference's decisions "
+                  "(top-k, matches, ReLU gates, sampling cells, L1 signs, GIoU corners) into the "
+                  "port at every step through jittor_impl's hooks, and step jittor_impl's "
+                  "optimizer; another port has neither")
+
+
+def port_gradients(pair, size: Size, result, not_run: dict[str, str]) -> None:
+    """The training part for another port: one forward, criterion and backward on the
+    reference's batch and denoising noise (every loss term and gradient beside its fp32
+    floor), where the port has a criterion and the shared random stream; what it cannot run
+    goes to ``not_run``."""
+    from .trajectory import training_batches
+    from .training import add_rows, compare_gradients, compare_losses, port_gradient_pass
+
+    if pair.port_parts.criterion is None:
+        not_run["training"] = "the port has no criterion"
+        return
+    if not hasattr(pair.jittor_model, "rng"):
+        not_run["training"] = ("the port's model has no shared random stream (model.rng): its "
+                               "training forward cannot draw the reference's denoising noise")
+        return
+    images, targets = training_batches(pair.cfg.num_classes, size, batch=2)[0]
+    tp = port_gradient_pass(pair, images, targets)
+    add_rows(result, compare_losses(tp) + compare_gradients(tp))
+    result.notes.append("training: the port's own forward, criterion and backward on the "
+                        "reference's batch and denoising noise; its decisions are not forced "
+                        "(a top-k or match decided otherwise by a tie shows in these rows)")
+    not_run["training.step"] = _PORT_STEP_GAP
+    not_run["training.trajectory"] = _PORT_STEP_GAP
 
 
 # Screen labels of the check's parts (the phases of ``check``'s progress display).

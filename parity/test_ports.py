@@ -3,8 +3,9 @@
 The ports are those of ``parity/port_examples/handmade_rtdetr.py``: another layout and other
 names than jittor_impl, other output keys, ``xyxy`` boxes and ``(h, w)`` original sizes. A
 correct one passes through a key map (the one the check suggests), one with a porting bug is
-caught at the module that introduces it, an eval-only one has its training parts reported as
-not run, a raising factory stops the check with a clear error. jittor_impl named through
+caught at the module that introduces it, a stray ``detach`` by the gradients alone, a partial
+key map leaves the rest checked, an eval-only one has its training parts reported as not run,
+a raising factory stops the check with a clear error. jittor_impl named through
 ``--port`` gives the rows it gives without.
 """
 
@@ -145,7 +146,9 @@ def test_renamed_port_fails_on_its_names_then_passes_through_the_suggested_key_m
     assert {m["mode"] for m in second["modules"]} == {"eval", "train"}
     pairing = {p["mode"]: p for p in second["module_pairing"]}
     assert pairing["eval"]["key map"] > 200 and pairing["eval"]["call order"] > 50
-    assert set(second["not_run"]) == {"decisions", "training"}
+    assert set(second["not_run"]) == {"decisions", "training.step", "training.trajectory"}
+    grads = [r for r in second["rows"] if r["kind"] == "grad"]
+    assert len(grads) > 300 and all(r["passed"] for r in grads)
     assert second["port"]["spec"] == "handmade_rtdetr:build_renamed"
     assert second["port"]["file"].endswith("handmade_rtdetr.py")
 
@@ -166,7 +169,9 @@ def test_an_eval_only_port_has_its_training_parts_reported_as_not_run(tmp_path: 
     status, payload = _run(tmp_path, "eval", *PORT, "--port", "handmade_rtdetr:build_eval_only",
                            parts="outputs,modules,training")
     assert status == 0 and payload["passed"]
-    assert set(payload["not_run"]) == {"outputs.losses", "modules.train", "training"}
+    assert payload["not_run"] == {"outputs.losses": "the port has no criterion",
+                                  "modules.train": payload["not_run"]["modules.train"],
+                                  "training": "the port has no criterion"}
     kinds = {r["kind"] for r in payload["rows"]}
     # Its decoder keeps the official attribute name and hooks: the top-k is compared.
     assert kinds == {"output", "decision"}
@@ -245,3 +250,17 @@ def test_a_port_whose_tensors_cannot_all_be_loaded_is_checked_on_the_modules_tha
     assert len(backbone) > 100 and all(r["passed"] for r in backbone)
     assert {r["paired_by"] for r in backbone} == {"key map", "call order"}
     assert all(r["port_module"].startswith("net.body.") for r in backbone)
+
+
+def test_a_stray_detach_is_caught_by_the_gradients_not_by_the_forward(tmp_path: Path) -> None:
+    key_map = write_key_map(_true_key_map("r18vd")[2], tmp_path / "map.json")
+    status, payload = _run(tmp_path, "detach", *PORT, "--port", "handmade_rtdetr:build_detached",
+                           "--key-map", str(key_map), parts="outputs,modules,training")
+    assert status == 1
+    forward = [r for r in payload["rows"] if r["kind"] in ("output", "detection", "loss")]
+    assert forward and all(r["passed"] for r in forward)
+    assert all(m["passed"] for m in payload["modules"])
+    failing = {r["path"] for r in payload["rows"] if not r["passed"]}
+    assert failing and all(p.startswith("grad.") for p in failing), failing
+    assert "grad.encoder.lateral_convs.0.conv.weight" in failing
+    assert "grad.backbone.res_layers.3.blocks.1.branch2b.conv.weight" in failing

@@ -38,6 +38,7 @@ from .compare import Comparison, Tolerance, compare_arrays, compare_tree
 from .forcing import Forcing, allowed_forced, override, robust_error
 from .arrays import to_numpy
 from .models import ModelPair, to_jittor, to_torch
+from .ports import is_statistic
 from .replay import (Decisions, Float64Replay, build_emas, grads_of, zero_torch_ema, numpy_params,
                      snapshot, trainable)
 from .tolerances import loss_tolerance, tolerance
@@ -320,6 +321,71 @@ def check_gradients(pair: ModelPair, images: np.ndarray, targets: list[dict]) ->
 def gradient_rows(tp: TrainPass) -> list[Comparison]:
     """The rows of :func:`check_gradients` from a finished pass."""
     return compare_losses(tp) + compare_gradients(tp) + tp.gates
+
+
+def port_trainable(pair: ModelPair) -> list[tuple[str, jt.Var]]:
+    """Another port's trainable Vars under the official names (through its key map): its state
+    dict less the official buffers, running statistics and ``stop_grad`` Vars."""
+    official = {pair.port.key_map.get(k, k): k for k in pair.torch_model.state_dict()}
+    buffers = {k for k, _ in pair.torch_model.named_buffers()}
+    named = []
+    for key, var in pair.jittor_model.state_dict().items():
+        name = official.get(key, key)
+        if name not in buffers and not is_statistic(key) and not var.is_stop_grad():
+            named.append((name, var))
+    return named
+
+
+def port_gradient_pass(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> TrainPass:
+    """Another port's train-mode forward, criterion and backward against the reference's, on
+    the same batch and the same denoising noise (the port's ``rng`` rewound to the reference's
+    state), with the reference's float64 copy run the same way for each term's and gradient's
+    fp32 floor. No decision is forced: the port has no hooks for it."""
+    pair.train()
+    model = pair.torch_model
+    named_t = trainable(model)
+    for _, p in named_t:
+        p.grad = None
+    rng_state = model.rng.state_dict()
+    start = time.perf_counter()
+    targets_t = to_torch(targets)
+    losses_t = torch_ref.build_criterion(pair.cfg)(model(torch.from_numpy(images), targets_t), targets_t)
+    loss_t = sum(losses_t.values())
+    loss_t.backward()
+    torch_grads = grads_of(named_t)
+    for _, p in named_t:
+        p.grad = None
+    seconds = {"torch": time.perf_counter() - start}
+
+    model64 = copy.deepcopy(model).double().train()
+    model64.rng.load_state_dict(rng_state)
+    targets64 = [{"labels": t["labels"], "boxes": t["boxes"].double()} for t in targets_t]
+    losses64 = torch_ref.build_criterion(pair.cfg).double()(
+        model64(torch.from_numpy(images).double(), targets64), targets64)
+    loss64 = sum(losses64.values())
+    loss64.backward()
+    float64_grads = grads_of(trainable(model64))
+    del model64
+
+    start = time.perf_counter()
+    pair.jittor_model.rng.load_state_dict(rng_state)
+    targets_j = to_jittor(targets)
+    losses_j = pair.port_parts.criterion(pair.jittor_model(jt.array(images), targets_j), targets_j)
+    loss_j = sum(losses_j.values())
+    jittor_grads = jittor_gradients(loss_j, port_trainable(pair))
+    seconds["jittor"] = time.perf_counter() - start
+
+    def floats(losses: dict, total: Any) -> dict[str, float]:
+        return {k: float(to_numpy(v).reshape(())) for k, v in losses.items()} | {
+            "loss": float(to_numpy(total).reshape(()))}
+
+    def detached(losses: dict) -> dict:
+        return {k: v.detach() for k, v in losses.items()}
+
+    return TrainPass(floats(detached(losses_t), loss_t.detach()), floats(losses_j, loss_j),
+                     torch_grads, jittor_grads, floats(detached(losses64), loss64.detach()),
+                     float64_grads,
+                     decisions=None, seconds=seconds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Factories (``--port handmade_rtdetr:<factory>`` with ``--port-path`` this folder
     build_renamed: a correct port, renamed (needs a key map).
     build_buggy: the same with one porting bug: the first lateral convolution of the hybrid
         encoder activates with ReLU where the official config says SiLU.
+    build_detached: the same with a stray ``detach`` in that convolution: the forward is
+        unchanged, the backbone's gradients are not.
     build_eval_only: the official names, an eval forward only (no criterion, no
         postprocessor, no shared random stream).
     build_raising: a factory that fails.
@@ -161,6 +163,26 @@ def build_buggy(variant: str, num_classes: int, size=None, seed: int = 0) -> dic
     lateral = parts["model"].net.neck.laterals[0]
     assert isinstance(lateral, ConvNormLayer)
     lateral.f = nn.ReLU()
+    return parts
+
+
+class _Detached(nn.Module):
+    """An activation whose output is cut from the graph: the forward is unchanged."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.inner = act
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        return self.inner(x).detach()
+
+
+def build_detached(variant: str, num_classes: int, size=None, seed: int = 0) -> dict:
+    """:func:`build_renamed` with the encoder's first lateral convolution cut from the graph
+    (a stray ``detach``): same outputs, no gradient reaches the backbone through it."""
+    parts = build_renamed(variant, num_classes, size, seed)
+    lateral = parts["model"].net.neck.laterals[0]
+    lateral.f = _Detached(lateral.f)
     return parts
 
 
