@@ -42,8 +42,10 @@ def _check_rows(d: Data, kinds: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _why(d: Data, part: str, default: str) -> str:
-    """Why a part did not run for this port (``meta.not_run``), else ``default``."""
-    why = (d.meta.get("not_run") or {}).get(part)
+    """Why a part (``training.trajectory``, else its whole part ``training``) did not run for
+    this port (``meta.not_run``), else ``default``."""
+    not_run = d.meta.get("not_run") or {}
+    why = not_run.get(part) or not_run.get(part.split(".")[0])
     return f"{default.split(' did not run')[0]} did not run: {why}" if why else default
 
 
@@ -377,7 +379,8 @@ def section_trajectory(d: Data) -> Section:
     steps = d.table("trajectory")
     rows = _check_rows(d, ("trajectory",))
     if steps is None or steps.empty:
-        s.verdict, s.compared = NOT_RUN, _why(d, "training", "the training part did not run")
+        s.verdict, s.compared = NOT_RUN, _why(d, "training.trajectory",
+                                              "the trajectory did not run")
         return s
     failed = rows[~is_true(rows["passed"])]
     s.verdict = PASS if failed.empty else FAIL
