@@ -545,8 +545,8 @@ class ModulePairing:
         unpaired_port: Port modules with no counterpart.
         not_loaded: Paired reference modules whose own tensors were not (all) loaded into the
             port, with their count: their calls are not compared (they would show the
-            weights, not the code); they still answer for themselves inside their parents'
-            isolated calls.
+            weights, not the code); inside their parents' isolated calls they are answered
+            with the reference's outputs, as every child is.
     """
 
     named: list[tuple[str, Any]]
