@@ -362,17 +362,16 @@ def _parameter_table(pair) -> list[dict]:
     names through its key map)."""
     from jittor_impl.nn import named_parameters, trainable_parameters
 
-    from .ports import is_statistic
+    from .ports import official_parameters
 
     torch_all = dict(pair.torch_model.named_parameters())
-    jittor_all = dict(named_parameters(pair.jittor_model))
-    jittor_trained = {name for name, _ in trainable_parameters(pair.jittor_model)}
     if pair.external:
-        official = {pair.port.key_map.get(k, k): k for k in pair.torch_model.state_dict()}
-        buffers = {k for k, _ in pair.torch_model.named_buffers()}
-        jittor_all = {official.get(k, k): v for k, v in jittor_all.items()
-                      if official.get(k, k) not in buffers and not is_statistic(k)}
-        jittor_trained = {official.get(k, k) for k in jittor_trained}
+        jittor_all = dict(official_parameters(pair.torch_model, pair.jittor_model,
+                                              pair.port.key_map))
+        jittor_trained = {n for n, v in jittor_all.items() if not v.is_stop_grad()}
+    else:
+        jittor_all = dict(named_parameters(pair.jittor_model))
+        jittor_trained = {name for name, _ in trainable_parameters(pair.jittor_model)}
     names = list(torch_all) + [n for n in jittor_all if n not in torch_all]
     return [{"name": n,
              "torch": int(torch_all[n].numel()) if n in torch_all else 0,

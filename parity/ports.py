@@ -364,6 +364,16 @@ def _same_shape(a: tuple, b: tuple) -> bool:
     return a == b or (int(np.prod(a)) == 1 and int(np.prod(b)) == 1 and len(a) <= 1 and len(b) <= 1)
 
 
+def official_parameters(torch_model: Any, port_model: Any,
+                        key_map: Mapping[str, str]) -> list[tuple[str, jt.Var]]:
+    """Another port's parameters under the official names (through ``key_map``): its state
+    dict less the official buffers and, among its own names, running statistics."""
+    official = {key_map.get(k, k): k for k in torch_model.state_dict()}
+    buffers = {k for k, _ in torch_model.named_buffers()}
+    return [(official.get(key, key), var) for key, var in port_model.state_dict().items()
+            if official.get(key, key) not in buffers and not is_statistic(key)]
+
+
 def is_statistic(name: str) -> bool:
     """Whether a state-dict name is a BatchNorm running statistic."""
     return name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
@@ -701,11 +711,8 @@ def record_calls(model: Any, run: Callable[[], Any], framework: str) -> list[tup
         def hook(m, args, out, kwargs=None, name=name):
             records.append((name, signature(out)))
         if framework == "torch":
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, name=name: records.append((name, signature(out)))))
-        else:
-            if "__fhook2__" in vars(module) or "__fhook__" in vars(module):
-                continue
+            handles.append(module.register_forward_hook(hook))
+        elif "__fhook2__" not in vars(module) and "__fhook__" not in vars(module):
             module.register_forward_hook(hook)
             handles.append(module)
     try:

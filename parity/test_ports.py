@@ -227,6 +227,9 @@ def test_the_report_of_a_port_has_our_sections_and_its_identity(tmp_path: Path) 
     assert meta["provenance"]["port"]["spec"] == "handmade_rtdetr:build_renamed"
     assert "handmade_rtdetr:build_renamed" in (out / "report.md").read_text()
     assert read_table(out / "data", "modules") is not None
+    parameters = read_table(out / "data", "parameters")  # by official name, through the key map
+    assert len(parameters) == 326 and (parameters["torch"] == parameters["jittor"]).all()
+    assert (parameters["torch_trainable"] == parameters["jittor_trainable"]).all()
 
 
 def test_a_port_whose_tensors_cannot_all_be_loaded_is_checked_on_the_modules_that_could(

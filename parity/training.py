@@ -38,7 +38,7 @@ from .compare import Comparison, Tolerance, compare_arrays, compare_tree
 from .forcing import Forcing, allowed_forced, override, robust_error
 from .arrays import to_numpy
 from .models import ModelPair, to_jittor, to_torch
-from .ports import is_statistic
+from .ports import official_parameters
 from .replay import (Decisions, Float64Replay, build_emas, grads_of, zero_torch_ema, numpy_params,
                      snapshot, trainable)
 from .tolerances import loss_tolerance, tolerance
@@ -324,16 +324,10 @@ def gradient_rows(tp: TrainPass) -> list[Comparison]:
 
 
 def port_trainable(pair: ModelPair) -> list[tuple[str, jt.Var]]:
-    """Another port's trainable Vars under the official names (through its key map): its state
-    dict less the official buffers, running statistics and ``stop_grad`` Vars."""
-    official = {pair.port.key_map.get(k, k): k for k in pair.torch_model.state_dict()}
-    buffers = {k for k, _ in pair.torch_model.named_buffers()}
-    named = []
-    for key, var in pair.jittor_model.state_dict().items():
-        name = official.get(key, key)
-        if name not in buffers and not is_statistic(key) and not var.is_stop_grad():
-            named.append((name, var))
-    return named
+    """Another port's trainable Vars under the official names: its parameters
+    (:func:`~parity.ports.official_parameters`) that are not ``stop_grad``."""
+    return [(name, var) for name, var in official_parameters(
+        pair.torch_model, pair.jittor_model, pair.port.key_map) if not var.is_stop_grad()]
 
 
 def port_gradient_pass(pair: ModelPair, images: np.ndarray, targets: list[dict]) -> TrainPass:
