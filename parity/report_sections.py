@@ -374,7 +374,7 @@ def section_training(d: Data) -> Section:
 
 def section_trajectory(d: Data) -> Section:
     s = Section("trajectory", "Trajectory")
-    s.thresholds = d.tols.rows(("trajectory",)) + [
+    s.thresholds = d.tols.rows(("trajectory", "decision.count")) + [
         r for r in d.tols.rows(("noise",)) if "trajectory" in str(r["path"]) or "loss" in str(r["path"])]
     steps = d.table("trajectory")
     rows = _check_rows(d, ("trajectory",))

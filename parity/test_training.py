@@ -31,7 +31,8 @@ from parity.tolerances import tolerance
 from parity.forcing import GiouCorners, L1Signs, SampleCells, _Kinks, cell_offsets
 from parity.training import (add_rows, check_gradients, check_optimizer_step, compare_gradients,
                              row_kind, train_pass)
-from parity.trajectory import Trajectory, TrajectoryStep, run_trajectory, training_batches
+from parity.trajectory import (Trajectory, TrajectoryStep, count_allowance, count_p_value,
+                               run_trajectory, training_batches)
 from rtdetr_common.configs import variant_at_size
 
 SLOW = pytest.mark.slow
@@ -388,7 +389,7 @@ def _trajectory(counts: list[tuple[int, int]], kind: str = "relu_gate") -> Traje
                 max_param_floor=1e-7, worst_excess=0.0, tie_flips=0, tie_forced=0,
                 tie_max_gap=0.0, tie_floor_flips=0, seconds_torch=0.0, seconds_jittor=0.0)
     traj = Trajectory("r18vd", (64, 96), 2)
-    compared = 10**6 if kind == "relu_gate" else 200
+    compared = 10**6 if kind == "relu_gate" else 1000
     for k, (f, fl) in enumerate(counts, 1):
         traj.steps.append(TrajectoryStep(step=k, **step))
         traj.drift.append({"w": (0.0, 1e-7)})
@@ -398,38 +399,69 @@ def _trajectory(counts: list[tuple[int, int]], kind: str = "relu_gate") -> Traje
     return traj
 
 
-@pytest.mark.parametrize("past", [False, True])
-def test_a_later_step_is_judged_against_the_replays_most_flips_so_far(past: bool) -> None:
-    """A step where the replay happens to flip nothing is judged against the most it flipped
-    in an earlier step (the drift only grows), not against that step's zero."""
-    factor = tolerance("noise", "trajectory.step[3].ties.relu_gate").atol
-    flipped = int(factor * 5) + (1 if past else 0)
-    rows = {c.path: c for c in _trajectory([(0, 0), (5, 5), (flipped, 0)]).comparisons()}
+def _count_rule(step: int, kind: str) -> tuple[float, float]:
+    """The noise factor and the test level of a later step's count row of ``kind``."""
+    path = f"trajectory.step[{step}].ties.{kind}"
+    return tolerance("noise", path).atol, tolerance("decision.count", path).atol
+
+
+def test_the_count_test_is_the_exact_conditional_test_of_two_poisson_rates() -> None:
+    """Given both counts' sum, the replay's share is binomial with probability 1 / (1 + F) at
+    the largest rate ratio allowed: the p-value is that binomial's lower tail, written out
+    here; and drawn counts at exactly that ratio are rejected about as often as the level
+    says, while a port at three times that ratio is rejected nearly always."""
+    factor, alpha = _count_rule(4, "topk")
+    q = 1.0 / (1.0 + factor)
+    n = 29 + 1
+    assert count_p_value(29, 1, factor) == pytest.approx((1 - q) ** n + n * q * (1 - q) ** (n - 1))
+    assert count_p_value(0, 0, factor) == 1.0
+    allowed = count_allowance(3, factor, alpha, 10**6)
+    assert count_p_value(allowed, 3, factor) >= alpha > count_p_value(allowed + 1, 3, factor)
+    rng = np.random.default_rng(0)
+    replay = rng.poisson(20.0, 20000)
+    at_bound = rng.poisson(factor * 20.0, 20000)
+    rejected = np.mean([count_p_value(int(a), int(b), factor) < alpha
+                        for a, b in zip(at_bound, replay)])
+    assert rejected <= 5 * alpha
+    beyond = rng.poisson(3 * factor * 20.0, 2000)
+    caught = np.mean([count_p_value(int(a), int(b), factor) < alpha
+                      for a, b in zip(beyond, replay)])
+    assert caught > 0.99
+
+
+def test_a_later_step_is_judged_against_the_replays_flips_in_that_step() -> None:
+    """Each step's count row compares with the replay's count of the same step, whatever an
+    earlier step's was; its reason states the p-value and the largest count that passes."""
+    factor, alpha = _count_rule(3, "relu_gate")
+    allowed = count_allowance(0, factor, alpha, 10**6)
+    rows = {c.path: c for c in _trajectory([(0, 0), (5, 50), (allowed + 1, 0)]).comparisons()}
     row = rows["trajectory.step[3].ties.relu_gate"]
-    assert row.passed is not past, row.reason
-    assert "the float64 replay 0, at most 5 in a step so far" in row.reason
+    assert not row.passed, row.reason
+    assert "the float64 replay 0; p = " in row.reason and f"at most {allowed} pass" in row.reason
 
 
 @pytest.mark.parametrize("kind", sorted(_KIND_ROWS))
 @pytest.mark.parametrize("flipped, floor, passed", [
-    (0, 0, True), (2, 0, True), (3, 0, False),  # no floor: the forced count decides
-    ("within", 5, True), ("past", 5, False),  # else the trajectory factor times the floor
-    (150, 50, True),  # an allowance over every decision: passes, said to be saturated
+    (0, 0, True), ("within", 0, True), ("past", 0, False),  # a replay without flips
+    ("within", 5, True), ("past", 5, False),  # the largest count the test keeps, and one more
+    (150, 50, True),  # an allowance over every match: passes, said to be saturated
 ])
 def test_later_trajectory_steps_judge_counts_against_the_float64_replays(kind, flipped, floor,
                                                                          passed) -> None:
     """From step 2 a kind of kink, and the matches, are one counted row each, judged against
-    the float64 replay's own flips (here the most so far, which is this step's): a port
-    flipping past that allowance fails, whatever the tie band."""
-    factor = tolerance("noise", f"trajectory.step[2].ties.{kind}").atol
+    the float64 replay's own flips in that step by the count test: a port flipping past the
+    largest count it keeps fails, whatever the tie band."""
+    factor, alpha = _count_rule(2, kind)
     if isinstance(flipped, str):
-        flipped = int(factor * floor) + (1 if flipped == "past" else 0)
+        limit = 10**6 if kind == "relu_gate" else 1000
+        flipped = count_allowance(floor, factor, alpha, limit) + (1 if flipped == "past" else 0)
     rows = {c.path: c for c in _two_step_trajectory(flipped, floor, kind).comparisons()}
     assert f"trajectory.step[1].{_KIND_ROWS[kind]}" in rows  # step 1: the one-step rows
     assert not any(p.startswith(f"trajectory.step[2].{_KIND_ROWS[kind]}") for p in rows)
     row = rows[f"trajectory.step[2].ties.{kind}"]
     assert (row.flipped, row.passed) == (flipped, passed), row.reason
-    assert ("saturated" in row.reason) == (factor * floor >= row.compared), row.reason
+    saturated = count_allowance(floor, factor, alpha, row.compared) >= row.compared
+    assert ("saturated" in row.reason) == saturated, row.reason
     assert rows["trajectory.step[2].ties.sample_cell"].passed
     assert row_kind(row.path) == "trajectory"
 

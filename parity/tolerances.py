@@ -33,7 +33,8 @@ def noise_record(path: Path = NOISE_RECORD) -> dict:
     return record
 
 
-_NOISE = noise_record()["kinds"]
+_RECORD = noise_record()
+_NOISE = _RECORD["kinds"]
 
 
 def _derived(kind: str) -> Tolerance:
@@ -162,6 +163,12 @@ _TABLE: list[tuple[str, str, Tolerance, str]] = [
     # long (parity/trajectory.py).
     ("noise", "trajectory", _derived("trajectory"),
      "trajectory drift, and decision flips from step 2: port's <= atol x the reference's own"),
+    # A later step's flips are two counts of rare events, the port's and the float64 replay's;
+    # a count of a few is a small sample of its rate. A count row fails when the exact
+    # conditional test of two Poisson rates rejects "the port's rate is at most the noise
+    # factor times the replay's" at the noise rule's level (one minus its quantile).
+    ("decision.count", "", Tolerance(atol=round(1.0 - float(_RECORD["quantile"]), 12)),
+     "later trajectory steps: a count fails at p < atol against the noise factor x the replay's rate"),
     ("noise", "grad.", _derived("grad"), "gradients: port error <= atol x the reference's fp32 error"),
     ("noise", "update.", _derived("grad"), "update noise band: atol x the gradient's fp32 error"),
     ("noise", "exp_avg", _derived("step"), "AdamW moments: port error <= atol x the reference's"),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
+from scipy.stats import binom
 
 import jittor_impl.checkpoint as jt_checkpoint
 from jittor_impl.nn import trainable_parameters
@@ -136,18 +137,16 @@ class Trajectory:
         earlier steps' rounding, so a decision's inputs differ by more than one step's noise
         and its band no longer separates ties; each kind of kink (max-pool argmaxes among
         them), the top-k selection and the Hungarian matches are then one row per step each,
-        judged by its count: the port's flips within the trajectory's ``noise`` factor times
-        the float64 replay's own flips of that kind, the most it made in any step so far
+        judged by its count against the float64 replay's own flips of that kind in that step
         (elements within a distance of a kink are as many as the distance is long, so a count
-        grows as the drift of the kink's inputs, which that factor bounds and which only
-        grows; a single step's count of a few is too small a sample to stand for it), or
-        within the ``decision.forced`` entry's count.
+        grows as the drift of the kink's inputs, which the trajectory's ``noise`` factor
+        bounds): both counts are samples of rare events, and the row fails when
+        :func:`count_p_value` rejects "the port's rate is at most that factor times the
+        replay's" at the ``decision.count`` level.
         """
         rows = []
-        envelope: dict[str, int] = {}  # per kind, the replay's most flips up to this step
         for s, drift, decisions, floor in zip(self.steps, self.drift, self.decisions,
                                               self.floor_flips):
-            envelope = {k: max(envelope.get(k, 0), floor.get(k, 0)) for k in {*envelope, *floor}}
             path = f"trajectory.step[{s.step}].loss"
             factor = tolerance("noise", path).atol
             c = compare_arrays(np.float64(s.jittor_loss), np.float64(s.torch_loss),
@@ -177,7 +176,7 @@ class Trajectory:
                 if s.step == 1 or _counted_kind(d.path) is None:
                     rows.append(replace(d, path=f"trajectory.step[{s.step}].{d.path}"))
             if s.step > 1:
-                rows += _kink_rows(s.step, decisions, envelope, floor)
+                rows += _kink_rows(s.step, decisions, floor)
         return rows
 
 
@@ -186,11 +185,33 @@ def _counted_kind(path: str) -> str | None:
     return next((kind for prefix, kind in _COUNTED.items() if path.startswith(prefix)), None)
 
 
-def _kink_rows(step: int, decisions: list[Comparison], envelope: dict[str, int],
-               floor: dict[str, int]) -> list[Comparison]:
-    """One counted row per kind of kink, and the top-k row, of a later trajectory step (see
-    :meth:`Trajectory.comparisons`): ``envelope`` holds the replay's most flips per kind up to
-    this step, ``floor`` its flips in this step."""
+def count_p_value(port: int, replay: int, factor: float) -> float:
+    """How likely a port count of at least ``port`` is beside a replay count of ``replay`` when
+    the port's rate is ``factor`` times the replay's (the largest the rule allows): the exact
+    conditional test of two Poisson rates (given both counts' sum, the replay's share is
+    binomial with probability ``1 / (1 + factor)``)."""
+    if port <= 0:
+        return 1.0
+    return float(binom.cdf(replay, port + replay, 1.0 / (1.0 + factor)))
+
+
+def count_allowance(replay: int, factor: float, alpha: float, limit: int) -> int:
+    """The largest port count, at most ``limit``, that :func:`count_p_value` does not reject at
+    ``alpha`` beside a replay count of ``replay`` (the p-value falls as the port count grows)."""
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if count_p_value(mid, replay, factor) >= alpha:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _kink_rows(step: int, decisions: list[Comparison], floor: dict[str, int]) -> list[Comparison]:
+    """One counted row per kind of kink, and the top-k and match rows, of a later trajectory
+    step (see :meth:`Trajectory.comparisons`); ``floor`` holds the float64 replay's flips per
+    kind in this step."""
     rows = []
     for kind in dict.fromkeys(_COUNTED.values()):
         mine = [d for d in decisions if _counted_kind(d.path) == kind]
@@ -199,16 +220,19 @@ def _kink_rows(step: int, decisions: list[Comparison], envelope: dict[str, int],
         path = f"trajectory.step[{step}].ties.{kind}"
         compared = sum(d.compared or 0 for d in mine)
         flipped = sum(d.flipped or 0 for d in mine)
+        replay = floor.get(kind, 0)
         factor = tolerance("noise", path).atol
-        allowed = max(tolerance("decision.forced", path).atol, factor * envelope.get(kind, 0))
+        alpha = tolerance("decision.count", path).atol
+        p_value = count_p_value(flipped, replay, factor)
+        allowed = count_allowance(replay, factor, alpha, compared)
         c = Comparison(path, (compared,), (compared,), "bool", "bool", compared=compared,
                        flipped=flipped, forced=sum(d.forced or 0 for d in mine),
                        band=max((d.band or 0.0) for d in mine),
                        max_abs=max((d.max_abs for d in mine if d.flipped), default=0.0),
-                       within=1.0 - flipped / max(compared, 1), passed=flipped <= allowed)
+                       within=1.0 - flipped / max(compared, 1), passed=p_value >= alpha)
         c.reason = (f"{flipped} of {compared} flipped ({c.forced} forced); the float64 replay "
-                    f"{floor.get(kind, 0)}, at most {envelope.get(kind, 0)} in a step so far; "
-                    f"allowed {allowed:g} ({factor:g}x that, at least the forced count)")
+                    f"{replay}; p = {p_value:.3g} for a port rate {factor:g}x the replay's "
+                    f"(fails below {alpha:g}): at most {allowed} pass")
         if allowed >= compared:
             c.reason += ("; saturated: the reference's own flips make every count noise here, "
                          "so this step cannot tell a port by its count")
