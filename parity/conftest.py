@@ -20,13 +20,16 @@ _POOL = pytest.StashKey[ProcessPoolExecutor]()
 
 
 def _worker_setup() -> None:
-    """The worker's numerics as the session's (deterministic), on one thread of its own; the
-    numeric warnings of the injected faults (a logarithm of a swapped size) stay quiet."""
+    """The worker's numerics as the session's (deterministic), on one thread of its own (torch
+    and the OpenMP of Jittor's kernels); the numeric warnings of the injected faults (a
+    logarithm of a swapped size) stay quiet."""
     import warnings
 
     import torch
 
-    torch.set_num_threads(1)
+    from parity.faults import set_threads
+
+    set_threads(1)
     torch.use_deterministic_algorithms(True)
     warnings.filterwarnings("ignore", category=RuntimeWarning)
 

@@ -17,6 +17,8 @@ in the full tier, ``modules`` (every module isolated, eval and train).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib
 import inspect
 import os
@@ -383,6 +385,26 @@ class FaultRunner:
         return result
 
 
+@functools.cache
+def _openmp() -> Any:
+    """The process's GNU OpenMP runtime, on which Jittor's CPU kernels run (None without one)."""
+    try:
+        return ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        return None
+
+
+def set_threads(count: int, openmp: int | None = None) -> tuple[int, int | None]:
+    """Sets this process's torch threads to ``count`` and its OpenMP threads (Jittor's kernels)
+    to ``openmp`` (``count`` if None); returns the previous two, to set them back with."""
+    omp = _openmp()
+    before = (torch.get_num_threads(), None if omp is None else int(omp.omp_get_max_threads()))
+    torch.set_num_threads(count)
+    if omp is not None:
+        omp.omp_set_num_threads(count if openmp is None else openmp)
+    return before
+
+
 def _run_part(variant: str, size: tuple[int, int], tier: str, ids: list[str],
               weights: str | Path | None, num_classes: int
               ) -> tuple[dict[str, list[Comparison]], list[FaultResult]]:
@@ -416,7 +438,10 @@ class CatalogueRun:
     :meth:`finish`, so that other work can run here in between (the report's check does).
     ``own_share`` is the fraction of the faults this process keeps (``1 / workers`` unless
     given; less when it has other work to do first); the rest go round-robin to the workers.
-    Each process checks the clean port too (the baselines are merged).
+    Each process checks the clean port too (the baselines are merged). While workers run,
+    the machine's cores are divided among the processes (:attr:`threads_each`, torch and
+    OpenMP alike, this process included until :meth:`close`): processes that each ask for
+    every core slow each other down far more than they gain.
     """
 
     def __init__(self, variant: str, size: tuple[int, int], tier: str, ids: list[str] | None = None,
@@ -428,13 +453,18 @@ class CatalogueRun:
         others = [[f.id for f in part] for part in others]
         self.pool = None
         self.futures = []
+        self.threads_each: int | None = None
+        self._threads_before: tuple[int, int | None] | None = None
         if others:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(len(others), mp_context=multiprocessing.get_context("spawn"))
+            self.threads_each = max(1, (os.cpu_count() or 1) // (len(others) + 1))
+            self.pool = ProcessPoolExecutor(len(others), mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=set_threads, initargs=(self.threads_each,))
             self.futures = [self.pool.submit(_run_part, variant, size, tier, part, weights, num_classes)
                             for part in others]
+            self._threads_before = set_threads(self.threads_each)
 
     def finish(self, progress: Any = None) -> tuple[dict[str, list[Comparison]], list[FaultResult]]:
         """Runs this process's share, then gathers the workers' (see :func:`run_catalogue`)."""
@@ -460,10 +490,14 @@ class CatalogueRun:
         return baseline, sorted(results, key=lambda r: order[r.fault.id])
 
     def close(self) -> None:
-        """Stops the workers (a run not finished is abandoned)."""
+        """Stops the workers (a run not finished is abandoned) and gives this process its
+        threads back."""
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
             self.pool = None
+        if self._threads_before is not None:
+            set_threads(*self._threads_before)
+            self._threads_before = None
 
 
 def run_catalogue(variant: str, size: tuple[int, int], tier: str, ids: list[str] | None = None,

@@ -441,10 +441,12 @@ def _faults(settings: ReportSettings, data: Path, on_phase: Callable[[str], None
     from .faults import CATALOGUE_SIZE
 
     on_phase("faults")
-    baseline, results = (started or _start_faults(settings)).finish()
+    run = started or _start_faults(settings)
+    baseline, results = run.finish()
     write_table(data, "faults", [r.row() for r in results])
     return {"state": "run", "tier": "fast", "size": list(CATALOGUE_SIZE),
-            "baseline_failures": sum(len(v) for v in baseline.values())}
+            "baseline_failures": sum(len(v) for v in baseline.values()),
+            "threads_each": run.threads_each}
 
 
 def collect(settings: ReportSettings, data: Path,
@@ -460,9 +462,10 @@ def collect(settings: ReportSettings, data: Path,
     data.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     measured_at = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    # The catalogue's worker starts beside the check; this process runs its own share once the
-    # check is done. The benchmark comes last, alone on the machine, with the kernels that the
-    # check compiled (its children measure their own peak memory, not this process's).
+    # The catalogue's worker starts beside the check, the cores divided between the two
+    # processes; this process runs its own share once the check is done. The benchmark comes
+    # last, alone on the machine, with the kernels that the check compiled (its children
+    # measure their own peak memory, not this process's).
     faults_started = _start_faults(settings)
     fault_start = time.perf_counter()
     try:

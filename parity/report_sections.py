@@ -600,6 +600,13 @@ def section_tolerances(d: Data) -> Section:
     return s
 
 
+def _shared_threads(meta: dict) -> str:
+    """How the check shared the machine with the fault catalogue's worker, if it did."""
+    each = (meta.get("faults") or {}).get("threads_each")
+    return (f" (the check and the fault catalogue's worker side by side: {each} torch and "
+            f"OpenMP thread{'s' if each != 1 else ''} each)") if each else ""
+
+
 def section_provenance(d: Data) -> Section:
     s = Section("provenance", "Provenance")
     p, m = d.meta.get("provenance", {}), d.meta
@@ -613,7 +620,7 @@ def section_provenance(d: Data) -> Section:
              + f"; trajectory {number((m.get('trajectory') or {}).get('steps'))} steps",
              "Seeds: " + ", ".join(f"{k} {v}" for k, v in p.get("seeds", {}).items()),
              "Threads: " + ", ".join(f"{k} {v}" for k, v in p.get("threads", {}).items())
-             + f"; Jittor kernels {p.get('jittor_kernels')}",
+             + _shared_threads(m) + f"; Jittor kernels {p.get('jittor_kernels')}",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in p.get("machine", {}).items()),
              "Versions: " + ", ".join(f"{k} {v}" for k, v in p.get("versions", {}).items()),
              "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in m.get("seconds", {}).items())]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import jittor as jt
 import numpy as np
 import pytest
+import torch
 
 from jittor_impl.nn import BatchNorm2d, named_modules, set_child
 from parity.conftest import background_catalogue
 from parity.faults import (CATALOGUE_SIZE, Fault, FaultError, FaultResult, FaultRunner, _resolve, applied,
-                           catalogue, run_catalogue, split_faults)
+                           _openmp, catalogue, run_catalogue, set_threads, split_faults)
 from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, run_module_check
 from rtdetr_common.seeded import seeded_images, seeded_targets
@@ -126,12 +127,27 @@ def test_the_catalogue_is_split_whole_and_once(workers, own_share, own, others) 
         split_faults(faults, 2, 0.0)
 
 
+def test_set_threads_sets_torch_and_jittors_openmp_and_gives_the_old_counts_back() -> None:
+    """The catalogue's processes divide the cores through both runtimes: torch's threads and
+    the OpenMP that Jittor's CPU kernels run on (a Jittor forward then uses one core)."""
+    omp = _openmp()
+    assert omp is not None, "no libgomp.so.1: Jittor's CPU kernels are built with GNU OpenMP"
+    before = set_threads(1)
+    try:
+        assert (torch.get_num_threads(), omp.omp_get_max_threads()) == (1, 1)
+    finally:
+        assert set_threads(*before) == (1, 1)
+    assert (torch.get_num_threads(), omp.omp_get_max_threads()) == before
+
+
 @pytest.mark.slow  # a spawned worker builds a second runner of its own
 def test_workers_share_the_catalogue() -> None:
     """Two workers (this process and a spawned one) each run their share against a clean
     baseline; the results come back complete, in catalogue order, each fault caught."""
     ids = [f.id for f in catalogue()[:2]]
+    threads = torch.get_num_threads()
     baseline, results = run_catalogue("r18vd", FAULT_SIZE, "fast", ids=ids, workers=2)
+    assert torch.get_num_threads() == threads  # the cores it divided are given back
     assert not any(baseline.values())
     assert [r.fault.id for r in results] == ids
     assert all(r.caught and not r.error and r.caught_by for r in results), \
