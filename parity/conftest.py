@@ -2,14 +2,16 @@
 
 The catalogue's tests of the default tier (``test_catalogue_fault_is_caught`` at the fast
 tier) are moved to the end of the session, and the faults they select are run meanwhile by a
-second process, beside the other tests (which mostly keep one core busy). The tests then read
-that process's results (``background_catalogue``). A session that selects none of them starts
-nothing.
+second process, beside the other tests. The tests then read that process's results
+(``background_catalogue``). While that process runs on its one thread, the session's own torch
+and OpenMP threads are the remaining cores, and they are given back before the first test that
+starts after it has finished. A session that selects none of them starts nothing.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import pytest
@@ -17,6 +19,7 @@ import pytest
 CATALOGUE_TEST = "test_catalogue_fault_is_caught"
 _RUNS = pytest.StashKey[dict]()
 _POOL = pytest.StashKey[ProcessPoolExecutor]()
+_THREADS = pytest.StashKey[tuple]()
 
 
 def _worker_setup() -> None:
@@ -63,6 +66,36 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     config.stash[_POOL] = pool
     config.stash[_RUNS] = {run: pool.submit(_run_part, run[0], run[1], run[2], ids, None, 80)
                            for run, ids in runs.items()}
+    from parity.faults import set_threads
+
+    config.stash[_THREADS] = set_threads(max(1, (os.cpu_count() or 1) - 1))
+    config.pluginmanager.register(_ThreadsBack(config), "background-catalogue-threads")
+
+
+class _ThreadsBack:
+    """Gives the session its threads back once the background catalogue has finished (a plugin,
+    so that it sees the tests of every folder)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        give_threads_back(self.config)
+
+
+def give_threads_back(config: pytest.Config, finished_only: bool = True) -> None:
+    """The session's threads as they were before the background catalogue started, once every
+    one of its runs is done (at once with ``finished_only=False``)."""
+    before = config.stash.get(_THREADS, None)
+    if before is None:
+        return
+    if finished_only and not all(f.done() for f in config.stash[_RUNS].values()):
+        return
+    from parity.faults import set_threads
+
+    set_threads(*before)
+    del config.stash[_THREADS]
 
 
 def background_catalogue(config: pytest.Config, run: tuple) -> Future | None:
@@ -71,6 +104,7 @@ def background_catalogue(config: pytest.Config, run: tuple) -> Future | None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    give_threads_back(session.config, finished_only=False)
     pool = session.config.stash.get(_POOL, None)
     if pool is None:
         return

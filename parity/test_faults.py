@@ -9,13 +9,16 @@ faulty module, with ``'own'`` isolation keeping every other module clean.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from types import SimpleNamespace
+
 import jittor as jt
 import numpy as np
 import pytest
 import torch
 
 from jittor_impl.nn import BatchNorm2d, named_modules, set_child
-from parity.conftest import background_catalogue
+from parity.conftest import _RUNS, _THREADS, background_catalogue, give_threads_back
 from parity.faults import (CATALOGUE_SIZE, Fault, FaultError, FaultResult, FaultRunner, _resolve, applied,
                            _openmp, catalogue, run_catalogue, set_threads, split_faults)
 from parity.models import ModelPair, build_pair
@@ -138,6 +141,32 @@ def test_set_threads_sets_torch_and_jittors_openmp_and_gives_the_old_counts_back
     finally:
         assert set_threads(*before) == (1, 1)
     assert (torch.get_num_threads(), omp.omp_get_max_threads()) == before
+
+
+def test_the_session_takes_its_threads_back_only_when_the_background_catalogue_is_done() -> None:
+    """The test session runs on the cores the background catalogue leaves it, and gets its
+    threads back (torch and OpenMP) once every background run has finished, not before."""
+    omp = _openmp()
+    original = set_threads(3)
+    try:
+        config = SimpleNamespace(stash=pytest.Stash())
+        done, running = Future(), Future()
+        done.set_result(None)
+        config.stash[_RUNS] = {("r18vd", (256, 256), "fast"): done, ("r18vd", (192, 320), "fast"): running}
+        config.stash[_THREADS] = set_threads(1)
+        give_threads_back(config)
+        assert (torch.get_num_threads(), omp.omp_get_max_threads()) == (1, 1)
+        running.set_result(None)
+        give_threads_back(config)
+        assert (torch.get_num_threads(), omp.omp_get_max_threads()) == (3, 3)
+        assert _THREADS not in config.stash
+        give_threads_back(config)  # given back once only
+        config.stash[_THREADS] = set_threads(1)
+        config.stash[_RUNS] = {("r18vd", (256, 256), "fast"): Future()}
+        give_threads_back(config, finished_only=False)  # the session's end does not wait
+        assert (torch.get_num_threads(), omp.omp_get_max_threads()) == (3, 3)
+    finally:
+        set_threads(*original)
 
 
 @pytest.mark.slow  # a spawned worker builds a second runner of its own
