@@ -70,6 +70,64 @@ class Comparison:
         return row
 
 
+def _judge(c: Comparison, tol: Tolerance) -> Comparison:
+    """Sets ``passed`` and ``reason`` of ``c`` from its metrics and ``tol``."""
+    failures = []
+    if c.within < 1.0:
+        failures.append(f"{(1 - c.within) * 100:.3g}% of elements outside atol={tol.atol:g} "
+                        f"rtol={tol.rtol:g} (max abs {c.max_abs:.3g})")
+    if not c.rel_l2 <= tol.max_rel_l2:
+        failures.append(f"rel L2 {c.rel_l2:.3g} > {tol.max_rel_l2:g}")
+    if not c.cosine >= tol.min_cosine:
+        failures.append(f"cosine {c.cosine:.8f} < {tol.min_cosine:g}")
+    c.passed = not failures
+    c.reason = "; ".join(failures)
+    return c
+
+
+def _fill_metrics(c: Comparison, av: np.ndarray, ref: np.ndarray, diff: np.ndarray,
+                  sums: np.ndarray, tol: Tolerance) -> None:
+    """Sets the error metrics of ``c`` from finite 1-D float64 values, their absolute
+    differences and the dot products ``[diff.diff, ref.ref, av.av, av.ref]``."""
+    diff_sq, ref_sq, a_sq, a_ref = (float(x) for x in sums)
+    c.max_abs = float(diff.max()) if diff.size else 0.0
+    bound = np.abs(ref)
+    scaled = np.maximum(bound, 1e-12)
+    c.max_rel = float(np.divide(diff, scaled, out=scaled).max()) if diff.size else 0.0
+    ref_norm, diff_norm = math.sqrt(ref_sq), math.sqrt(diff_sq)
+    if ref_norm > 0:
+        c.rel_l2 = diff_norm / ref_norm
+    else:
+        c.rel_l2 = math.inf if diff_norm > 0 else 0.0
+    na, nb = math.sqrt(a_sq), ref_norm
+    c.cosine = float(a_ref / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+    np.multiply(bound, tol.rtol, out=bound)
+    bound += tol.atol
+    c.within = np.count_nonzero(diff <= bound) / diff.size if diff.size else 1.0
+
+
+def _compare_with_non_finite(c: Comparison, a64: np.ndarray, b64: np.ndarray,
+                             tol: Tolerance) -> Comparison:
+    """The rest of :func:`compare_arrays` where a value is NaN or Inf: they must sit at the same
+    places on both sides (Inf with the same sign); the metrics are of the finite rest."""
+    nan_a, nan_b = np.isnan(a64), np.isnan(b64)
+    inf_a, inf_b = np.isinf(a64), np.isinf(b64)
+    c.nan_test, c.nan_ref = int(nan_a.sum()), int(nan_b.sum())
+    c.inf_test, c.inf_ref = int(inf_a.sum()), int(inf_b.sum())
+    if (nan_a != nan_b).any():
+        c.reason = f"NaN on one side only (test {c.nan_test}, reference {c.nan_ref})"
+        return c
+    if (inf_a != inf_b).any() or (a64[inf_a] != b64[inf_b]).any():
+        c.reason = f"Inf differs (test {c.inf_test}, reference {c.inf_ref})"
+        return c
+    finite = ~(nan_a | inf_a)
+    av, ref = a64[finite], b64[finite]
+    diff = av - ref
+    sums = np.array([np.dot(diff, diff), np.dot(ref, ref), np.dot(av, av), np.dot(av, ref)])
+    _fill_metrics(c, av, ref, np.abs(diff, out=diff), sums, tol)
+    return _judge(c, tol)
+
+
 def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") -> Comparison:
     """Compares one array pair.
 
@@ -93,47 +151,21 @@ def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") ->
     if a.dtype.kind != b.dtype.kind:
         c.reason = f"dtype {a.dtype} != reference {b.dtype}"
         return c
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    nan_a, nan_b = np.isnan(a64), np.isnan(b64)
-    inf_a, inf_b = np.isinf(a64), np.isinf(b64)
-    c.nan_test, c.nan_ref = int(nan_a.sum()), int(nan_b.sum())
-    c.inf_test, c.inf_ref = int(inf_a.sum()), int(inf_b.sum())
-    if (nan_a != nan_b).any():
-        c.reason = f"NaN on one side only (test {c.nan_test}, reference {c.nan_ref})"
-        return c
-    if (inf_a != inf_b).any() or (a64[inf_a] != b64[inf_b]).any():
-        c.reason = f"Inf differs (test {c.inf_test}, reference {c.inf_ref})"
-        return c
-    finite = ~(nan_a | inf_a)
-    diff = np.abs(a64[finite] - b64[finite])
-    ref = b64[finite]
+    a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
     if a.size == 0:
+        c.nan_test = c.nan_ref = c.inf_test = c.inf_ref = 0
         c.max_abs = c.max_rel = c.rel_l2 = 0.0
         c.cosine = c.within = 1.0
     else:
-        c.max_abs = float(diff.max()) if diff.size else 0.0
-        c.max_rel = float((diff / np.maximum(np.abs(ref), 1e-12)).max()) if diff.size else 0.0
-        ref_norm = float(np.linalg.norm(ref))
-        diff_norm = float(np.linalg.norm(diff))
-        if ref_norm > 0:
-            c.rel_l2 = diff_norm / ref_norm
-        else:
-            c.rel_l2 = math.inf if diff_norm > 0 else 0.0
-        na, nb = float(np.linalg.norm(a64[finite])), ref_norm
-        c.cosine = float(np.dot(a64[finite], ref) / (na * nb)) if na > 0 and nb > 0 else float(
-            na == nb)
-        c.within = float((diff <= tol.atol + tol.rtol * np.abs(ref)).mean()) if diff.size else 1.0
-    failures = []
-    if c.within < 1.0:
-        failures.append(f"{(1 - c.within) * 100:.3g}% of elements outside atol={tol.atol:g} "
-                        f"rtol={tol.rtol:g} (max abs {c.max_abs:.3g})")
-    if not c.rel_l2 <= tol.max_rel_l2:
-        failures.append(f"rel L2 {c.rel_l2:.3g} > {tol.max_rel_l2:g}")
-    if not c.cosine >= tol.min_cosine:
-        failures.append(f"cosine {c.cosine:.8f} < {tol.min_cosine:g}")
-    c.passed = not failures
-    c.reason = "; ".join(failures)
-    return c
+        av, ref = a64.reshape(-1), b64.reshape(-1)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are judged below
+            diff = av - ref
+            sums = np.array([np.dot(diff, diff), np.dot(ref, ref), np.dot(av, av), np.dot(av, ref)])
+        if not np.isfinite(sums).all():  # a NaN or Inf somewhere: the masked, slower path
+            return _compare_with_non_finite(c, a64, b64, tol)
+        c.nan_test = c.nan_ref = c.inf_test = c.inf_ref = 0
+        _fill_metrics(c, av, ref, np.abs(diff, out=diff), sums, tol)
+    return _judge(c, tol)
 
 
 def iter_leaves(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:
