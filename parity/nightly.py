@@ -496,23 +496,27 @@ def tables(results: Sequence[RunResult]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def plot(runs: pd.DataFrame, curves: pd.DataFrame, summary: dict, path: Path) -> None:
-    """Loss per step and AP per epoch of every run, coloured by role, and the per-seed AP
-    differences against the margin (PNG, written atomically)."""
+    """Loss per step (mean over seeds) and its difference from the torch run's, AP per epoch
+    of every run, coloured by role, and the per-seed AP differences against the margin (PNG,
+    written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report_plots import loss_difference
+
     colours = {"torch": "tab:blue", "jittor": "tab:red", "control": "tab:green"}
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, ((loss, spread), (middle, right)) = plt.subplots(2, 2, figsize=(14, 9))
     steps = curves[curves["kind"] == "step"]
     epochs = curves[curves["kind"] == "epoch"]
-    for (role, seed), group in steps.groupby(["role", "seed"]):
-        middle_label = role if seed == steps["seed"].min() else None
-        left.plot(group["step"], group["loss"], color=colours[role], alpha=0.45, lw=0.8,
-                  label=middle_label)
-    left.set(xlabel="step", ylabel="total loss", title="training loss (every run)")
-    left.legend()
+    for role, group in steps.groupby("role", sort=False):
+        mean = group.groupby("step")["loss"].mean()
+        loss.plot(mean.index, mean.to_numpy(), color=colours[role], lw=1, label=role)
+    loss.set(xlabel="step", ylabel="total loss (mean over seeds)", title="training loss")
+    loss.legend()
+    loss_difference(spread, curves, colours)
+    spread.set_title("training loss against the reference, per seed")
     for (role, seed), group in epochs.groupby(["role", "seed"]):
         offset = {"torch": -0.08, "jittor": 0.0, "control": 0.08}[role]
         middle.plot(group["epoch"] + 1 + offset, group["AP"], "o-", color=colours[role],

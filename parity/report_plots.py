@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -137,11 +138,34 @@ def trajectory(steps: pd.DataFrame, path: Path) -> None:
         _save(fig, path)
 
 
+def loss_difference(ax: Any, curves: pd.DataFrame, colors: dict[str, str]) -> None:
+    """Draws, per step, each role's training loss minus the torch run's of the same seed: the
+    mean over seeds as a line, the seeds' range shaded (curves that overlap on a loss plot
+    part here, on the scale of their difference)."""
+    steps = curves[curves["kind"] == "step"]
+    wide = steps.pivot_table(index=["seed", "step"], columns="role", values="loss")
+    if "torch" not in wide.columns:
+        ax.text(0.5, 0.5, "no torch runs to subtract", ha="center", transform=ax.transAxes)
+        return
+    for role in [r for r in dict.fromkeys(curves["role"]) if r != "torch" and r in wide.columns]:
+        diff = (wide[role] - wide["torch"]).unstack("seed")
+        color = colors.get(role, colors["control"])
+        ax.plot(diff.index, diff.mean(axis=1).to_numpy(), color=color, lw=1,
+                label=f"{role} - torch (mean; shaded: range over {diff.shape[1]} seeds)")
+        ax.fill_between(diff.index, diff.min(axis=1).to_numpy(), diff.max(axis=1).to_numpy(),
+                        color=color, alpha=0.2, lw=0)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss - torch's (same seed)")
+    ax.legend(fontsize=7)
+
+
 def training_comparison(curves: pd.DataFrame, title: str, path: Path) -> None:
-    """Loss per step (mean over seeds) and AP per epoch (each seed, mean line) of every role."""
+    """Loss per step (mean over seeds), its difference from torch's, and AP per epoch (each
+    seed, mean line) of every role."""
     with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(10, 3.6))
-        left, right = fig.subplots(1, 2)
+        fig = Figure(figsize=(14, 3.6))
+        left, middle, right = fig.subplots(1, 3)
         roles = list(dict.fromkeys(curves["role"]))
         for role in roles:
             color = COLORS.get(role, COLORS["control"])
@@ -158,6 +182,7 @@ def training_comparison(curves: pd.DataFrame, title: str, path: Path) -> None:
         left.set_xlabel("step")
         left.set_ylabel("training loss (mean over seeds)")
         left.legend(fontsize=7)
+        loss_difference(middle, curves, COLORS)
         right.set_xlabel("epoch")
         right.set_ylabel("AP (each seed; line: mean)")
         right.legend(fontsize=7)

@@ -338,3 +338,27 @@ def test_report_measures_end_to_end(tmp_path: Path) -> None:
     md = (out / "report.md").read_bytes()
     render(out)
     assert (out / "report.md").read_bytes() == md
+
+
+def test_the_loss_difference_panel_plots_each_roles_gap_to_torch_per_seed() -> None:
+    """The mean over seeds of (role - torch, same seed and step) as the line, the seeds' range
+    as the band; a role's own curve never enters another's."""
+    from matplotlib.figure import Figure
+
+    from parity.report_plots import COLORS, loss_difference
+
+    loss = {("torch", 0): [5.0, 4.0, 3.0], ("torch", 1): [6.0, 5.0, 4.0],
+            ("jittor", 0): [5.0, 4.5, 3.0], ("jittor", 1): [6.0, 5.0, 3.0],
+            ("control", 0): [5.0, 4.0, 3.2], ("control", 1): [6.0, 5.0, 4.2]}
+    curves = pd.DataFrame([{"role": role, "seed": seed, "kind": "step", "step": step, "loss": value}
+                           for (role, seed), values in loss.items() for step, value in enumerate(values)]
+                          + [{"role": "torch", "seed": 0, "kind": "epoch", "epoch": 0, "AP": 50.0}])
+    ax = Figure().subplots()
+    loss_difference(ax, curves, COLORS)
+    lines = {line.get_label(): line for line in ax.lines}
+    jittor = lines["jittor - torch (mean; shaded: range over 2 seeds)"]
+    control = lines["control - torch (mean; shaded: range over 2 seeds)"]
+    np.testing.assert_allclose(jittor.get_ydata(), [0.0, 0.25, -0.5])
+    np.testing.assert_allclose(control.get_ydata(), [0.0, 0.0, 0.2])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # jittor's range: lows then highs
+    assert band.min() == pytest.approx(-1.0) and band.max() == pytest.approx(0.5)
