@@ -504,17 +504,13 @@ def plot(runs: pd.DataFrame, curves: pd.DataFrame, summary: dict, path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report_plots import loss_difference
+    from .report_plots import loss_difference, mean_loss
 
     colours = {"torch": "tab:blue", "jittor": "tab:red", "control": "tab:green"}
     fig, ((loss, spread), (middle, right)) = plt.subplots(2, 2, figsize=(14, 9))
-    steps = curves[curves["kind"] == "step"]
     epochs = curves[curves["kind"] == "epoch"]
-    for role, group in steps.groupby("role", sort=False):
-        mean = group.groupby("step")["loss"].mean()
-        loss.plot(mean.index, mean.to_numpy(), color=colours[role], lw=1, label=role)
-    loss.set(xlabel="step", ylabel="total loss (mean over seeds)", title="training loss")
-    loss.legend()
+    mean_loss(loss, curves, colours)
+    loss.set_title("training loss")
     loss_difference(spread, curves, colours)
     spread.set_title("training loss against the reference, per seed")
     for (role, seed), group in epochs.groupby(["role", "seed"]):

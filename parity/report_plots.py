@@ -138,6 +138,18 @@ def trajectory(steps: pd.DataFrame, path: Path) -> None:
         _save(fig, path)
 
 
+def mean_loss(ax: Any, curves: pd.DataFrame, colors: dict[str, str]) -> None:
+    """Draws each role's training loss per step, the mean over its seeds."""
+    steps = curves[curves["kind"] == "step"]
+    for role, group in steps.groupby("role", sort=False):
+        mean = group.groupby("step")["loss"].mean()
+        ax.plot(mean.index, mean.to_numpy(), color=colors.get(role, colors["control"]), lw=1,
+                label=role)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.legend(fontsize=7)
+
+
 def loss_difference(ax: Any, curves: pd.DataFrame, colors: dict[str, str]) -> None:
     """Draws, per step, each role's training loss minus the torch run's of the same seed: the
     mean over seeds as a line, the seeds' range shaded (curves that overlap on a loss plot
@@ -167,21 +179,15 @@ def training_comparison(curves: pd.DataFrame, title: str, path: Path) -> None:
         fig = Figure(figsize=(14, 3.6))
         left, middle, right = fig.subplots(1, 3)
         roles = list(dict.fromkeys(curves["role"]))
+        mean_loss(left, curves, COLORS)
         for role in roles:
             color = COLORS.get(role, COLORS["control"])
-            steps = curves[(curves["role"] == role) & (curves["kind"] == "step")]
-            if not steps.empty:
-                mean = steps.groupby("step")["loss"].mean()
-                left.plot(mean.index, mean.to_numpy(), color=color, lw=1, label=role)
             epochs = curves[(curves["role"] == role) & (curves["kind"] == "epoch")]
             if not epochs.empty:
                 for _, seed in epochs.groupby("seed"):
                     right.plot(seed["epoch"], seed["AP"], color=color, lw=0.5, alpha=0.4)
                 mean = epochs.groupby("epoch")["AP"].mean()
                 right.plot(mean.index, mean.to_numpy(), color=color, lw=2, marker="o", label=role)
-        left.set_xlabel("step")
-        left.set_ylabel("training loss (mean over seeds)")
-        left.legend(fontsize=7)
         loss_difference(middle, curves, COLORS)
         right.set_xlabel("epoch")
         right.set_ylabel("AP (each seed; line: mean)")

@@ -11,8 +11,7 @@
 #   5. Jittor's cold compile (core, oneDNN ops, a conv, a matmul and a backward pass),
 #      so that it happens here and not inside the first test. On a fresh install it starts as
 #      soon as Jittor and the packages it imports are in (pinned as in pyproject.toml) and runs
-#      beside the rest of step 3: the compile is CPU work, the install mostly downloads and
-#      unpacking.
+#      beside the rest of step 3.
 # Idempotent: steps whose result is already there are skipped by cheap checks (step 3 by a
 # stamp keyed on pyproject.toml's hash and the package folders, which an editable install maps). Re-run it after changing pyproject.toml.
 # Environment: PYTHON picks the interpreter for a new .venv (default: python3.11, else python3).
