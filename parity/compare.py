@@ -85,15 +85,37 @@ def _judge(c: Comparison, tol: Tolerance) -> Comparison:
     return c
 
 
-def _fill_metrics(c: Comparison, av: np.ndarray, ref: np.ndarray, diff: np.ndarray,
-                  sums: np.ndarray, tol: Tolerance) -> None:
-    """Sets the error metrics of ``c`` from finite 1-D float64 values, their absolute
-    differences and the dot products ``[diff.diff, ref.ref, av.av, av.ref]``."""
+# Elements per block of the metrics' pass: the float64 copies of a block stay in the core's own
+# cache, where one pass over a whole large tensor would stream from memory at every step.
+BLOCK = 8192
+
+
+def _blockwise_metrics(c: Comparison, test: np.ndarray, ref: np.ndarray, tol: Tolerance,
+                       finite_only: bool = True) -> bool:
+    """Sets the error metrics of ``c`` from 1-D arrays of equal size, in float64, one block of
+    :data:`BLOCK` elements at a time. With ``finite_only``, returns False with ``c`` unchanged
+    as soon as a block's dot products are not finite (a NaN or Inf, or an overflow)."""
+    sums = np.zeros(4)  # diff.diff, ref.ref, test.test, test.ref
+    max_abs = max_rel = 0.0
+    inside = 0
+    for start in range(0, test.size, BLOCK):
+        a = test[start:start + BLOCK].astype(np.float64)
+        b = ref[start:start + BLOCK].astype(np.float64)
+        diff = a - b
+        block = np.array([np.dot(diff, diff), np.dot(b, b), np.dot(a, a), np.dot(a, b)])
+        if finite_only and not np.isfinite(block).all():
+            return False
+        sums += block
+        np.abs(diff, out=diff)
+        max_abs = max(max_abs, float(diff.max()))
+        bound = np.abs(b, out=b)
+        scaled = np.maximum(bound, 1e-12)
+        max_rel = max(max_rel, float(np.divide(diff, scaled, out=scaled).max()))
+        np.multiply(bound, tol.rtol, out=bound)
+        bound += tol.atol
+        inside += np.count_nonzero(diff <= bound)
     diff_sq, ref_sq, a_sq, a_ref = (float(x) for x in sums)
-    c.max_abs = float(diff.max()) if diff.size else 0.0
-    bound = np.abs(ref)
-    scaled = np.maximum(bound, 1e-12)
-    c.max_rel = float(np.divide(diff, scaled, out=scaled).max()) if diff.size else 0.0
+    c.max_abs, c.max_rel = max_abs, max_rel
     ref_norm, diff_norm = math.sqrt(ref_sq), math.sqrt(diff_sq)
     if ref_norm > 0:
         c.rel_l2 = diff_norm / ref_norm
@@ -101,9 +123,15 @@ def _fill_metrics(c: Comparison, av: np.ndarray, ref: np.ndarray, diff: np.ndarr
         c.rel_l2 = math.inf if diff_norm > 0 else 0.0
     na, nb = math.sqrt(a_sq), ref_norm
     c.cosine = float(a_ref / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
-    np.multiply(bound, tol.rtol, out=bound)
-    bound += tol.atol
-    c.within = np.count_nonzero(diff <= bound) / diff.size if diff.size else 1.0
+    c.within = inside / test.size if test.size else 1.0
+    return True
+
+
+def _finite(c: Comparison, test: np.ndarray, ref: np.ndarray, tol: Tolerance) -> bool:
+    """:func:`_blockwise_metrics` of values that may hold NaN or Inf (they are judged by place
+    afterwards): False where they do."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _blockwise_metrics(c, test, ref, tol)
 
 
 def _compare_with_non_finite(c: Comparison, a64: np.ndarray, b64: np.ndarray,
@@ -121,10 +149,8 @@ def _compare_with_non_finite(c: Comparison, a64: np.ndarray, b64: np.ndarray,
         c.reason = f"Inf differs (test {c.inf_test}, reference {c.inf_ref})"
         return c
     finite = ~(nan_a | inf_a)
-    av, ref = a64[finite], b64[finite]
-    diff = av - ref
-    sums = np.array([np.dot(diff, diff), np.dot(ref, ref), np.dot(av, av), np.dot(av, ref)])
-    _fill_metrics(c, av, ref, np.abs(diff, out=diff), sums, tol)
+    with np.errstate(invalid="ignore", over="ignore"):  # sums that overflow give inf / NaN metrics
+        _blockwise_metrics(c, a64[finite], b64[finite], tol, finite_only=False)
     return _judge(c, tol)
 
 
@@ -151,20 +177,14 @@ def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") ->
     if a.dtype.kind != b.dtype.kind:
         c.reason = f"dtype {a.dtype} != reference {b.dtype}"
         return c
-    a64, b64 = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
     if a.size == 0:
         c.nan_test = c.nan_ref = c.inf_test = c.inf_ref = 0
         c.max_abs = c.max_rel = c.rel_l2 = 0.0
         c.cosine = c.within = 1.0
-    else:
-        av, ref = a64.reshape(-1), b64.reshape(-1)
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf are judged below
-            diff = av - ref
-            sums = np.array([np.dot(diff, diff), np.dot(ref, ref), np.dot(av, av), np.dot(av, ref)])
-        if not np.isfinite(sums).all():  # a NaN or Inf somewhere: the masked, slower path
-            return _compare_with_non_finite(c, a64, b64, tol)
+    elif _finite(c, a.reshape(-1), b.reshape(-1), tol):
         c.nan_test = c.nan_ref = c.inf_test = c.inf_ref = 0
-        _fill_metrics(c, av, ref, np.abs(diff, out=diff), sums, tol)
+    else:  # a NaN or Inf somewhere: the masked, slower path
+        return _compare_with_non_finite(c, a.astype(np.float64), b.astype(np.float64), tol)
     return _judge(c, tol)
 
 

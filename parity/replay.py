@@ -41,9 +41,11 @@ def grads_of(named: list) -> dict[str, np.ndarray | None]:
     return {name: None if p.grad is None else p.grad.detach().numpy().copy() for name, p in named}
 
 
-def snapshot(state: dict) -> dict[str, np.ndarray]:
-    """Numpy copies of a state dict's values (never views of tensors updated in place)."""
-    return {k: np.array(v, copy=True) for k, v in to_numpy(dict(state)).items()}
+def snapshot(state: dict, copy: bool = True) -> dict[str, np.ndarray]:
+    """Numpy copies of a state dict's values (never views of tensors updated in place), or
+    with ``copy=False`` views where nothing updates the tensors again."""
+    take = np.array if copy else np.asarray
+    return {k: take(v) for k, v in to_numpy(dict(state)).items()}
 
 
 def build_emas(model: Any, cfg, counts: tuple[int, ...], build, zero) -> list:

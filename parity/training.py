@@ -386,14 +386,16 @@ def port_gradient_pass(pair: ModelPair, images: np.ndarray, targets: list[dict])
 # One optimizer step
 # ---------------------------------------------------------------------------------------------
 
-def _torch_optimizer_state(optimizer: torch.optim.Optimizer, named: list) -> dict:
-    """AdamW's per-parameter state by name (parameters torch skipped have none)."""
+def _torch_optimizer_state(optimizer: torch.optim.Optimizer, named: list, copy: bool = True) -> dict:
+    """AdamW's per-parameter state by name (parameters torch skipped have none): copies, or
+    with ``copy=False`` views of the moments of an optimizer that steps no more."""
+    take = np.array if copy else np.asarray
     state = {}
     for name, p in named:
         if p in optimizer.state:
             s = optimizer.state[p]
-            state[name] = {"exp_avg": s["exp_avg"].numpy().copy(),
-                           "exp_avg_sq": s["exp_avg_sq"].numpy().copy(),
+            state[name] = {"exp_avg": take(s["exp_avg"].numpy()),
+                           "exp_avg_sq": take(s["exp_avg_sq"].numpy()),
                            "step": np.int64(int(s["step"]))}
     return state
 
@@ -510,7 +512,8 @@ def cross_update(test: np.ndarray, ref: np.ndarray, before: np.ndarray,
 
     def phi(x: np.ndarray) -> np.ndarray:
         return x / (np.abs(x) + eps)
-    spread = np.maximum(np.abs(phi(g + band) - phi(g)), np.abs(phi(g - band) - phi(g)))
+    at_g = phi(g)
+    spread = np.maximum(np.abs(phi(g + band) - at_g), np.abs(phi(g - band) - at_g))
     rounding = tolerance("update.rounding", path)
     bound = (lr * spread
              + rounding.atol * np.spacing(np.abs(before).astype(np.float32)).astype(np.float64)
@@ -732,13 +735,14 @@ def reference_step(pair: ModelPair, images: np.ndarray, targets: list[dict],
         decisions=decisions, port_state=port_state, before=before, after=numpy_params(named),
         after64=replay.weights(), grads=grads_of(named), grads64=replay.clipped,
         zero=analytically_zero(replay.grads), groups=groups,
-        state=_torch_optimizer_state(optimizer, named),
-        state64=_torch_optimizer_state(replay.optimizer, trainable(replay.model)),
+        # this step's optimizers, EMAs and replay are not used again: their views suffice
+        state=_torch_optimizer_state(optimizer, named, copy=False),
+        state64=_torch_optimizer_state(replay.optimizer, trainable(replay.model), copy=False),
         ema_before=ema_before,
-        ema_after={u: snapshot(e.module.state_dict()) for u, e in zip(counts, emas)},
-        ema_after64={u: snapshot(e.module.state_dict()) for u, e in zip(counts, replay.emas)},
+        ema_after={u: snapshot(e.module.state_dict(), copy=False) for u, e in zip(counts, emas)},
+        ema_after64={u: snapshot(e.module.state_dict(), copy=False) for u, e in zip(counts, replay.emas)},
         buffers_before=buffers_before, buffers_after=snapshot(model.named_buffers()),
-        buffers_after64=snapshot(replay.model.named_buffers()),
+        buffers_after64=snapshot(replay.model.named_buffers(), copy=False),
         loss=loss, loss64=loss64, seconds=seconds, start=start, state_before=state_before)
 
 
