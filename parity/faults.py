@@ -50,6 +50,10 @@ from .trajectory import training_batches
 
 TIERS = ("fast", "full")
 PARTS = ("data", "eval", "train", "step", "modules")
+# The part where a fault of each area first shows (its forward is unchanged before it): the
+# fast tier runs it first. Areas not named here start at the first part.
+AREA_PARTS = {"backward": "train", "loss": "train", "matcher": "train", "denoising": "train",
+              "optimizer": "step", "ema": "step", "batchnorm": "step"}
 
 
 @dataclass(frozen=True)
@@ -314,8 +318,9 @@ class FaultRunner:
     Args:
         variant: Official variant.
         size: ``(h, w)`` of every check (non-square catches height/width swaps).
-        tier: ``fast`` (stop at the first part that catches a fault; no module check) or
-            ``full`` (every part, the module check included).
+        tier: ``fast`` (the part of the fault's area first, then the others in order, stopping
+            at the first part that catches it; no module check) or ``full`` (every part in
+            order, the module check included).
         weights: A weight file (trained or official), or None for the seeded default.
         num_classes: The weights' class count.
     """
@@ -372,7 +377,7 @@ class FaultRunner:
         result = FaultResult(fault)
         start = time.perf_counter()
         with applied(fault):
-            for part in self.parts:
+            for part in part_order(fault, self.parts, self.tier):
                 result.parts_run.append(part)
                 try:
                     result.failures[part] = [c for c in self.run_part(part) if not c.passed]
@@ -383,6 +388,13 @@ class FaultRunner:
                     break
         result.seconds = time.perf_counter() - start
         return result
+
+
+def part_order(fault: Fault, parts: list[str], tier: str) -> list[str]:
+    """The order a tier runs ``parts`` on ``fault``: at the fast tier the part of its area
+    (:data:`AREA_PARTS`) first, the rest as given."""
+    first = AREA_PARTS.get(fault.area) if tier == "fast" else None
+    return [first] + [p for p in parts if p != first] if first in parts else list(parts)
 
 
 @functools.cache

@@ -19,8 +19,9 @@ import torch
 
 from jittor_impl.nn import BatchNorm2d, named_modules, set_child
 from parity.conftest import _RUNS, _THREADS, background_catalogue, give_threads_back
-from parity.faults import (CATALOGUE_SIZE, Fault, FaultError, FaultResult, FaultRunner, _resolve, applied,
-                           _openmp, catalogue, run_catalogue, set_threads, split_faults)
+from parity.faults import (AREA_PARTS, CATALOGUE_SIZE, PARTS, Fault, FaultError, FaultResult, FaultRunner,
+                           _resolve, applied, _openmp, catalogue, part_order, run_catalogue, set_threads,
+                           split_faults)
 from parity.models import ModelPair, build_pair
 from parity.modules import ModuleReport, run_module_check
 from rtdetr_common.seeded import seeded_images, seeded_targets
@@ -115,6 +116,17 @@ def test_catalogue_fault_is_caught(runner: FaultRunner | _Finished, fault: Fault
     assert result.caught, f"{fault.id} ({fault.what}) went unnoticed by {result.parts_run}"
     if runner.tier == "full":
         assert result.parts_run == runner.parts
+
+
+def test_the_fast_tier_runs_the_part_of_a_faults_area_first() -> None:
+    fault = {f.area: f for f in catalogue()}
+    assert set(fault) - set(AREA_PARTS) == {"forward", "geometry", "data"}  # start at the first part
+    fast = [p for p in PARTS if p != "modules"]
+    assert part_order(fault["ema"], fast, "fast") == ["step", "data", "eval", "train"]
+    assert part_order(fault["matcher"], fast, "fast") == ["train", "data", "eval", "step"]
+    assert part_order(fault["geometry"], fast, "fast") == fast
+    assert part_order(fault["ema"], list(PARTS), "full") == list(PARTS)
+    assert part_order(fault["ema"], ["data", "eval"], "fast") == ["data", "eval"]
 
 
 @pytest.mark.parametrize("workers, own_share, own, others", [
