@@ -816,8 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "and show which check catches each")
     faults.add_argument("--variant", default="r18vd")
     faults.add_argument("--tier", choices=("fast", "full"), default="fast",
-                        help="fast: stop at the first part that catches a fault, no module "
-                             "check; full: every part")
+                        help="fast: the part of the fault's area first, stop at the first "
+                             "part that catches it, no module check; full: every part")
     _add_size(faults, "--size", (128, 192), "input size of every check")  # faults.CATALOGUE_SIZE
     faults.add_argument("--only", nargs="+", metavar="ID", help="run these faults only")
     faults.add_argument("--weights", default=None,
