@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from parity.compare import Tolerance, compare_arrays
+from parity.compare import BLOCK, Tolerance, compare_arrays
 
 LOOSE = Tolerance(atol=1.0, rtol=0.0, max_rel_l2=1.0, min_cosine=0.0)
 NAN, INF = float("nan"), float("inf")
@@ -49,6 +49,17 @@ CASES = [
      dict(passed=False, reason="dtype int64 != reference float64")),
     ("Jittor scalar", np.array([2.5], np.float32), np.array(2.5, np.float32), Tolerance(),
      dict(passed=True, rel_l2=0.0, shape_test=())),
+    # Measured block by block: one element off in the last of three blocks (ones against ones):
+    # |diff| 1 of 3 * BLOCK elements, rel L2 1 / sqrt(3 * BLOCK).
+    ("off in the last block", np.r_[np.ones(3 * BLOCK - 1), 2.0], np.ones(3 * BLOCK),
+     Tolerance(atol=0.5, max_rel_l2=1.0, min_cosine=0.0),
+     dict(passed=False, max_abs=1.0, max_rel=1.0, rel_l2=1 / math.sqrt(3 * BLOCK),
+          within=1 - 1 / (3 * BLOCK), reason="outside atol=0.5")),
+    ("NaN at the same place in a later block", np.r_[np.ones(BLOCK), NAN, 3.0],
+     np.r_[np.ones(BLOCK), NAN, 2.0], LOOSE,
+     dict(passed=True, nan_test=1, nan_ref=1, max_abs=1.0, rel_l2=1 / math.sqrt(BLOCK + 4))),
+    ("NaN on one side in a later block", np.r_[np.ones(BLOCK), NAN], np.ones(BLOCK + 1), LOOSE,
+     dict(passed=False, nan_test=1, reason="NaN on one side only (test 1, reference 0)")),
 ]
 
 
