@@ -98,22 +98,23 @@ def _blockwise_metrics(c: Comparison, test: np.ndarray, ref: np.ndarray, tol: To
     sums = np.zeros(4)  # diff.diff, ref.ref, test.test, test.ref
     max_abs = max_rel = 0.0
     inside = 0
-    for start in range(0, test.size, BLOCK):
-        a = test[start:start + BLOCK].astype(np.float64)
-        b = ref[start:start + BLOCK].astype(np.float64)
-        diff = a - b
-        block = np.array([np.dot(diff, diff), np.dot(b, b), np.dot(a, a), np.dot(a, b)])
-        if finite_only and not np.isfinite(block).all():
-            return False
-        sums += block
-        np.abs(diff, out=diff)
-        max_abs = max(max_abs, float(diff.max()))
-        bound = np.abs(b, out=b)
-        scaled = np.maximum(bound, 1e-12)
-        max_rel = max(max_rel, float(np.divide(diff, scaled, out=scaled).max()))
-        np.multiply(bound, tol.rtol, out=bound)
-        bound += tol.atol
-        inside += np.count_nonzero(diff <= bound)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN, Inf, overflow: judged by callers
+        for start in range(0, test.size, BLOCK):
+            a = test[start:start + BLOCK].astype(np.float64)
+            b = ref[start:start + BLOCK].astype(np.float64)
+            diff = a - b
+            block = np.array([np.dot(diff, diff), np.dot(b, b), np.dot(a, a), np.dot(a, b)])
+            if finite_only and not np.isfinite(block).all():
+                return False
+            sums += block
+            np.abs(diff, out=diff)
+            max_abs = max(max_abs, float(diff.max()))
+            bound = np.abs(b, out=b)
+            scaled = np.maximum(bound, 1e-12)
+            max_rel = max(max_rel, float(np.divide(diff, scaled, out=scaled).max()))
+            np.multiply(bound, tol.rtol, out=bound)
+            bound += tol.atol
+            inside += np.count_nonzero(diff <= bound)
     diff_sq, ref_sq, a_sq, a_ref = (float(x) for x in sums)
     c.max_abs, c.max_rel = max_abs, max_rel
     ref_norm, diff_norm = math.sqrt(ref_sq), math.sqrt(diff_sq)
@@ -125,13 +126,6 @@ def _blockwise_metrics(c: Comparison, test: np.ndarray, ref: np.ndarray, tol: To
     c.cosine = float(a_ref / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     c.within = inside / test.size if test.size else 1.0
     return True
-
-
-def _finite(c: Comparison, test: np.ndarray, ref: np.ndarray, tol: Tolerance) -> bool:
-    """:func:`_blockwise_metrics` of values that may hold NaN or Inf (they are judged by place
-    afterwards): False where they do."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _blockwise_metrics(c, test, ref, tol)
 
 
 def _compare_with_non_finite(c: Comparison, a64: np.ndarray, b64: np.ndarray,
@@ -149,8 +143,7 @@ def _compare_with_non_finite(c: Comparison, a64: np.ndarray, b64: np.ndarray,
         c.reason = f"Inf differs (test {c.inf_test}, reference {c.inf_ref})"
         return c
     finite = ~(nan_a | inf_a)
-    with np.errstate(invalid="ignore", over="ignore"):  # sums that overflow give inf / NaN metrics
-        _blockwise_metrics(c, a64[finite], b64[finite], tol, finite_only=False)
+    _blockwise_metrics(c, a64[finite], b64[finite], tol, finite_only=False)  # overflow: inf metrics
     return _judge(c, tol)
 
 
@@ -181,7 +174,7 @@ def compare_arrays(test: Any, reference: Any, tol: Tolerance, path: str = "") ->
         c.nan_test = c.nan_ref = c.inf_test = c.inf_ref = 0
         c.max_abs = c.max_rel = c.rel_l2 = 0.0
         c.cosine = c.within = 1.0
-    elif _finite(c, a.reshape(-1), b.reshape(-1), tol):
+    elif _blockwise_metrics(c, a.reshape(-1), b.reshape(-1), tol):
         c.nan_test = c.nan_ref = c.inf_test = c.inf_ref = 0
     else:  # a NaN or Inf somewhere: the masked, slower path
         return _compare_with_non_finite(c, a.astype(np.float64), b.astype(np.float64), tol)
